@@ -1,0 +1,338 @@
+#include "core/distill.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/graph_util.h"
+#include "core/torch_status.h"
+
+namespace zeroq::core {
+namespace {
+
+// PyTorch's ReduceLROnPlateau with mode "min", relative threshold 1e-4 and no
+// cooldown: the learning rate drops by `factor` once the loss has not improved
+// for more than `patience` steps, never below `min_lr`.
+class PlateauScheduler {
+ public:
+  PlateauScheduler(double lr, double factor, int patience, double min_lr)
+      : lr_(lr), factor_(factor), patience_(patience), min_lr_(min_lr) {}
+
+  // Returns the learning rate for the next step.
+  double Step(double loss) {
+    if (loss < best_ * (1.0 - kThreshold)) {
+      best_ = loss;
+      bad_steps_ = 0;
+    } else {
+      ++bad_steps_;
+    }
+    if (bad_steps_ > patience_) {
+      double next = std::max(lr_ * factor_, min_lr_);
+      if (lr_ - next > kEps) lr_ = next;
+      bad_steps_ = 0;
+    }
+    return lr_;
+  }
+  double lr() const { return lr_; }
+
+ private:
+  static constexpr double kThreshold = 1e-4;
+  static constexpr double kEps = 1e-8;
+  double lr_, factor_;
+  int patience_;
+  double min_lr_;
+  double best_ = std::numeric_limits<double>::infinity();
+  int bad_steps_ = 0;
+};
+
+absl::Status ValidateOptions(const DistillOptions& o) {
+  auto bad = [](absl::string_view field, auto value, absl::string_view want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "distillation option ", field, " = ", value, ": must be ", want));
+  };
+  if (o.batch_size < 1 || o.batch_size > 4096)
+    return bad("batch_size", o.batch_size, "1..4096");
+  if (o.num_batches < 1 || o.num_batches > 1024)
+    return bad("num_batches", o.num_batches, "1..1024");
+  if (o.iterations < 0 || o.iterations > 100000)
+    return bad("iterations", o.iterations, "0..100000");
+  if (!(o.lr > 0) || !std::isfinite(o.lr)) return bad("lr", o.lr, "> 0");
+  if (!(o.plateau_factor > 0 && o.plateau_factor < 1))
+    return bad("plateau_factor", o.plateau_factor, "in (0, 1)");
+  if (o.plateau_patience < 0)
+    return bad("plateau_patience", o.plateau_patience, ">= 0");
+  if (!(o.min_lr >= 0)) return bad("min_lr", o.min_lr, ">= 0");
+  if (!(o.eps > 0)) return bad("eps", o.eps, "> 0");
+  return absl::OkStatus();
+}
+
+// Per-channel mean and unbiased variance of flat = [N, C, L], per sample
+// ([N, C, 1]) or over the batch ([1, C, 1]), from one sum and one batched dot
+// product per row. LibTorch 1.13's var/var_mean CPU kernels are about 20x
+// slower than this and cost more than the model's own forward. The moments
+// are combined in double to keep the cancellation in E[x^2] - E[x]^2 small.
+struct Moments {
+  torch::Tensor mean, var;
+};
+Moments MomentsOf(const torch::Tensor& flat, bool per_sample) {
+  const int64_t n = flat.size(0), c = flat.size(1), l = flat.size(2);
+  torch::Tensor rows = flat.reshape({n * c, l});
+  torch::Tensor s1 = rows.sum(1).to(torch::kDouble).view({n, c, 1});
+  torch::Tensor s2 = torch::bmm(rows.unsqueeze(1), rows.unsqueeze(2))
+                         .to(torch::kDouble)
+                         .view({n, c, 1});
+  int64_t count = l;
+  if (!per_sample) {
+    s1 = s1.sum(0, /*keepdim=*/true);
+    s2 = s2.sum(0, /*keepdim=*/true);
+    count = n * l;
+  }
+  Moments m;
+  torch::Tensor mean = s1 / count;
+  m.var = ((s2 - s1 * mean) / std::max<int64_t>(count - 1, 1))
+              .clamp_min(0.0)
+              .to(flat.scalar_type());
+  m.mean = mean.to(flat.scalar_type());
+  return m;
+}
+
+// Statistics term for one value against per-channel targets, with its
+// gradient with respect to v written to *grad when grad is not null (then
+// call it without autograd). The loss is a closed form of mean and std:
+//   dL/dv = dL/dm / L + dL/ds * (v - m) / ((L - 1) * s),
+// one elementwise pass instead of the autograd graph of the statistics.
+torch::Tensor StatsTerm(const torch::Tensor& v, const torch::Tensor& mu,
+                        const torch::Tensor& sigma, const DistillOptions& o,
+                        torch::Tensor* grad = nullptr) {
+  const int64_t n = v.size(0), c = v.size(1);
+  torch::Tensor flat = v.reshape({n, c, -1});
+  const int64_t l = flat.size(2);
+  // Per sample over H*W (reference); per batch for [N, C] inputs, which
+  // have no spatial extent, and when asked.
+  const bool per_sample = o.stats == DistillStats::kPerSample && l > 1;
+  const int64_t count = per_sample ? l : n * l;
+  Moments mo;
+  if (grad != nullptr) {
+    mo = MomentsOf(flat, per_sample);
+  } else {
+    // Differentiable form, for Loss(): two passes, autograd-friendly.
+    auto dims = per_sample ? std::vector<int64_t>{2} : std::vector<int64_t>{0, 2};
+    mo.mean = flat.mean(dims, /*keepdim=*/true);
+    torch::Tensor centered = flat - mo.mean;
+    mo.var = (centered * centered).sum(dims, /*keepdim=*/true) /
+             static_cast<double>(std::max<int64_t>(count - 1, 1));
+  }
+  torch::Tensor s = torch::sqrt(mo.var + o.eps);
+  torch::Tensor dm = mu.view({1, c, 1}) - mo.mean;
+  torch::Tensor ds = sigma.view({1, c, 1}) - s;
+  const double norm = per_sample ? 1.0 / n : 1.0;
+  torch::Tensor loss = (dm.pow(2).sum() + ds.pow(2).sum()) * norm;
+  if (grad != nullptr) {
+    torch::Tensor a = dm * (-2.0 * norm / count);
+    torch::Tensor b = ds * (-2.0 * norm / std::max<int64_t>(count - 1, 1)) / s;
+    // a + b * (v - m) = (a - b * m) + b * v: one pass over v.
+    *grad = torch::addcmul(a - b * mo.mean, b, flat).view(v.sizes());
+  }
+  return loss;
+}
+
+}  // namespace
+
+struct BnStatisticsLoss::Impl {
+  Impl(std::shared_ptr<torch::jit::Graph> g, c10::IValue self)
+      : probe(std::move(g), std::move(self)) {}
+  GraphProgram probe;
+  std::vector<torch::Tensor> target_mean, target_std;
+  DistillOptions options;
+};
+
+BnStatisticsLoss::BnStatisticsLoss(std::unique_ptr<Impl> impl)
+    : impl_(std::move(impl)) {}
+BnStatisticsLoss::~BnStatisticsLoss() = default;
+
+absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> BnStatisticsLoss::Create(
+    const Model& model, const DistillOptions& options) {
+  ZQ_RETURN_IF_ERROR(ValidateOptions(options));
+  return CallTorch(
+      "building the BatchNorm statistics probe",
+      [&] {
+        std::shared_ptr<torch::jit::Graph> g = model.graph();
+        std::vector<torch::jit::Node*> nodes = Model::Nodes(*g);
+        std::vector<ValueRef> refs;
+        auto impl_targets_mean = std::vector<torch::Tensor>();
+        auto impl_targets_std = std::vector<torch::Tensor>();
+        for (const BnLayer& bn : model.summary().bn_layers) {
+          torch::jit::Node* n = nodes.at(bn.node_index);
+          // The BN's real input: whatever value flows into it.
+          torch::jit::Value* in = n->input(0);
+          if (in->node()->owningBlock() != g->block() &&
+              in->node()->kind() != c10::prim::Param) {
+            throw std::runtime_error("BN input inside control flow");
+          }
+          ValueRef ref;
+          if (in->node()->kind() == c10::prim::Param) {
+            ref.node_index = -1;
+            ref.output = static_cast<int>(in->offset());
+          } else {
+            auto it = std::find(nodes.begin(), nodes.end(), in->node());
+            ref.node_index = static_cast<int>(it - nodes.begin());
+            ref.output = static_cast<int>(in->offset());
+          }
+          refs.push_back(ref);
+          torch::Tensor mean = torch::jit::toIValue(n->input(3))->toTensor();
+          torch::Tensor var = torch::jit::toIValue(n->input(4))->toTensor();
+          impl_targets_mean.push_back(mean.detach().to(torch::kFloat));
+          impl_targets_std.push_back(
+              torch::sqrt(var.detach().to(torch::kFloat) + options.eps));
+        }
+        auto impl = std::make_unique<Impl>(ProbeGraph(*g, refs),
+                                           model.frozen()._ivalue());
+        impl->target_mean = std::move(impl_targets_mean);
+        impl->target_std = std::move(impl_targets_std);
+        impl->options = options;
+        return std::unique_ptr<BnStatisticsLoss>(
+            new BnStatisticsLoss(std::move(impl)));
+      },
+      absl::StatusCode::kInternal);
+}
+
+torch::Tensor BnStatisticsLoss::LossAndBackward(const torch::Tensor& batch) {
+  std::vector<torch::Tensor> values = impl_->probe.Run(batch);
+  std::vector<torch::Tensor> grads(values.size());
+  torch::Tensor loss;
+  torch::Tensor input_grad;
+  {
+    torch::NoGradGuard no_grad;
+    loss = torch::zeros({}, batch.options().requires_grad(false));
+    for (size_t i = 0; i < values.size(); ++i) {
+      loss += StatsTerm(values[i].detach(), impl_->target_mean[i],
+                                impl_->target_std[i], impl_->options, &grads[i]);
+    }
+    if (impl_->options.match_input_stats && batch.dim() >= 2) {
+      const int64_t c = batch.size(1);
+      auto opts = batch.options().requires_grad(false);
+      loss += StatsTerm(batch.detach(), torch::zeros({c}, opts),
+                                torch::ones({c}, opts), impl_->options,
+                                &input_grad);
+    }
+  }
+  torch::autograd::backward(values, grads);
+  if (input_grad.defined()) {
+    torch::NoGradGuard no_grad;
+    batch.mutable_grad() = batch.grad().defined() ? batch.grad() + input_grad
+                                                  : input_grad;
+  }
+  return loss;
+}
+
+torch::Tensor BnStatisticsLoss::Loss(const torch::Tensor& batch) {
+  std::vector<torch::Tensor> values = impl_->probe.Run(batch);
+  torch::Tensor loss = torch::zeros({}, batch.options());
+  for (size_t i = 0; i < values.size(); ++i) {
+    loss = loss + StatsTerm(values[i], impl_->target_mean[i],
+                            impl_->target_std[i], impl_->options);
+  }
+  if (impl_->options.match_input_stats && batch.dim() >= 2) {
+    const int64_t c = batch.size(1);
+    loss = loss + StatsTerm(batch, torch::zeros({c}, batch.options()),
+                            torch::ones({c}, batch.options()), impl_->options);
+  }
+  return loss;
+}
+
+absl::StatusOr<double> BnStatisticsLoss::Evaluate(const torch::Tensor& batch) {
+  return CallTorch("BatchNorm statistics loss", [&] {
+    torch::NoGradGuard no_grad;
+    return Loss(batch).item<double>();
+  });
+}
+
+absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>>
+BnStatisticsLoss::Measure(const torch::Tensor& batch) {
+  return CallTorch("BatchNorm statistics", [&] {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> values = impl_->probe.Run(batch);
+    std::vector<LayerStats> out;
+    for (size_t i = 0; i < values.size(); ++i) {
+      const int64_t c = values[i].size(1);
+      torch::Tensor t = values[i].transpose(0, 1).reshape({c, -1});
+      out.push_back({t.mean(1),
+                     torch::sqrt(t.var(1, true) + impl_->options.eps),
+                     impl_->target_mean[i], impl_->target_std[i]});
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<DistilledData> Distill(const Model& model,
+                                      const std::vector<int64_t>& sample_shape,
+                                      const DistillOptions& options,
+                                      const DistillProgressFn& progress,
+                                      const CancellationToken* cancel) {
+  ZQ_RETURN_IF_ERROR(ValidateOptions(options));
+  std::vector<int64_t> shape = {options.batch_size};
+  shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
+  ZQ_RETURN_IF_ERROR(model.CheckInputShape(shape));
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<BnStatisticsLoss> loss_fn,
+                      BnStatisticsLoss::Create(model, options));
+
+  DistilledData data;
+  for (int b = 0; b < options.num_batches; ++b) {
+    ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "distillation"));
+    absl::Status status = CallTorch(
+        "distillation",
+        [&] {
+          auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed +
+                                                              1000003ULL * b);
+          torch::Tensor init;
+          if (options.init == DistillInit::kReference) {
+            init = (torch::randint(0, 255, shape, gen, torch::kFloat) - 127.5) /
+                   5418.75;
+          } else {
+            init = torch::randn(shape, gen, torch::kFloat);
+          }
+          torch::Tensor x = init.to(model.device()).set_requires_grad(true);
+          torch::optim::Adam adam({x}, torch::optim::AdamOptions(options.lr));
+          PlateauScheduler scheduler(options.lr, options.plateau_factor,
+                                     options.plateau_patience, options.min_lr);
+          double first = std::numeric_limits<double>::quiet_NaN();
+          for (int it = 0; it < options.iterations; ++it) {
+            if (cancel != nullptr && cancel->IsCancelled()) return;
+            adam.zero_grad();
+            torch::Tensor loss = loss_fn->LossAndBackward(x);
+            adam.step();
+            const double value = loss.item<double>();
+            if (it == 0) first = value;
+            const double used_lr = scheduler.lr();
+            if (options.plateau_scheduler) {
+              double next = scheduler.Step(value);
+              for (auto& group : adam.param_groups()) {
+                static_cast<torch::optim::AdamOptions&>(group.options())
+                    .lr(next);
+              }
+            }
+            if (progress) {
+              progress({b, options.num_batches, it + 1, options.iterations,
+                        value, used_lr});
+            }
+          }
+          torch::Tensor result = x.detach();
+          data.batches.push_back(result);
+          data.initial_loss.push_back(first);
+        },
+        absl::StatusCode::kInternal);
+    ZQ_RETURN_IF_ERROR(status);
+    ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "distillation"));
+    ZQ_ASSIGN_OR_RETURN(double final_loss,
+                        loss_fn->Evaluate(data.batches.back()));
+    if (std::isnan(data.initial_loss.back()))
+      data.initial_loss.back() = final_loss;
+    data.final_loss.push_back(final_loss);
+  }
+  return data;
+}
+
+}  // namespace zeroq::core

@@ -1,0 +1,555 @@
+// Tests of ZeroQ data distillation: the BN-statistics loss itself (against
+// values computed by running the original modules), its closed-form gradient
+// (against autograd), and Distill's results, determinism, progress,
+// cancellation and option checks.
+#include "core/distill.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "core/cancellation.h"
+#include "core/model.h"
+#include "core/options.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace zeroq::core {
+namespace {
+
+using ::testing::ElementsAre;
+
+std::string ModelPath(const std::string& file) {
+  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
+}
+
+// Small, fast settings; the reference's lr and scheduler.
+DistillOptions FastOptions(int iterations, int batch_size) {
+  DistillOptions o;
+  o.iterations = iterations;
+  o.batch_size = batch_size;
+  return o;
+}
+
+// Mean absolute error of the measured per-channel mean and std against the
+// BN targets, averaged over every channel of every BN layer.
+struct StatsError {
+  double mean = 0, std = 0;
+};
+StatsError Error(const std::vector<BnStatisticsLoss::LayerStats>& stats) {
+  StatsError e;
+  int64_t n = 0;
+  for (const auto& s : stats) {
+    e.mean += (s.mean - s.target_mean).abs().sum().item<double>();
+    e.std += (s.std - s.target_std).abs().sum().item<double>();
+    n += s.mean.numel();
+  }
+  e.mean /= n;
+  e.std /= n;
+  return e;
+}
+
+class DistillTest : public ::testing::Test {
+ protected:
+  // One intra-op thread: the models are tiny, and OpenMP threads that spin
+  // at barriers slow down by orders of magnitude when other processes (a
+  // parallel build) share the cores.
+  void SetUp() override { at::set_num_threads(1); }
+
+  static std::unique_ptr<Model> Load(const std::string& file) {
+    absl::StatusOr<std::unique_ptr<Model>> m =
+        Model::LoadFromFile(ModelPath(file));
+    if (!m.ok()) {
+      ADD_FAILURE() << "loading " << file << ": " << m.status();
+      return nullptr;
+    }
+    return std::move(*m);
+  }
+};
+
+// The per-sample loss of ZEROQ.md section 1 for one value:
+// (||mu - m||^2 + ||sigma - s||^2) / batch, with m, s over H*W per sample.
+torch::Tensor PerSampleTerm(const torch::Tensor& v, const torch::Tensor& mu,
+                            const torch::Tensor& sigma, double eps) {
+  torch::Tensor m = v.mean({2, 3});
+  torch::Tensor s = torch::sqrt(v.var({2, 3}, /*unbiased=*/true) + eps);
+  return ((mu.unsqueeze(0) - m).pow(2).sum() +
+          (sigma.unsqueeze(0) - s).pow(2).sum()) /
+         v.size(0);
+}
+
+// tiny_nobn_after_conv: pre (no BN) -> relu -> conv1 -> bn1 -> relu -> conv2
+// -> bn2. The BN inputs must be conv1's and conv2's outputs, and the targets
+// bn1's and bn2's running statistics (with eps 1e-6, not the BN's 1e-5).
+TEST_F(DistillTest, LossFollowsTheRealBatchNormInputs) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  torch::jit::Module m = torch::jit::load(ModelPath("tiny_nobn_after_conv.pt"));
+  m.eval();
+  auto sub = [&](const char* name) { return m.attr(name).toModule(); };
+  auto buffer = [&](const char* bn, const char* field) {
+    return sub(bn).attr(field).toTensor();
+  };
+
+  torch::manual_seed(21);
+  torch::Tensor x = torch::randn({4, 3, 16, 16}) * 0.7 + 0.2;
+  torch::Tensor c1, c2;
+  {
+    torch::NoGradGuard no_grad;
+    c1 = sub("conv1")
+             .forward({torch::relu(sub("pre").forward({x}).toTensor())})
+             .toTensor();
+    torch::Tensor b1 = torch::relu(sub("bn1").forward({c1}).toTensor());
+    c2 = sub("conv2").forward({b1}).toTensor();
+  }
+  const double eps = 1e-6;
+  torch::Tensor mu1 = buffer("bn1", "running_mean");
+  torch::Tensor mu2 = buffer("bn2", "running_mean");
+  torch::Tensor sd1 = torch::sqrt(buffer("bn1", "running_var") + eps);
+  torch::Tensor sd2 = torch::sqrt(buffer("bn2", "running_var") + eps);
+
+  DistillOptions options;  // per-sample statistics, input term on
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+
+  absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>> stats =
+      (*loss)->Measure(x);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  ASSERT_EQ(stats->size(), 2u);
+  EXPECT_TRUE(torch::allclose((*stats)[0].target_mean, mu1));
+  EXPECT_TRUE(torch::allclose((*stats)[0].target_std, sd1));
+  EXPECT_TRUE(torch::allclose((*stats)[1].target_mean, mu2));
+  EXPECT_TRUE(torch::allclose((*stats)[1].target_std, sd2));
+  // Measure: per channel over the whole batch.
+  EXPECT_TRUE(
+      torch::allclose((*stats)[0].mean, c1.mean({0, 2, 3}), 1e-4, 1e-5));
+  EXPECT_TRUE(torch::allclose(
+      (*stats)[0].std,
+      torch::sqrt(c1.transpose(0, 1).reshape({8, -1}).var(1, true) + eps), 1e-4,
+      1e-5));
+  EXPECT_TRUE(
+      torch::allclose((*stats)[1].mean, c2.mean({0, 2, 3}), 1e-4, 1e-5));
+
+  const double want =
+      (PerSampleTerm(c1, mu1, sd1, eps) + PerSampleTerm(c2, mu2, sd2, eps) +
+       PerSampleTerm(x, torch::zeros({3}), torch::ones({3}), eps))
+          .item<double>();
+  absl::StatusOr<double> got = (*loss)->Evaluate(x);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_NEAR(*got, want, 1e-4 * std::abs(want));
+
+  // Without the input term.
+  options.match_input_stats = false;
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> no_input =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(no_input.ok());
+  absl::StatusOr<double> got2 = (*no_input)->Evaluate(x);
+  ASSERT_TRUE(got2.ok());
+  const double want2 =
+      (PerSampleTerm(c1, mu1, sd1, eps) + PerSampleTerm(c2, mu2, sd2, eps))
+          .item<double>();
+  EXPECT_NEAR(*got2, want2, 1e-4 * std::abs(want2));
+}
+
+TEST_F(DistillTest, PerBatchLossByHand) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options;
+  options.stats = DistillStats::kPerBatch;
+  options.match_input_stats = false;
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  torch::manual_seed(22);
+  torch::Tensor x = torch::randn({3, 3, 16, 16});
+  absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>> stats =
+      (*loss)->Measure(x);
+  ASSERT_TRUE(stats.ok());
+  // Per batch: sum over layers of ||mu - m||^2 + ||sigma - s||^2 with the
+  // whole-batch statistics Measure reports, not divided by the batch.
+  double want = 0;
+  for (const auto& s : *stats) {
+    want += ((s.target_mean - s.mean).pow(2).sum() +
+             (s.target_std - s.std).pow(2).sum())
+                .item<double>();
+  }
+  absl::StatusOr<double> got = (*loss)->Evaluate(x);
+  ASSERT_TRUE(got.ok());
+  EXPECT_NEAR(*got, want, 1e-4 * want);
+}
+
+// LossAndBackward computes the gradient in closed form; it must be what
+// autograd gives for Loss().
+TEST_F(DistillTest, ClosedFormGradientMatchesAutograd) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  for (DistillStats stats :
+       {DistillStats::kPerSample, DistillStats::kPerBatch}) {
+    for (bool input_term : {true, false}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "per_batch=" << (stats == DistillStats::kPerBatch)
+                   << " input_term=" << input_term);
+      DistillOptions options;
+      options.stats = stats;
+      options.match_input_stats = input_term;
+      absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+          BnStatisticsLoss::Create(*model, options);
+      ASSERT_TRUE(loss.ok()) << loss.status();
+      torch::manual_seed(23);
+      torch::Tensor base = torch::randn({4, 1, 28, 28}) * 0.5;
+
+      torch::Tensor a = base.clone().set_requires_grad(true);
+      torch::Tensor value = (*loss)->Loss(a);
+      value.backward();
+      torch::Tensor want = a.grad().clone();
+
+      torch::Tensor b = base.clone().set_requires_grad(true);
+      torch::Tensor value2 = (*loss)->LossAndBackward(b);
+      ASSERT_TRUE(b.grad().defined());
+      EXPECT_NEAR(value2.item<double>(), value.item<double>(),
+                  1e-4 * std::abs(value.item<double>()));
+      EXPECT_FALSE(value2.requires_grad());
+      const double scale = want.abs().max().item<double>();
+      EXPECT_GT(scale, 0);
+      EXPECT_TRUE(torch::allclose(b.grad(), want, 1e-3, 1e-4 * scale))
+          << "max diff " << (b.grad() - want).abs().max().item<double>()
+          << " of max " << scale;
+      // Accumulates, like backward().
+      (*loss)->LossAndBackward(b);
+      EXPECT_TRUE(torch::allclose(b.grad(), 2 * want, 1e-3, 2e-4 * scale));
+    }
+  }
+}
+
+TEST_F(DistillTest, DistilledFashionDataMatchesBatchNormStatistics) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(100, 16);
+  absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  ASSERT_EQ(data->batches.size(), 1u);
+  ASSERT_EQ(data->initial_loss.size(), 1u);
+  ASSERT_EQ(data->final_loss.size(), 1u);
+
+  // The starting noise is what Distill returns after 0 iterations.
+  options.iterations = 0;
+  absl::StatusOr<DistilledData> noise = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(noise.ok()) << noise.status();
+
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(loss.ok());
+  absl::StatusOr<double> before = (*loss)->Evaluate(noise->batches[0]);
+  absl::StatusOr<double> after = (*loss)->Evaluate(data->batches[0]);
+  ASSERT_TRUE(before.ok() && after.ok());
+  EXPECT_NEAR(data->initial_loss[0], *before, 1e-4 * *before);
+  EXPECT_NEAR(data->final_loss[0], *after, 1e-4 * *after + 1e-9);
+  RecordProperty("loss_ratio", std::to_string(*before / *after));
+  EXPECT_GT(*before, 10.0 * *after) << "loss " << *before << " -> " << *after;
+
+  absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>> s0 =
+      (*loss)->Measure(noise->batches[0]);
+  absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>> s1 =
+      (*loss)->Measure(data->batches[0]);
+  ASSERT_TRUE(s0.ok() && s1.ok());
+  ASSERT_EQ(s1->size(), 5u);  // fashion_cnn has 5 BNs
+  StatsError e0 = Error(*s0), e1 = Error(*s1);
+  RecordProperty("mean_error_ratio", std::to_string(e0.mean / e1.mean));
+  RecordProperty("std_error_ratio", std::to_string(e0.std / e1.std));
+  EXPECT_LT(e1.mean, 0.5 * e0.mean) << e0.mean << " -> " << e1.mean;
+  EXPECT_LT(e1.std, 0.5 * e0.std) << e0.std << " -> " << e1.std;
+  // Every layer individually gets closer to its targets.
+  for (size_t i = 0; i < s1->size(); ++i) {
+    StatsError a = Error({(*s0)[i]}), b = Error({(*s1)[i]});
+    EXPECT_LT(b.mean + b.std, a.mean + a.std) << "BN " << i;
+  }
+}
+
+TEST_F(DistillTest, DistilledTinyModelMatchesBatchNormStatistics) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(60, 8);
+  absl::StatusOr<DistilledData> data = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  RecordProperty("loss_ratio",
+                 std::to_string(data->initial_loss[0] / data->final_loss[0]));
+  EXPECT_GT(data->initial_loss[0], 20.0 * data->final_loss[0])
+      << data->initial_loss[0] << " -> " << data->final_loss[0];
+  options.iterations = 0;
+  absl::StatusOr<DistilledData> noise = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(noise.ok());
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(loss.ok());
+  absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>> s0 =
+      (*loss)->Measure(noise->batches[0]);
+  absl::StatusOr<std::vector<BnStatisticsLoss::LayerStats>> s1 =
+      (*loss)->Measure(data->batches[0]);
+  ASSERT_TRUE(s0.ok() && s1.ok());
+  StatsError e0 = Error(*s0), e1 = Error(*s1);
+  EXPECT_LT(e1.mean, e0.mean);
+  EXPECT_LT(e1.std, e0.std);
+}
+
+TEST_F(DistillTest, ReferenceInitIsTinyUniformIntegerNoise) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(0, 8);
+  absl::StatusOr<DistilledData> data = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  // (randint(0, 255) - 127.5) / 5418.75: undo it and get integers 0..254.
+  torch::Tensor k = data->batches[0].to(torch::kDouble) * 5418.75 + 127.5;
+  EXPECT_TRUE(torch::allclose(k, k.round(), 0, 1e-3));
+  EXPECT_GE(k.min().item<double>(), -1e-3);
+  EXPECT_LE(k.max().item<double>(), 254 + 1e-3);
+  EXPECT_GT(k.max().item<double>(), 240);  // spread over the whole range
+  EXPECT_LT(k.min().item<double>(), 14);
+  // No iterations: the final loss is the initial one.
+  EXPECT_DOUBLE_EQ(data->initial_loss[0], data->final_loss[0]);
+}
+
+TEST_F(DistillTest, GaussianInitIsStandardNormal) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(0, 16);
+  options.init = DistillInit::kGaussian;
+  absl::StatusOr<DistilledData> data = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  const torch::Tensor& x = data->batches[0];
+  EXPECT_NEAR(x.mean().item<double>(), 0.0, 0.05);
+  EXPECT_NEAR(x.std().item<double>(), 1.0, 0.05);
+}
+
+TEST_F(DistillTest, ShapeAndBatches) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(5, 4);
+  options.num_batches = 3;
+  absl::StatusOr<DistilledData> data = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  ASSERT_EQ(data->batches.size(), 3u);
+  EXPECT_EQ(data->initial_loss.size(), 3u);
+  EXPECT_EQ(data->final_loss.size(), 3u);
+  for (const torch::Tensor& b : data->batches) {
+    EXPECT_THAT(b.sizes().vec(), ElementsAre(4, 3, 16, 16));
+    EXPECT_FALSE(b.requires_grad());
+    EXPECT_EQ(b.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::isfinite(b).all().item<bool>());
+  }
+  // Each batch starts from its own noise.
+  EXPECT_FALSE(torch::equal(data->batches[0], data->batches[1]));
+  EXPECT_FALSE(torch::equal(data->batches[1], data->batches[2]));
+  // Other spatial sizes work (adaptive pooling).
+  absl::StatusOr<DistilledData> small = Distill(*model, {3, 8, 12}, options);
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_THAT(small->batches[0].sizes().vec(), ElementsAre(4, 3, 8, 12));
+}
+
+TEST_F(DistillTest, SameSeedSameDataDifferentSeedDifferentData) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(20, 4);
+  options.num_batches = 2;
+  options.seed = 42;
+  absl::StatusOr<DistilledData> a = Distill(*model, {3, 16, 16}, options);
+  absl::StatusOr<DistilledData> b = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_TRUE(torch::equal(a->batches[i], b->batches[i])) << "batch " << i;
+    EXPECT_EQ(a->final_loss[i], b->final_loss[i]);
+  }
+  options.seed = 43;
+  absl::StatusOr<DistilledData> c = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(c.ok());
+  EXPECT_FALSE(torch::equal(a->batches[0], c->batches[0]));
+  EXPECT_FALSE(torch::equal(a->batches[1], c->batches[1]));
+}
+
+TEST_F(DistillTest, ProgressIsCalledEveryIterationOfEveryBatch) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(7, 4);
+  options.num_batches = 2;
+  std::vector<DistillProgress> events;
+  absl::StatusOr<DistilledData> data =
+      Distill(*model, {3, 16, 16}, options,
+              [&](const DistillProgress& p) { events.push_back(p); });
+  ASSERT_TRUE(data.ok()) << data.status();
+  ASSERT_EQ(events.size(), 14u);
+  for (size_t i = 0; i < events.size(); ++i) {
+    const DistillProgress& p = events[i];
+    EXPECT_EQ(p.batch, static_cast<int>(i / 7)) << i;
+    EXPECT_EQ(p.iteration, static_cast<int>(i % 7) + 1) << i;
+    EXPECT_EQ(p.num_batches, 2);
+    EXPECT_EQ(p.iterations, 7);
+    EXPECT_TRUE(std::isfinite(p.loss)) << i;
+    EXPECT_GT(p.loss, 0) << i;
+    EXPECT_DOUBLE_EQ(p.lr, 0.5) << i;  // patience 100: no drop in 7 steps
+  }
+  // The first event's loss is the loss at the starting noise.
+  EXPECT_NEAR(events[0].loss, data->initial_loss[0],
+              1e-5 * data->initial_loss[0]);
+  EXPECT_NEAR(events[7].loss, data->initial_loss[1],
+              1e-5 * data->initial_loss[1]);
+}
+
+TEST_F(DistillTest, PlateauSchedulerLowersTheRateDownToMinLr) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(60, 4);
+  options.plateau_patience = 0;  // drop on every step without improvement
+  options.plateau_factor = 0.5;
+  options.min_lr = 0.1;
+  options.lr = 2.0;  // large: the loss will not improve every step
+  std::vector<double> lrs;
+  absl::StatusOr<DistilledData> data =
+      Distill(*model, {3, 16, 16}, options,
+              [&](const DistillProgress& p) { lrs.push_back(p.lr); });
+  ASSERT_TRUE(data.ok()) << data.status();
+  ASSERT_EQ(lrs.size(), 60u);
+  EXPECT_DOUBLE_EQ(lrs.front(), 2.0);
+  for (size_t i = 1; i < lrs.size(); ++i) {
+    EXPECT_LE(lrs[i], lrs[i - 1]) << i;
+    EXPECT_GE(lrs[i], 0.1 - 1e-12) << i;
+  }
+  EXPECT_LT(lrs.back(), 2.0);
+
+  options.plateau_scheduler = false;
+  lrs.clear();
+  ASSERT_TRUE(
+      Distill(*model, {3, 16, 16}, options, [&](const DistillProgress& p) {
+        lrs.push_back(p.lr);
+      }).ok());
+  for (double lr : lrs) EXPECT_DOUBLE_EQ(lr, 2.0);
+}
+
+TEST_F(DistillTest, CancelFromProgressCallback) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(50, 4);
+  options.num_batches = 2;
+  CancellationToken token;
+  int calls = 0;
+  absl::StatusOr<DistilledData> data = Distill(
+      *model, {3, 16, 16}, options,
+      [&](const DistillProgress& p) {
+        ++calls;
+        if (p.iteration == 3) token.Cancel();
+      },
+      &token);
+  ASSERT_FALSE(data.ok());
+  EXPECT_EQ(data.status().code(), absl::StatusCode::kCancelled)
+      << data.status();
+  EXPECT_LE(calls, 4);  // stops at the next iteration's check
+  EXPECT_GE(calls, 3);
+}
+
+TEST_F(DistillTest, AlreadyCancelledTokenDoesNoWork) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  CancellationToken token;
+  token.Cancel();
+  int calls = 0;
+  absl::StatusOr<DistilledData> data = Distill(
+      *model, {3, 16, 16}, FastOptions(50, 4),
+      [&](const DistillProgress&) { ++calls; }, &token);
+  ASSERT_FALSE(data.ok());
+  EXPECT_EQ(data.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(calls, 0);
+}
+
+TEST_F(DistillTest, BadOptionsAreInvalidArgument) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  auto code = [&](DistillOptions o) {
+    return Distill(*model, {3, 16, 16}, o).status().code();
+  };
+  const DistillOptions good = FastOptions(1, 2);
+  ASSERT_EQ(code(good), absl::StatusCode::kOk);
+  DistillOptions o = good;
+  o.batch_size = 0;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.lr = 0;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.lr = -0.5;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.lr = std::nan("");
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.num_batches = 0;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.iterations = -1;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.eps = 0;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  o = good;
+  o.plateau_factor = 1.0;
+  EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  // BnStatisticsLoss checks the same options.
+  o = good;
+  o.batch_size = 0;
+  EXPECT_EQ(BnStatisticsLoss::Create(*model, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(DistillTest, ShapeTheModelRejectsIsInvalidArgument) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  absl::StatusOr<DistilledData> data =
+      Distill(*model, {4, 16, 16}, FastOptions(1, 2));
+  ASSERT_FALSE(data.ok());
+  EXPECT_EQ(data.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(data.status().message()),
+              ::testing::HasSubstr("channels"));
+}
+
+TEST_F(DistillTest, GaussianInitReducesTheLoss) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(60, 8);
+  options.init = DistillInit::kGaussian;
+  absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  RecordProperty("loss_ratio",
+                 std::to_string(data->initial_loss[0] / data->final_loss[0]));
+  EXPECT_LT(data->final_loss[0], 0.2 * data->initial_loss[0])
+      << data->initial_loss[0] << " -> " << data->final_loss[0];
+}
+
+TEST_F(DistillTest, PerBatchStatisticsReduceTheLoss) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(60, 8);
+  options.stats = DistillStats::kPerBatch;
+  absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  RecordProperty("loss_ratio",
+                 std::to_string(data->initial_loss[0] / data->final_loss[0]));
+  EXPECT_LT(data->final_loss[0], 0.1 * data->initial_loss[0])
+      << data->initial_loss[0] << " -> " << data->final_loss[0];
+  // Per-batch matching pulls the whole-batch statistics to the targets.
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(loss.ok());
+  options.iterations = 0;
+  absl::StatusOr<DistilledData> noise = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(noise.ok());
+  auto s0 = (*loss)->Measure(noise->batches[0]);
+  auto s1 = (*loss)->Measure(data->batches[0]);
+  ASSERT_TRUE(s0.ok() && s1.ok());
+  EXPECT_LT(Error(*s1).mean, 0.5 * Error(*s0).mean);
+  EXPECT_LT(Error(*s1).std, 0.5 * Error(*s0).std);
+}
+
+}  // namespace
+}  // namespace zeroq::core

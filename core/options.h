@@ -1,0 +1,84 @@
+// options.h: the plain option structs of the ZeroQ core, free of LibTorch
+// types so that the worker, tools and tests can fill them without the heavy
+// headers. Every field documents its default; the defaults are the reference
+// implementation's choices (ZEROQ.md).
+//
+//   DistillOptions d;            // 1 batch of 32, 500 Adam iterations
+//   d.iterations = 200;
+//   QuantOptions q;              // W8A8, activations after ReLU/ReLU6
+//   q.weight_bits = 4;
+#ifndef ZEROQ_CORE_OPTIONS_H_
+#define ZEROQ_CORE_OPTIONS_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace zeroq::core {
+
+// How distillation starts its inputs.
+enum class DistillInit {
+  // Reference: uniform integers 0..254, minus 127.5, divided by 5418.75.
+  kReference,
+  // The paper's text: N(0, 1).
+  kGaussian,
+};
+
+// Over what the BN-input statistics are computed.
+enum class DistillStats {
+  // Reference: per sample over H*W (batch x C), loss divided by batch.
+  kPerSample,
+  // Per channel over the whole batch (C), no division.
+  kPerBatch,
+};
+
+struct DistillOptions {
+  int batch_size = 32;         // images per batch
+  int num_batches = 1;         // batches, each optimised on its own
+  int iterations = 500;        // Adam steps per batch
+  double lr = 0.5;             // Adam learning rate
+  bool plateau_scheduler = true;  // ReduceLROnPlateau on the loss, per step
+  double plateau_factor = 0.1;
+  int plateau_patience = 100;
+  double min_lr = 1e-4;
+  double eps = 1e-6;           // in sqrt(var + eps), for targets and batches
+  DistillInit init = DistillInit::kReference;
+  DistillStats stats = DistillStats::kPerSample;
+  bool match_input_stats = true;  // also pull the input to mean 0 / std 1
+  uint64_t seed = 0;           // same seed + thread count = same data
+};
+
+struct QuantOptions {
+  // Uniform weight width for every conv/linear layer, 2..8; 0 keeps weights
+  // in float. `layer_bits` overrides it per layer (module path name -> bits).
+  int weight_bits = 8;
+  std::map<std::string, int> layer_bits;
+  // Activation width, 2..16; 0 keeps activations in float.
+  int activation_bits = 8;
+  // Reference: only ReLU/ReLU6 outputs are quantized. This also quantizes the
+  // input of every conv/linear layer (network input, residual sums, pooled
+  // features before the classifier).
+  bool quantize_layer_inputs = false;
+  // 100 = min/max range (reference); below 100, e.g. 99.99, clips the range to
+  // the [100 - p, p] percentiles of the calibration activations.
+  double activation_percentile = 100.0;
+};
+
+struct SensitivityOptions {
+  std::vector<int> bits = {2, 4, 8};  // candidate widths, each 2..8
+  bool others_at_8bit = false;        // other layers' weights at 8 bits
+  bool slice_graph = true;            // false: naive full forwards
+};
+
+// One row of the sensitivity table.
+struct LayerSensitivity {
+  std::string name;                   // Model::summary().layers order
+  int64_t params = 0;
+  std::vector<int> bits;              // = SensitivityOptions::bits
+  std::vector<double> omega;          // Omega_i(bits[j])
+};
+
+}  // namespace zeroq::core
+
+#endif  // ZEROQ_CORE_OPTIONS_H_

@@ -1,0 +1,146 @@
+// pipeline.h: one ZeroQ quantization job, start to finish, in the core.
+// Free of LibTorch types: the worker and the offline tool include only this.
+//
+//   JobSpec spec;
+//   spec.model_path = "model.pt";
+//   spec.input_shape = {3, 224, 224};           // one sample, no batch
+//   spec.output_dir = "/tmp/out";
+//   ZQ_ASSIGN_OR_RETURN(JobResult r, RunJob(spec, on_progress, &cancel));
+//   std::cout << FormatSummary(r);
+//
+// Stages: INSPECT (load, analyse, one forward), DISTILL (BN-statistics
+// data), with a budget SENSITIVITY (per-layer sweep) and PARETO (frontier
+// and the chosen widths), CALIBRATE (quantize weights, calibrate activation ranges), EXPORT
+// (quantized TorchScript model, JSON recipe, the calibration data, a JSON
+// report). Progress callbacks run on the calling thread.
+//
+// RunJob sets LibTorch's process-wide intra-op thread count to
+// spec.threads: run one job per process (the worker does) or accept that.
+#ifndef ZEROQ_CORE_PIPELINE_H_
+#define ZEROQ_CORE_PIPELINE_H_
+
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/cancellation.h"
+#include "core/options.h"
+#include "core/pareto.h"
+
+namespace zeroq::core {
+
+enum class Stage { kInspect, kDistill, kSensitivity, kPareto, kCalibrate, kExport };
+const char* StageName(Stage stage);
+
+struct ProgressEvent {
+  Stage stage = Stage::kInspect;
+  int64_t step = 0;      // progress within the stage, of `total`
+  int64_t total = 0;     // 0 when unknown
+  double loss = std::numeric_limits<double>::quiet_NaN();  // distillation
+  double lr = std::numeric_limits<double>::quiet_NaN();
+  std::string message;   // human-readable, may be empty
+  // SENSITIVITY: the layer and width just measured and its Omega.
+  // PARETO: one frontier point per event (size_bits, omega = its total
+  // sensitivity, bits = 1 when it is the chosen point), then the choice.
+  std::string layer;
+  int bits = 0;
+  double omega = std::numeric_limits<double>::quiet_NaN();
+  int64_t size_bits = 0;
+};
+using ProgressFn = std::function<void(const ProgressEvent&)>;
+
+enum class CalibrationSource {
+  kDistilled,  // ZeroQ: BN-statistics distilled data (default)
+  kGaussian,   // N(0, 1) noise of the same shape (ablation)
+  kFile,       // a tensor file of real inputs (ablation / comparison)
+};
+
+struct JobSpec {
+  std::string model_path;            // TorchScript archive
+  std::vector<int64_t> input_shape;  // one sample, e.g. {1, 28, 28}
+  DistillOptions distill;
+  QuantOptions quant;
+  CalibrationSource calibration = CalibrationSource::kDistilled;
+  std::string calibration_file;      // for kFile: [N, ...] tensor file
+  // Mixed precision: when set, each layer's weight width is chosen from
+  // `sensitivity.bits` to minimise total sensitivity within this budget
+  // (quant.weight_bits is then unused); quant.layer_bits still pins layers.
+  std::optional<Budget> budget;
+  SensitivityOptions sensitivity;
+  // Re-planning: a sensitivity table from an earlier run of the same model
+  // (report.json's "sensitivity"); the sweep is skipped.
+  std::vector<LayerSensitivity> precomputed_sensitivity;
+  PlanOptions plan;
+  std::string output_dir;            // must exist; artifacts go here
+  int threads = 0;                   // intra-op threads; 0 = all cores
+  std::string device = "cpu";        // "cpu", "cuda", "cuda:N"
+};
+
+struct LayerReport {
+  std::string name, op, bn;
+  int64_t params = 0;
+  int bits = 0;                      // 0: float
+};
+
+struct ActivationReport {
+  std::string name;
+  int bits = 0;
+  double min = 0, max = 0;
+};
+
+struct JobResult {
+  std::vector<LayerReport> layers;
+  std::vector<ActivationReport> activations;
+  int bn_layers = 0;
+  int64_t quantizable_params = 0;
+  double float_weight_bytes = 0;     // conv/linear weights at 32 bits
+  double weight_bytes = 0;           // at their chosen widths
+  double distill_initial_loss = std::numeric_limits<double>::quiet_NaN();
+  double distill_final_loss = std::numeric_limits<double>::quiet_NaN();
+  // Quantized vs float on the calibration data: share of samples with the
+  // same top-1 class, and mean KL(softmax float || softmax quantized).
+  double top1_agreement = 0;
+  double mean_kl = 0;
+  int64_t samples = 0;
+  // Mixed precision only.
+  std::vector<LayerSensitivity> sensitivity;
+  std::vector<ParetoPoint> frontier;
+  std::optional<ParetoPoint> chosen;
+  int64_t budget_bits = 0;
+  int64_t bound_bits = 0;            // Plan::bound_bits
+  std::vector<std::pair<std::string, double>> stage_seconds;
+  int threads = 0;
+  std::string device;
+  std::string calibration;           // "distilled", "gaussian", file path
+  // Artifact paths inside output_dir.
+  std::string model_artifact, recipe_artifact, data_artifact, report_artifact;
+};
+
+// INVALID_ARGUMENT / FAILED_PRECONDITION for bad models, shapes and options
+// (Model, Distill, QuantizedModel say which); CANCELLED via the token.
+absl::StatusOr<JobResult> RunJob(const JobSpec& spec,
+                                 const ProgressFn& progress = {},
+                                 const CancellationToken* cancel = nullptr);
+
+// A readable multi-line report (layer table, sizes, agreement, timings).
+std::string FormatSummary(const JobResult& result);
+// The same as JSON (also written to output_dir/report.json).
+std::string ResultJson(const JobResult& result);
+
+// The sensitivity table of a report written by ResultJson (for re-planning).
+absl::StatusOr<std::vector<LayerSensitivity>> SensitivityFromReportJson(
+    const std::string& json);
+
+// "MP4" or "4" (average bits), "8x" (compression ratio against float),
+// "120KB", "1.5MiB", "30000B" (bytes of weights).
+absl::StatusOr<Budget> ParseBudget(const std::string& text);
+
+}  // namespace zeroq::core
+
+#endif  // ZEROQ_CORE_PIPELINE_H_

@@ -1,0 +1,465 @@
+// Tests of RunJob, the whole ZeroQ job: artifacts, the result, progress
+// events, cancellation, error codes and the calibration sources.
+#include "core/pipeline.h"
+
+#include <ATen/Parallel.h>
+#include <stdlib.h>  // mkdtemp
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "core/cancellation.h"
+#include "core/export.h"
+#include "core/model.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace zeroq::core {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::UnorderedElementsAre;
+
+std::string ModelPath(const std::string& file) {
+  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl =
+        (std::filesystem::temp_directory_path() / "zeroq_job_XXXXXX").string();
+    char* p = ::mkdtemp(tmpl.data());
+    if (p != nullptr) path_ = p;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+  std::set<std::string> Files() const {
+    std::set<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(path_)) {
+      out.insert(e.path().filename().string());
+    }
+    return out;
+  }
+
+ private:
+  std::string path_;
+};
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  // One intra-op thread: the models are tiny, and OpenMP threads that spin
+  // at barriers slow down by orders of magnitude when other processes (a
+  // parallel build) share the cores.
+  void SetUp() override {
+    at::set_num_threads(1);
+    ASSERT_FALSE(dir_.path().empty());
+  }
+
+  // fashion_cnn, few iterations, a small batch.
+  JobSpec FashionSpec() const {
+    JobSpec spec;
+    spec.model_path = ModelPath("fashion_cnn.pt");
+    spec.input_shape = {1, 28, 28};
+    spec.distill.iterations = 50;
+    spec.distill.batch_size = 16;
+    spec.output_dir = dir_.path();
+    spec.threads = 1;
+    return spec;
+  }
+
+  TempDir dir_;
+};
+
+TEST_F(PipelineTest, FashionEndToEnd) {
+  std::vector<ProgressEvent> events;
+  absl::StatusOr<JobResult> r = RunJob(
+      FashionSpec(), [&](const ProgressEvent& e) { events.push_back(e); });
+  ASSERT_TRUE(r.ok()) << r.status();
+
+  // Artifacts, and nothing else (no temporary files left behind).
+  EXPECT_THAT(dir_.Files(),
+              UnorderedElementsAre("model.zeroq.pt", "recipe.json",
+                                   "distilled.pt", "report.json"));
+  EXPECT_EQ(r->model_artifact, dir_.path() + "/model.zeroq.pt");
+  EXPECT_EQ(r->recipe_artifact, dir_.path() + "/recipe.json");
+  EXPECT_EQ(r->data_artifact, dir_.path() + "/distilled.pt");
+  EXPECT_EQ(r->report_artifact, dir_.path() + "/report.json");
+
+  // The result.
+  ASSERT_EQ(r->layers.size(), 6u);
+  std::vector<std::string> names;
+  for (const LayerReport& l : r->layers) {
+    names.push_back(l.name);
+    EXPECT_EQ(l.bits, 8) << l.name;
+    EXPECT_GT(l.params, 0);
+  }
+  EXPECT_THAT(names, ElementsAre("stem.0", "down1.0", "block.conv1",
+                                 "block.conv2", "down2.0", "fc"));
+  EXPECT_EQ(r->layers[0].bn, "stem.1");
+  EXPECT_EQ(r->layers[5].bn, "");
+  EXPECT_EQ(r->layers[5].op, "aten::linear");
+  EXPECT_EQ(r->bn_layers, 5);
+  EXPECT_EQ(r->quantizable_params, 42256);
+  EXPECT_DOUBLE_EQ(r->float_weight_bytes, 42256 * 4.0);
+  EXPECT_DOUBLE_EQ(r->weight_bytes, 42256.0);
+  ASSERT_EQ(r->activations.size(), 5u);
+  for (const ActivationReport& a : r->activations) {
+    EXPECT_EQ(a.bits, 8);
+    EXPECT_LE(a.min, a.max);
+  }
+  EXPECT_LT(r->distill_final_loss, r->distill_initial_loss);
+  EXPECT_EQ(r->samples, 16);
+  RecordProperty("top1_agreement", std::to_string(r->top1_agreement));
+  EXPECT_GE(r->top1_agreement, 0.8);
+  EXPECT_LE(r->top1_agreement, 1.0);
+  EXPECT_TRUE(std::isfinite(r->mean_kl));
+  EXPECT_GE(r->mean_kl, -1e-6);
+  EXPECT_EQ(r->threads, 1);
+  EXPECT_EQ(r->device, "cpu");
+  EXPECT_EQ(r->calibration, "distilled");
+  std::vector<std::string> stages;
+  for (const auto& [name, seconds] : r->stage_seconds) {
+    stages.push_back(name);
+    EXPECT_GE(seconds, 0.0) << name;
+  }
+  EXPECT_THAT(stages, ElementsAre("INSPECT", "DISTILL", "CALIBRATE", "EXPORT"));
+
+  // Progress: stages in order, distillation step by step.
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.front().stage, Stage::kInspect);
+  EXPECT_EQ(events.back().stage, Stage::kExport);
+  int distill = 0, calibrate = 0;
+  for (size_t i = 0; i < events.size(); ++i) {
+    const ProgressEvent& e = events[i];
+    if (i > 0) {
+      EXPECT_GE(static_cast<int>(e.stage),
+                static_cast<int>(events[i - 1].stage))
+          << "event " << i;
+      if (e.stage == events[i - 1].stage) EXPECT_GE(e.step, events[i - 1].step);
+    }
+    EXPECT_LE(e.step, e.total) << StageName(e.stage);
+    if (e.stage == Stage::kDistill) {
+      ++distill;
+      EXPECT_EQ(e.step, distill);
+      EXPECT_EQ(e.total, 50);
+      EXPECT_TRUE(std::isfinite(e.loss));
+      EXPECT_TRUE(std::isfinite(e.lr));
+    } else {
+      EXPECT_TRUE(std::isnan(e.loss)) << StageName(e.stage);
+    }
+    if (e.stage == Stage::kCalibrate) {
+      ++calibrate;
+      EXPECT_EQ(e.total, 5);
+      EXPECT_FALSE(e.message.empty());
+    }
+  }
+  EXPECT_EQ(distill, 50);
+  EXPECT_EQ(calibrate, 5);
+
+  // The artifacts are what they say.
+  absl::StatusOr<torch::Tensor> data = LoadTensor(r->data_artifact);
+  ASSERT_TRUE(data.ok()) << data.status();
+  EXPECT_THAT(data->sizes().vec(), ElementsAre(16, 1, 28, 28));
+  torch::jit::Module q = torch::jit::load(r->model_artifact);
+  torch::NoGradGuard no_grad;
+  torch::Tensor out = q.forward({*data}).toTensor();
+  EXPECT_THAT(out.sizes().vec(), ElementsAre(16, 10));
+
+  nlohmann::json recipe =
+      nlohmann::json::parse(ReadFile(r->recipe_artifact), nullptr, false);
+  ASSERT_FALSE(recipe.is_discarded());
+  EXPECT_EQ(recipe["layers"].size(), 6u);
+  EXPECT_EQ(recipe["activations"].size(), 5u);
+  EXPECT_EQ(recipe["calibration"], "distilled");
+
+  nlohmann::json report =
+      nlohmann::json::parse(ReadFile(r->report_artifact), nullptr, false);
+  ASSERT_FALSE(report.is_discarded());
+  EXPECT_EQ(report["layers"].size(), 6u);
+  EXPECT_EQ(report["bn_layers"], 5);
+  EXPECT_EQ(report["samples"], 16);
+  EXPECT_EQ(report["calibration"], "distilled");
+  for (const char* stage : {"INSPECT", "DISTILL", "CALIBRATE", "EXPORT"}) {
+    EXPECT_TRUE(report["stage_seconds"].contains(stage)) << stage;
+  }
+  EXPECT_EQ(report["artifacts"]["model"], r->model_artifact);
+  EXPECT_DOUBLE_EQ(report["top1_agreement"].get<double>(), r->top1_agreement);
+  // ResultJson is what report.json holds, up to the export timing that the
+  // report is written before finishing.
+  nlohmann::json again = nlohmann::json::parse(ResultJson(*r), nullptr, false);
+  ASSERT_FALSE(again.is_discarded());
+  EXPECT_EQ(again["layers"], report["layers"]);
+
+  // The summary names every layer and the stages.
+  const std::string summary = FormatSummary(*r);
+  for (const LayerReport& l : r->layers) {
+    EXPECT_THAT(summary, HasSubstr(l.name));
+  }
+  for (const char* stage : {"INSPECT", "DISTILL", "CALIBRATE", "EXPORT"}) {
+    EXPECT_THAT(summary, HasSubstr(stage));
+  }
+  EXPECT_THAT(summary, HasSubstr("model.zeroq.pt"));
+}
+
+TEST_F(PipelineTest, SameSpecSameRecipe) {
+  JobSpec spec = FashionSpec();
+  spec.distill.iterations = 20;
+  absl::StatusOr<JobResult> a = RunJob(spec);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const std::string recipe_a = ReadFile(a->recipe_artifact);
+  const std::string data_a = ReadFile(a->data_artifact);
+  TempDir other;
+  spec.output_dir = other.path();
+  absl::StatusOr<JobResult> b = RunJob(spec);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(ReadFile(b->recipe_artifact), recipe_a);
+  EXPECT_EQ(ReadFile(b->data_artifact), data_a);
+}
+
+TEST_F(PipelineTest, CancelDuringDistillation) {
+  CancellationToken token;
+  int distill_events = 0;
+  absl::StatusOr<JobResult> r = RunJob(
+      FashionSpec(),
+      [&](const ProgressEvent& e) {
+        if (e.stage == Stage::kDistill && ++distill_events == 10)
+          token.Cancel();
+        EXPECT_NE(e.stage, Stage::kCalibrate);
+        EXPECT_NE(e.stage, Stage::kExport);
+      },
+      &token);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_LE(distill_events, 11);
+  EXPECT_TRUE(dir_.Files().empty());
+}
+
+TEST_F(PipelineTest, MissingModelFile) {
+  JobSpec spec = FashionSpec();
+  spec.model_path = ModelPath("no_such_model.pt");
+  absl::StatusOr<JobResult> r = RunJob(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().code(),
+              ::testing::AnyOf(absl::StatusCode::kInvalidArgument,
+                               absl::StatusCode::kNotFound))
+      << r.status();
+  EXPECT_TRUE(dir_.Files().empty());
+}
+
+TEST_F(PipelineTest, WrongInputShapeIsInvalidArgument) {
+  JobSpec spec = FashionSpec();
+  spec.input_shape = {3, 28, 28};
+  bool distilled = false;
+  absl::StatusOr<JobResult> r = RunJob(spec, [&](const ProgressEvent& e) {
+    distilled |= e.stage == Stage::kDistill;
+  });
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("3,28,28"));
+  EXPECT_FALSE(distilled);  // rejected while inspecting
+}
+
+TEST_F(PipelineTest, ModelWithoutBatchNormIsFailedPrecondition) {
+  JobSpec spec = FashionSpec();
+  spec.model_path = ModelPath("no_batchnorm.pt");
+  spec.input_shape = {3, 8, 8};
+  absl::StatusOr<JobResult> r = RunJob(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("BatchNorm"));
+}
+
+TEST_F(PipelineTest, MissingRequiredFieldsAreInvalidArgument) {
+  JobSpec spec = FashionSpec();
+  spec.output_dir = "";
+  EXPECT_EQ(RunJob(spec).status().code(), absl::StatusCode::kInvalidArgument);
+  spec = FashionSpec();
+  spec.input_shape = {};
+  EXPECT_EQ(RunJob(spec).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(PipelineTest, BadQuantOptionsFailBeforeDistillation) {
+  for (int which = 0; which < 3; ++which) {
+    JobSpec spec = FashionSpec();
+    if (which == 0) spec.quant.weight_bits = 9;
+    if (which == 1) spec.quant.layer_bits = {{"nope", 4}};
+    if (which == 2) spec.quant.activation_bits = 1;
+    bool distilled = false;
+    absl::StatusOr<JobResult> r = RunJob(spec, [&](const ProgressEvent& e) {
+      distilled |= e.stage == Stage::kDistill;
+    });
+    ASSERT_FALSE(r.ok()) << which;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << which;
+    EXPECT_FALSE(distilled) << which;
+  }
+  JobSpec spec = FashionSpec();
+  spec.distill.batch_size = 0;
+  EXPECT_EQ(RunJob(spec).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(PipelineTest, GaussianCalibration) {
+  JobSpec spec = FashionSpec();
+  spec.calibration = CalibrationSource::kGaussian;
+  spec.distill.num_batches = 2;
+  spec.threads = 2;  // cheap job: no distillation
+  std::set<Stage> stages;
+  absl::StatusOr<JobResult> r =
+      RunJob(spec, [&](const ProgressEvent& e) { stages.insert(e.stage); });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->calibration, "gaussian");
+  EXPECT_EQ(r->threads, 2);
+  EXPECT_EQ(at::get_num_threads(), 2);  // RunJob sets the process's count
+  EXPECT_EQ(r->samples, 32);
+  EXPECT_EQ(stages.count(Stage::kDistill), 0u);
+  EXPECT_TRUE(std::isnan(r->distill_initial_loss));
+  EXPECT_EQ(r->data_artifact, dir_.path() + "/calibration.pt");
+  absl::StatusOr<torch::Tensor> data = LoadTensor(r->data_artifact);
+  ASSERT_TRUE(data.ok()) << data.status();
+  EXPECT_THAT(data->sizes().vec(), ElementsAre(32, 1, 28, 28));
+  EXPECT_NEAR(data->std().item<double>(), 1.0, 0.05);
+  for (const auto& [name, seconds] : r->stage_seconds) {
+    EXPECT_NE(name, "DISTILL");
+  }
+  // report.json has null for the missing distillation losses.
+  nlohmann::json report =
+      nlohmann::json::parse(ReadFile(r->report_artifact), nullptr, false);
+  ASSERT_FALSE(report.is_discarded());
+  EXPECT_TRUE(report["distill_final_loss"].is_null());
+}
+
+TEST_F(PipelineTest, FileCalibration) {
+  TempDir inputs;
+  const std::string file = inputs.path() + "/real.pt";
+  torch::manual_seed(41);
+  ASSERT_TRUE(SaveTensor(file, {torch::randn({20, 1, 28, 28})}).ok());
+  JobSpec spec = FashionSpec();
+  spec.calibration = CalibrationSource::kFile;
+  spec.calibration_file = file;
+  spec.distill.batch_size = 8;  // 20 samples: batches of 8, 8 and 4
+  absl::StatusOr<JobResult> r = RunJob(spec);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->calibration, file);
+  EXPECT_EQ(r->samples, 20);
+  absl::StatusOr<torch::Tensor> data = LoadTensor(r->data_artifact);
+  ASSERT_TRUE(data.ok());
+  absl::StatusOr<torch::Tensor> original = LoadTensor(file);
+  ASSERT_TRUE(original.ok());
+  EXPECT_TRUE(torch::equal(*data, *original));
+}
+
+// Real inputs usually come from Python: torch.save of a uint8 image tensor.
+TEST_F(PipelineTest, FileCalibrationFromPythonTorchSave) {
+  TempDir inputs;
+  const std::string file = inputs.path() + "/images.pt";
+  const std::string cmd = std::string(ZEROQ_PYTHON) +
+                          " -c 'import sys, torch; torch.manual_seed(0); "
+                          "torch.save((torch.rand(10, 1, 28, 28) * 255)"
+                          ".to(torch.uint8), sys.argv[1])' " +
+                          file;
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  absl::StatusOr<torch::Tensor> images = LoadTensor(file);
+  ASSERT_TRUE(images.ok()) << images.status();
+  EXPECT_EQ(images->scalar_type(), torch::kByte);
+  EXPECT_THAT(images->sizes().vec(), ElementsAre(10, 1, 28, 28));
+  JobSpec spec = FashionSpec();
+  spec.calibration = CalibrationSource::kFile;
+  spec.calibration_file = file;
+  absl::StatusOr<JobResult> r = RunJob(spec);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->samples, 10);
+  absl::StatusOr<torch::Tensor> data = LoadTensor(r->data_artifact);
+  ASSERT_TRUE(data.ok());
+  EXPECT_EQ(data->scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::equal(*data, images->to(torch::kFloat)));
+}
+
+TEST_F(PipelineTest, FileCalibrationWithTheWrongShape) {
+  TempDir inputs;
+  const std::string file = inputs.path() + "/wrong.pt";
+  ASSERT_TRUE(SaveTensor(file, {torch::randn({4, 3, 28, 28})}).ok());
+  JobSpec spec = FashionSpec();
+  spec.calibration = CalibrationSource::kFile;
+  spec.calibration_file = file;
+  absl::StatusOr<JobResult> r = RunJob(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("4,3,28,28"));
+
+  spec.calibration_file = inputs.path() + "/missing.pt";
+  r = RunJob(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+
+  // A file that is not a tensor.
+  {
+    std::ofstream out(inputs.path() + "/junk.pt");
+    out << "not a tensor";
+  }
+  spec.calibration_file = inputs.path() + "/junk.pt";
+  r = RunJob(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(PipelineTest, OutputDirThatDoesNotExist) {
+  JobSpec spec = FashionSpec();
+  spec.distill.iterations = 5;
+  spec.output_dir = dir_.path() + "/not/there";
+  absl::StatusOr<JobResult> r = RunJob(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(dir_.Files().empty());
+}
+
+TEST_F(PipelineTest, SeveralDistilledBatches) {
+  JobSpec spec = FashionSpec();
+  spec.distill.iterations = 10;
+  spec.distill.batch_size = 8;
+  spec.distill.num_batches = 3;
+  std::vector<int64_t> steps;
+  absl::StatusOr<JobResult> r = RunJob(spec, [&](const ProgressEvent& e) {
+    if (e.stage == Stage::kDistill) {
+      steps.push_back(e.step);
+      EXPECT_EQ(e.total, 30);
+    }
+  });
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(steps.size(), 30u);
+  for (size_t i = 0; i < steps.size(); ++i) EXPECT_EQ(steps[i], int64_t(i) + 1);
+  EXPECT_EQ(r->samples, 24);
+  absl::StatusOr<torch::Tensor> data = LoadTensor(r->data_artifact);
+  ASSERT_TRUE(data.ok());
+  EXPECT_THAT(data->sizes().vec(), ElementsAre(24, 1, 28, 28));
+}
+
+TEST_F(PipelineTest, StageNames) {
+  EXPECT_STREQ(StageName(Stage::kInspect), "INSPECT");
+  EXPECT_STREQ(StageName(Stage::kDistill), "DISTILL");
+  EXPECT_STREQ(StageName(Stage::kSensitivity), "SENSITIVITY");
+  EXPECT_STREQ(StageName(Stage::kPareto), "PARETO");
+  EXPECT_STREQ(StageName(Stage::kCalibrate), "CALIBRATE");
+  EXPECT_STREQ(StageName(Stage::kExport), "EXPORT");
+}
+
+}  // namespace
+}  // namespace zeroq::core

@@ -1,0 +1,261 @@
+#include "core/quantized_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/graph_util.h"
+#include "core/torch_status.h"
+
+namespace zeroq::core {
+namespace {
+
+using torch::jit::Node;
+using torch::jit::Value;
+
+bool IsActivationOp(const Node& n) {
+  const auto k = n.kind();
+  return k == c10::aten::relu || k == c10::aten::relu6 ||
+         k == c10::aten::hardtanh;
+}
+
+std::string ShortOp(const Node& n) { return n.kind().toUnqualString(); }
+
+struct Site {
+  Value* value = nullptr;
+  bool all_uses = true;  // false: only uses by conv/linear layers
+  ActivationSiteInfo info;
+};
+
+// Inserts x_hat = (clamp(round(x * s - z), -2^(k-1), 2^(k-1)-1) + z) / s
+// right after `v` is defined and routes v's selected uses through it.
+void InsertFakeQuant(torch::jit::Graph& g, Value* v, bool all_uses,
+                     const ActivationQuantization& q) {
+  Node* insert_before = v->node()->kind() == c10::prim::Param
+                            ? *g.block()->nodes().begin()
+                            : v->node()->next();
+  torch::jit::WithInsertPoint guard(insert_before);
+  const double half = std::ldexp(1.0, q.bits - 1);
+  Value* a = g.insert(c10::aten::mul, {v, q.scale});
+  Value* b = g.insert(c10::aten::sub, {a, q.zero_point});
+  Value* r = g.insert(c10::aten::round, {b});
+  Value* c = g.insert(c10::aten::clamp, {r, -half, half - 1.0});
+  Value* d = g.insert(c10::aten::add, {c, q.zero_point});
+  Value* out = g.insert(c10::aten::div, {d, q.scale});
+  std::vector<torch::jit::Use> uses = v->uses();
+  for (const torch::jit::Use& u : uses) {
+    if (u.user == a->node()) continue;
+    if (all_uses || IsQuantizableOp(*u.user)) {
+      u.user->replaceInput(u.offset, out);
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status ValidateQuantOptions(const Model& model,
+                                  const QuantOptions& options) {
+  auto check_weight = [](int bits, absl::string_view what) -> absl::Status {
+    if (bits == 0 || (bits >= 2 && bits <= 8)) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " = ", bits, ": weight widths are 2..8 bits, or 0 for float"));
+  };
+  ZQ_RETURN_IF_ERROR(check_weight(options.weight_bits, "weight_bits"));
+  for (const auto& [name, bits] : options.layer_bits) {
+    bool found = false;
+    for (const QuantLayer& l : model.summary().layers) found |= l.name == name;
+    if (!found) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer_bits names \"", name,
+                       "\", which is not a quantizable layer of this model"));
+    }
+    ZQ_RETURN_IF_ERROR(
+        check_weight(bits, absl::StrCat("layer_bits[", name, "]")));
+  }
+  if (options.activation_bits != 0 &&
+      (options.activation_bits < 2 || options.activation_bits > 16)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation_bits = ", options.activation_bits,
+                     ": activation widths are 2..16 bits, or 0 for float"));
+  }
+  if (!(options.activation_percentile > 50.0 &&
+        options.activation_percentile <= 100.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation_percentile = ", options.activation_percentile,
+                     ": must be in (50, 100]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
+    const Model& model, const QuantOptions& options,
+    const std::vector<torch::Tensor>& calibration,
+    const CalibrationProgressFn& progress, const CancellationToken* cancel) {
+  ZQ_RETURN_IF_ERROR(ValidateQuantOptions(model, options));
+  if (options.activation_bits > 0 && calibration.empty()) {
+    return absl::InvalidArgumentError(
+        "activation quantization needs calibration batches");
+  }
+  ZQ_ASSIGN_OR_RETURN(
+      torch::jit::Module clone,
+      CallTorch("copying the model", [&] { return model.frozen().clone(); }));
+  std::unique_ptr<QuantizedModel> q(
+      new QuantizedModel(std::move(clone), model.device()));
+  std::shared_ptr<torch::jit::Graph> g =
+      torch::jit::toGraphFunction(q->module_.get_method("forward").function())
+          .graph();
+  std::vector<Node*> nodes = Model::Nodes(*g);
+
+  // Sites first, while node indices still match the model's graph.
+  std::vector<Site> sites;
+  if (options.activation_bits > 0) {
+    absl::flat_hash_set<Value*> taken;
+    absl::flat_hash_map<std::string, int> seen;
+    for (Node* n : nodes) {
+      if (IsActivationOp(*n) && n->owningBlock() == g->block()) {
+        Site s;
+        s.value = n->output();
+        std::string base = ScopeName(*n);
+        s.info.name = absl::StrCat(base.empty() ? "" : base + "/", ShortOp(*n));
+        if (int c = ++seen[s.info.name]; c > 1)
+          absl::StrAppend(&s.info.name, "#", c);
+        s.info.after = n->kind().toQualString();
+        taken.insert(s.value);
+        sites.push_back(std::move(s));
+      }
+    }
+    if (options.quantize_layer_inputs) {
+      for (const QuantLayer& layer : model.summary().layers) {
+        Node* n = nodes.at(layer.node_index);
+        Value* in = n->input(0);
+        bool top = in->node()->kind() == c10::prim::Param ||
+                   in->node()->owningBlock() == g->block();
+        if (!top || taken.count(in)) continue;
+        taken.insert(in);
+        Site s;
+        s.value = in;
+        s.all_uses = false;
+        s.info.name = absl::StrCat(layer.name, ":input");
+        s.info.after = absl::StrCat("input of ", layer.name);
+        sites.push_back(std::move(s));
+      }
+      // Graph order, so upstream sites are calibrated first.
+      absl::flat_hash_map<const Node*, int> position;
+      for (int i = 0; i < static_cast<int>(nodes.size()); ++i)
+        position[nodes[i]] = i;
+      auto pos = [&](const Site& s) {
+        auto it = position.find(s.value->node());
+        return it == position.end() ? -1 : it->second;
+      };
+      std::stable_sort(
+          sites.begin(), sites.end(),
+          [&](const Site& a, const Site& b) { return pos(a) < pos(b); });
+    }
+  }
+
+  // Weights: quantized once, stored as constants.
+  for (const QuantLayer& layer : model.summary().layers) {
+    auto it = options.layer_bits.find(layer.name);
+    const int bits =
+        it != options.layer_bits.end() ? it->second : options.weight_bits;
+    LayerQuantInfo info;
+    info.name = layer.name;
+    info.bits = bits;
+    info.params = layer.params;
+    if (bits > 0) {
+      Node* n = nodes.at(layer.node_index);
+      const at::Tensor w = torch::jit::toIValue(n->input(1))->toTensor();
+      ZQ_ASSIGN_OR_RETURN(WeightQuantization wq, QuantizeWeight(w, bits));
+      ZQ_RETURN_IF_ERROR(CallTorch(
+          "inserting quantized weights",
+          [&] {
+            torch::jit::WithInsertPoint guard(n);
+            n->replaceInput(1, g->insertConstant(wq.dequantized));
+          },
+          absl::StatusCode::kInternal));
+      info.scale = wq.scale.cpu();
+      info.zero_point = wq.zero_point.cpu();
+    }
+    q->layers_.push_back(std::move(info));
+  }
+
+  // Activations: calibrate in graph order with upstream quantizers active.
+  c10::IValue self = q->module_._ivalue();
+  const double pct = options.activation_percentile;
+  for (size_t i = 0; i < sites.size(); ++i) {
+    ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "calibration"));
+    Site& site = sites[i];
+    absl::Status status = CallTorch(
+        absl::StrCat("calibrating ", site.info.name),
+        [&] {
+          torch::NoGradGuard no_grad;
+          GraphProgram probe(ProbeGraph(*g, std::vector<Value*>{site.value}),
+                             self);
+          double lo = std::numeric_limits<double>::infinity();
+          double hi = -lo;
+          std::vector<torch::Tensor> all;
+          for (const torch::Tensor& batch : calibration) {
+            torch::Tensor a = probe.Run(batch.to(q->device_))[0].detach();
+            if (pct >= 100.0) {
+              lo = std::min(lo, a.min().item<double>());
+              hi = std::max(hi, a.max().item<double>());
+            } else {
+              all.push_back(a.flatten().to(torch::kFloat));
+            }
+          }
+          if (pct < 100.0) {
+            torch::Tensor v = torch::cat(all);
+            const int64_t n = v.numel();
+            auto kth = [&](double p) {
+              int64_t k = std::clamp<int64_t>(
+                  static_cast<int64_t>(std::llround(p / 100.0 * (n - 1))) + 1,
+                  1, n);
+              return std::get<0>(v.kthvalue(k)).item<double>();
+            };
+            lo = kth(100.0 - pct);
+            hi = kth(pct);
+          }
+          auto params = ActivationParams(lo, hi, options.activation_bits);
+          if (!params.ok())
+            throw std::runtime_error(std::string(params.status().message()));
+          site.info.quant = *params;
+          InsertFakeQuant(*g, site.value, site.all_uses, site.info.quant);
+        },
+        absl::StatusCode::kInternal);
+    ZQ_RETURN_IF_ERROR(status);
+    q->sites_.push_back(site.info);
+    if (progress) {
+      progress({static_cast<int>(i + 1), static_cast<int>(sites.size()),
+                site.info.name});
+    }
+  }
+  return q;
+}
+
+absl::StatusOr<torch::Tensor> QuantizedModel::Forward(
+    const torch::Tensor& input) {
+  return CallTorch("quantized forward", [&] {
+    torch::NoGradGuard no_grad;
+    return module_.forward({input.to(device_)}).toTensor();
+  });
+}
+
+absl::Status QuantizedModel::Save(const std::string& path) const {
+  return CallTorch(
+      absl::StrCat("saving ", path), [&] { module_.save(path); },
+      absl::StatusCode::kInternal);
+}
+
+double QuantizedModel::weight_bytes() const {
+  double bits = 0;
+  for (const LayerQuantInfo& l : layers_) {
+    bits += static_cast<double>(l.params) * (l.bits > 0 ? l.bits : 32);
+  }
+  return bits / 8.0;
+}
+
+}  // namespace zeroq::core

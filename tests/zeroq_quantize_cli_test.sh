@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# End-to-end test of the zeroq-quantize command line on the committed models:
+# a real job on fashion_cnn (summary, progress, artifacts, --json, the model
+# loads in Python), then the usage errors (exit 2) and job errors (exit 1).
+#
+#   ZEROQ_QUANTIZE=build/core/tools/zeroq-quantize ZEROQ_PYTHON=/usr/bin/python3 \
+#     bash tests/zeroq_quantize_cli_test.sh
+set -euo pipefail
+
+: "${ZEROQ_QUANTIZE:?set ZEROQ_QUANTIZE to the zeroq-quantize binary}"
+: "${ZEROQ_PYTHON:=python3}"
+cd "$(dirname "$0")/.."
+MODELS=tests/models
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/zeroq_cli_XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+passed=0
+failed=0
+pass() { passed=$((passed + 1)); echo "PASS: $1"; }
+fail() { failed=$((failed + 1)); echo "FAIL: $1" >&2; }
+# check NAME COMMAND...: one check, passed when COMMAND succeeds.
+check() {
+  local name=$1
+  shift
+  if "$@"; then pass "$name"; else fail "$name"; fi
+}
+# run_cli OUT_PREFIX ARGS...: runs the tool, stdout/stderr to files, sets rc.
+run_cli() {
+  local prefix=$1
+  shift
+  rc=0
+  "$ZEROQ_QUANTIZE" "$@" >"$prefix.out" 2>"$prefix.err" || rc=$?
+}
+# expect_exit NAME WANT PREFIX [PATTERN]: exit status and a stderr pattern.
+expect_exit() {
+  local name=$1 want=$2 prefix=$3 pattern=${4:-}
+  if [[ $rc -ne $want ]]; then
+    fail "$name: exit $rc, want $want"
+    sed 's/^/    /' "$prefix.err" >&2 || true
+    return
+  fi
+  if [[ -n $pattern ]] && ! grep -q -- "$pattern" "$prefix.err"; then
+    fail "$name: stderr lacks \"$pattern\""
+    sed 's/^/    /' "$prefix.err" >&2 || true
+    return
+  fi
+  pass "$name"
+}
+
+# --- A real job -------------------------------------------------------------
+out=$tmp/out
+run_cli "$tmp/job" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --iterations=30 --batch_size=16 --threads=2 --progress=lines --out="$out"
+expect_exit "job succeeds" 0 "$tmp/job"
+for name in stem.0 down1.0 block.conv1 block.conv2 down2.0 fc; do
+  check "summary names layer $name" grep -q -- "$name" "$tmp/job.out"
+done
+check "summary reports agreement" grep -q "top-1 agreement" "$tmp/job.out"
+check "summary reports 8-bit weights" grep -q "8.00 bits average" "$tmp/job.out"
+for stage in INSPECT DISTILL CALIBRATE EXPORT; do
+  check "progress line for $stage" grep -q "^$stage " "$tmp/job.err"
+done
+for f in model.zeroq.pt recipe.json distilled.pt report.json; do
+  check "artifact $f written" test -s "$out/$f"
+done
+check "no temporary files left" \
+  test "$(ls "$out" | sort | tr '\n' ' ')" = "distilled.pt model.zeroq.pt recipe.json report.json "
+
+check "recipe.json has 6 layers at 8 bits" "$ZEROQ_PYTHON" -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert len(r["layers"]) == 6, r["layers"]
+assert all(l["bits"] == 8 for l in r["layers"])
+assert all(len(l["scale"]) == l["weight_shape"][0] for l in r["layers"])
+assert len(r["activations"]) == 5
+' "$out/recipe.json"
+
+check "exported model loads in Python and gives [N,10]" "$ZEROQ_PYTHON" -c '
+import sys, torch
+m = torch.jit.load(sys.argv[1] + "/model.zeroq.pt")
+x = torch.load(sys.argv[1] + "/distilled.pt")
+assert tuple(x.shape) == (16, 1, 28, 28), x.shape
+with torch.no_grad():
+    y = m(x)
+assert tuple(y.shape) == (16, 10), y.shape
+assert torch.isfinite(y).all()
+' "$out"
+
+# --json prints the report instead of the table; --progress=none is quiet.
+run_cli "$tmp/json" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --iterations=10 --batch_size=8 --threads=2 --progress=none --json \
+  --weight_bits=4 --out="$tmp/json_out"
+expect_exit "--json job succeeds" 0 "$tmp/json"
+check "--json output parses" "$ZEROQ_PYTHON" -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert len(r["layers"]) == 6
+assert all(l["bits"] == 4 for l in r["layers"]), r["layers"]
+assert r["samples"] == 8
+assert set(r["stage_seconds"]) == {"INSPECT", "DISTILL", "CALIBRATE", "EXPORT"}
+' "$tmp/json.out"
+check "--progress=none prints no progress" test ! -s "$tmp/json.err"
+
+# --- Usage errors: exit 2 ---------------------------------------------------
+run_cli "$tmp/nomodel" --input_shape=1,28,28 --out="$tmp/x"
+expect_exit "missing --model" 2 "$tmp/nomodel" "--model is required"
+run_cli "$tmp/badshape" --model="$MODELS/fashion_cnn.pt" --input_shape=1,x,28 \
+  --out="$tmp/x"
+expect_exit "bad --input_shape" 2 "$tmp/badshape" "input_shape"
+run_cli "$tmp/noshape" --model="$MODELS/fashion_cnn.pt" --out="$tmp/x"
+expect_exit "missing --input_shape" 2 "$tmp/noshape" "input_shape"
+run_cli "$tmp/nofile" --model="$tmp/missing.pt" --input_shape=1,28,28 \
+  --out="$tmp/x"
+expect_exit "unreadable model file" 2 "$tmp/nofile" "missing.pt"
+run_cli "$tmp/badprogress" --model="$MODELS/fashion_cnn.pt" \
+  --input_shape=1,28,28 --out="$tmp/x" --progress=sometimes
+expect_exit "bad --progress" 2 "$tmp/badprogress" "progress"
+
+# --- Job errors: exit 1 -----------------------------------------------------
+run_cli "$tmp/nobn" --model="$MODELS/no_batchnorm.pt" --input_shape=3,8,8 \
+  --iterations=5 --out="$tmp/nobn_out"
+expect_exit "model without BatchNorm" 1 "$tmp/nobn" "BatchNorm"
+run_cli "$tmp/wrongshape" --model="$MODELS/fashion_cnn.pt" --input_shape=3,28,28 \
+  --iterations=5 --out="$tmp/wrongshape_out"
+expect_exit "input shape the model rejects" 1 "$tmp/wrongshape" "3,28,28"
+run_cli "$tmp/bits" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --iterations=5 --weight_bits=9 --out="$tmp/bits_out"
+expect_exit "--weight_bits=9" 1 "$tmp/bits" "weight"
+check "no artifacts after a failed job" test ! -e "$tmp/bits_out/model.zeroq.pt"
+run_cli "$tmp/layer" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --iterations=5 --layer_bits=nope=4 --out="$tmp/layer_out"
+expect_exit "--layer_bits with an unknown layer" 1 "$tmp/layer" "nope"
+
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
