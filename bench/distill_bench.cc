@@ -25,6 +25,7 @@
 #include "core/distill.h"
 #include "core/graph_util.h"
 #include "core/model.h"
+#include "core/pipeline.h"
 
 ABSL_FLAG(std::string, model, "tests/models/fashion_cnn.pt", "TorchScript model");
 ABSL_FLAG(std::string, input_shape, "1,28,28", "one sample, no batch");
@@ -47,7 +48,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   using namespace zeroq::core;
   const int threads = absl::GetFlag(FLAGS_threads);
-  at::set_num_threads(threads);
+  SetUpProcess(threads);  // the same for both sides of the comparison
   std::vector<int64_t> sample;
   for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_input_shape), ',')) {
     int64_t v = 0;

@@ -18,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "core/model.h"
+#include "core/pipeline.h"
 #include "core/sensitivity.h"
 
 ABSL_FLAG(std::string, model, "tests/models/mini_resnet_b2.pt", "TorchScript model");
@@ -39,7 +40,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   using namespace zeroq::core;
   const int threads = absl::GetFlag(FLAGS_threads);
-  at::set_num_threads(threads);
+  SetUpProcess(threads);  // the same for both sides of the comparison
   std::vector<int64_t> shape = {absl::GetFlag(FLAGS_batch_size)};
   for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_input_shape), ',')) {
     int64_t v = 0;

@@ -70,8 +70,7 @@ absl::Status ValidateOptions(const DistillOptions& o) {
 }
 
 // Per-channel mean and unbiased variance of flat = [N, C, L], per sample
-// ([N, C, 1]) or over the batch ([1, C, 1]), from one sum and one batched dot
-// product per row. LibTorch 1.13's var/var_mean CPU kernels are about 20x
+// ([N, C, 1]) or over the batch ([1, C, 1]), from the row sums of x and x*x. LibTorch 1.13's var/var_mean CPU kernels are about 20x
 // slower than this and cost more than the model's own forward. The moments
 // are combined in double to keep the cancellation in E[x^2] - E[x]^2 small.
 struct Moments {
@@ -81,9 +80,7 @@ Moments MomentsOf(const torch::Tensor& flat, bool per_sample) {
   const int64_t n = flat.size(0), c = flat.size(1), l = flat.size(2);
   torch::Tensor rows = flat.reshape({n * c, l});
   torch::Tensor s1 = rows.sum(1).to(torch::kDouble).view({n, c, 1});
-  torch::Tensor s2 = torch::bmm(rows.unsqueeze(1), rows.unsqueeze(2))
-                         .to(torch::kDouble)
-                         .view({n, c, 1});
+  torch::Tensor s2 = (rows * rows).sum(1).to(torch::kDouble).view({n, c, 1});
   int64_t count = l;
   if (!per_sample) {
     s1 = s1.sum(0, /*keepdim=*/true);
@@ -147,6 +144,13 @@ struct BnStatisticsLoss::Impl {
   GraphProgram probe;
   std::vector<torch::Tensor> target_mean, target_std;
   DistillOptions options;
+  // LossAndBackward's per-element targets, counts and weights of all terms
+  // concatenated; they depend only on the batch shape, so they are kept.
+  struct Constants {
+    std::vector<int64_t> batch_shape;
+    torch::Tensor mu, sigma, count, norm;
+  };
+  Constants constants;
 };
 
 BnStatisticsLoss::BnStatisticsLoss(std::unique_ptr<Impl> impl)
@@ -199,27 +203,93 @@ absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> BnStatisticsLoss::Create(
       absl::StatusCode::kInternal);
 }
 
+// The statistics terms of every BN input (and of the input itself) at once.
+// Per term only three passes touch the big tensor (sum of x, sum of x*x, and
+// the gradient a + b * x); the per-channel arithmetic in between runs once,
+// on all terms concatenated (in double), instead of ~30 small ops per BN
+// layer, which dominated on networks with many small layers.
 torch::Tensor BnStatisticsLoss::LossAndBackward(const torch::Tensor& batch) {
   std::vector<torch::Tensor> values = impl_->probe.Run(batch);
-  std::vector<torch::Tensor> grads(values.size());
+  const DistillOptions& o = impl_->options;
+  const bool input_term = o.match_input_stats && batch.dim() >= 2;
+  const size_t terms = values.size() + (input_term ? 1 : 0);
+  std::vector<torch::Tensor> flats(terms), s1(terms), s2(terms);
+  std::vector<bool> per_sample(terms);
   torch::Tensor loss;
+  std::vector<torch::Tensor> grads(values.size());
   torch::Tensor input_grad;
+  Impl::Constants& k = impl_->constants;
+  const bool fresh = k.batch_shape != batch.sizes().vec();
+  std::vector<torch::Tensor> mu, sigma, count, norm;
   {
     torch::NoGradGuard no_grad;
-    loss = torch::zeros({}, batch.options().requires_grad(false));
-    for (size_t i = 0; i < values.size(); ++i) {
-      loss += StatsTerm(values[i].detach(), impl_->target_mean[i],
-                                impl_->target_std[i], impl_->options, &grads[i]);
+    auto dopts = batch.options().dtype(torch::kDouble).requires_grad(false);
+    for (size_t i = 0; i < terms; ++i) {
+      const bool is_input = i == values.size();
+      const torch::Tensor v = is_input ? batch.detach() : values[i].detach();
+      const int64_t n = v.size(0), c = v.size(1);
+      torch::Tensor flat = v.reshape({n, c, -1});
+      const int64_t l = flat.size(2);
+      per_sample[i] = o.stats == DistillStats::kPerSample && l > 1;
+      torch::Tensor rows = flat.reshape({n * c, l});
+      // |row|^2 through the norm kernel: one pass, no x*x temporary.
+      torch::Tensor a = rows.sum(1);
+      torch::Tensor b = at::linalg_vector_norm(rows, 2, at::IntArrayRef{1},
+                                               false, c10::nullopt)
+                            .to(torch::kDouble)
+                            .square();
+      if (!per_sample[i]) {
+        a = a.view({n, c}).sum(0);
+        b = b.view({n, c}).sum(0);
+      }
+      if (fresh) {
+        torch::Tensor m = is_input ? torch::zeros({c}, dopts) : impl_->target_mean[i].to(torch::kDouble);
+        torch::Tensor sd = is_input ? torch::ones({c}, dopts) : impl_->target_std[i].to(torch::kDouble);
+        const int64_t rep = per_sample[i] ? n : 1;
+        mu.push_back(m.repeat({rep}));
+        sigma.push_back(sd.repeat({rep}));
+        count.push_back(torch::full({rep * c}, static_cast<double>(per_sample[i] ? l : n * l), dopts));
+        norm.push_back(torch::full({rep * c}, per_sample[i] ? 1.0 / n : 1.0, dopts));
+      }
+      flats[i] = flat;
+      s1[i] = a;
+      s2[i] = b;
     }
-    if (impl_->options.match_input_stats && batch.dim() >= 2) {
-      const int64_t c = batch.size(1);
-      auto opts = batch.options().requires_grad(false);
-      loss += StatsTerm(batch.detach(), torch::zeros({c}, opts),
-                                torch::ones({c}, opts), impl_->options,
-                                &input_grad);
+    if (fresh) {
+      k.batch_shape = batch.sizes().vec();
+      k.mu = torch::cat(mu);
+      k.sigma = torch::cat(sigma);
+      k.count = torch::cat(count);
+      k.norm = torch::cat(norm);
+    }
+    torch::Tensor S1 = torch::cat(s1).to(torch::kDouble);
+    torch::Tensor S2 = torch::cat(s2);
+    const torch::Tensor& K = k.count;
+    const torch::Tensor& W = k.norm;
+    torch::Tensor mean = S1 / K;
+    torch::Tensor var = ((S2 - S1 * mean) / (K - 1).clamp_min(1)).clamp_min(0);
+    torch::Tensor sd = torch::sqrt(var + o.eps);
+    torch::Tensor dm = k.mu - mean, ds = k.sigma - sd;
+    loss = (W * (dm * dm + ds * ds)).sum().to(batch.scalar_type());
+    // d/dx of the term: A + B * (x - mean) = (A - B * mean) + B * x.
+    torch::Tensor B = -2.0 * W * ds / ((K - 1).clamp_min(1) * sd);
+    torch::Tensor A = -2.0 * W * dm / K - B * mean;
+    std::vector<int64_t> sizes;
+    for (const torch::Tensor& t : s1) sizes.push_back(t.numel());
+    std::vector<torch::Tensor> As = A.to(batch.scalar_type()).split_with_sizes(sizes);
+    std::vector<torch::Tensor> Bs = B.to(batch.scalar_type()).split_with_sizes(sizes);
+    for (size_t i = 0; i < terms; ++i) {
+      const torch::Tensor& f = flats[i];
+      std::vector<int64_t> shape = {per_sample[i] ? f.size(0) : 1, f.size(1), 1};
+      torch::Tensor g = torch::addcmul(As[i].view(shape), Bs[i].view(shape), f);
+      if (i == values.size()) {
+        input_grad = g.view(batch.sizes());
+      } else {
+        grads[i] = g.view(values[i].sizes());
+      }
     }
   }
-  torch::autograd::backward(values, grads);
+  if (!values.empty()) torch::autograd::backward(values, grads);
   if (input_grad.defined()) {
     torch::NoGradGuard no_grad;
     batch.mutable_grad() = batch.grad().defined() ? batch.grad() + input_grad

@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <malloc.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -81,6 +82,13 @@ absl::Status CheckSensitivityTable(const std::vector<LayerSensitivity>& table,
 
 }  // namespace
 
+void SetUpProcess(int threads) {
+  at::set_num_threads(threads);
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 64 << 20);
+}
+
 const char* StageName(Stage stage) {
   switch (stage) {
     case Stage::kInspect: return "INSPECT";
@@ -103,7 +111,7 @@ absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress
   result.threads = spec.threads > 0
                        ? spec.threads
                        : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  at::set_num_threads(result.threads);
+  SetUpProcess(result.threads);
   result.device = spec.device;
   if (spec.output_dir.empty()) {
     return absl::InvalidArgumentError("output_dir is required");

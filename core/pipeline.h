@@ -122,6 +122,13 @@ struct JobResult {
   std::string model_artifact, recipe_artifact, data_artifact, report_artifact;
 };
 
+// Process-wide set-up for running jobs: LibTorch's intra-op thread count,
+// and glibc malloc kept from returning large blocks to the kernel. LibTorch's
+// CPU allocator does not cache: every tensor over 128 KiB would otherwise be
+// a fresh mmap whose pages fault in again on every iteration (that cost a
+// distillation iteration ~40% on the example model). RunJob calls it.
+void SetUpProcess(int threads);
+
 // INVALID_ARGUMENT / FAILED_PRECONDITION for bad models, shapes and options
 // (Model, Distill, QuantizedModel say which); CANCELLED via the token.
 absl::StatusOr<JobResult> RunJob(const JobSpec& spec,
