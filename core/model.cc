@@ -259,9 +259,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::FromModule(
         auto g = torch::jit::toGraphFunction(f.get_method("forward").function())
                      .graph();
         torch::jit::Inline(*g);
+        torch::jit::RemoveListMutation(g);
         torch::jit::RemoveTensorMutation(g);
         torch::jit::InplaceToFunctionalActivation(g);
         torch::jit::ConstantPropagation(g);
+        // After constant propagation removed the branches that hid where
+        // the lists come from.
+        FunctionalizeListAppends(*g);
         torch::jit::EliminateDeadCode(g);
         return f;
       }));
