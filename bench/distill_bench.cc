@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "core/distill.h"
 #include "core/graph_util.h"
+#include "bench/bench_util.h"
 #include "core/model.h"
 #include "core/pipeline.h"
 
@@ -36,11 +37,7 @@ ABSL_FLAG(int, threads, 2, "intra-op threads");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 
 namespace {
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using zeroq::bench::Median;
 using Clock = std::chrono::steady_clock;
 }  // namespace
 
@@ -49,12 +46,9 @@ int main(int argc, char** argv) {
   using namespace zeroq::core;
   const int threads = absl::GetFlag(FLAGS_threads);
   SetUpProcess(threads);  // the same for both sides of the comparison
-  std::vector<int64_t> sample;
-  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_input_shape), ',')) {
-    int64_t v = 0;
-    if (!absl::SimpleAtoi(p, &v)) return 2;
-    sample.push_back(v);
-  }
+  auto parsed = zeroq::bench::ParseShape(absl::GetFlag(FLAGS_input_shape));
+  if (!parsed) return 2;
+  const std::vector<int64_t> sample = *parsed;
   auto model = Model::LoadFromFile(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_device));
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());

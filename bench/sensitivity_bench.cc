@@ -17,6 +17,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "core/model.h"
 #include "core/pipeline.h"
 #include "core/sensitivity.h"
@@ -29,11 +30,7 @@ ABSL_FLAG(int, threads, 2, "intra-op threads");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 
 namespace {
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using zeroq::bench::Median;
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -41,12 +38,10 @@ int main(int argc, char** argv) {
   using namespace zeroq::core;
   const int threads = absl::GetFlag(FLAGS_threads);
   SetUpProcess(threads);  // the same for both sides of the comparison
+  auto parsed = zeroq::bench::ParseShape(absl::GetFlag(FLAGS_input_shape));
+  if (!parsed) return 2;
   std::vector<int64_t> shape = {absl::GetFlag(FLAGS_batch_size)};
-  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_input_shape), ',')) {
-    int64_t v = 0;
-    if (!absl::SimpleAtoi(p, &v)) return 2;
-    shape.push_back(v);
-  }
+  shape.insert(shape.end(), parsed->begin(), parsed->end());
   auto model = Model::LoadFromFile(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_device));
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());

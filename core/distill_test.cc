@@ -15,6 +15,7 @@
 #include "core/cancellation.h"
 #include "core/model.h"
 #include "core/options.h"
+#include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -23,9 +24,6 @@ namespace {
 
 using ::testing::ElementsAre;
 
-std::string ModelPath(const std::string& file) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
-}
 
 // Small, fast settings; the reference's lr and scheduler.
 DistillOptions FastOptions(int iterations, int batch_size) {
@@ -61,13 +59,7 @@ class DistillTest : public ::testing::Test {
   void SetUp() override { at::set_num_threads(1); }
 
   static std::unique_ptr<Model> Load(const std::string& file) {
-    absl::StatusOr<std::unique_ptr<Model>> m =
-        Model::LoadFromFile(ModelPath(file));
-    if (!m.ok()) {
-      ADD_FAILURE() << "loading " << file << ": " << m.status();
-      return nullptr;
-    }
-    return std::move(*m);
+    return LoadTestModel(file);
   }
 };
 

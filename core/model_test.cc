@@ -21,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "core/options.h"
 #include "core/quantized_model.h"
+#include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -33,9 +34,6 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using ::testing::UnorderedElementsAreArray;
 
-std::string ModelPath(const std::string& file) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
-}
 
 class ModelTest : public ::testing::Test {
  protected:
@@ -44,15 +42,8 @@ class ModelTest : public ::testing::Test {
   // parallel build) share the cores.
   void SetUp() override { at::set_num_threads(1); }
 
-  // Loads a committed test model; nullptr (and a test failure) on error.
   static std::unique_ptr<Model> Load(const std::string& file) {
-    absl::StatusOr<std::unique_ptr<Model>> m =
-        Model::LoadFromFile(ModelPath(file));
-    if (!m.ok()) {
-      ADD_FAILURE() << "loading " << file << ": " << m.status();
-      return nullptr;
-    }
-    return std::move(*m);
+    return LoadTestModel(file);
   }
 
   static std::vector<std::string> LayerNames(const ModelSummary& s) {

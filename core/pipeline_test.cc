@@ -20,6 +20,7 @@
 #include "core/cancellation.h"
 #include "core/export.h"
 #include "core/model.h"
+#include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -30,35 +31,7 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::UnorderedElementsAre;
 
-std::string ModelPath(const std::string& file) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
-}
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl =
-        (std::filesystem::temp_directory_path() / "zeroq_job_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    if (p != nullptr) path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
-  std::set<std::string> Files() const {
-    std::set<std::string> out;
-    for (const auto& e : std::filesystem::directory_iterator(path_)) {
-      out.insert(e.path().filename().string());
-    }
-    return out;
-  }
-
- private:
-  std::string path_;
-};
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -27,6 +27,7 @@
 #include "core/model.h"
 #include "core/options.h"
 #include "core/quantizer.h"
+#include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -36,28 +37,7 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-std::string ModelPath(const std::string& file) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
-}
 
-// A fresh directory under the system temp dir, removed with its contents.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl =
-        (std::filesystem::temp_directory_path() / "zeroq_qm_XXXXXX").string();
-    char* p = ::mkdtemp(tmpl.data());
-    if (p != nullptr) path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 // The conv/linear nodes of a graph in order, with their constant weights.
 std::vector<torch::Tensor> GraphWeights(torch::jit::Graph& g) {

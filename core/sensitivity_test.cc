@@ -9,15 +9,13 @@
 #include <string>
 
 #include "core/pipeline.h"
+#include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace zeroq::core {
 namespace {
 
-std::string ModelPath(const std::string& name) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + name;
-}
 
 std::vector<torch::Tensor> RandomData(std::vector<int64_t> shape, int batches) {
   torch::manual_seed(7);
@@ -153,8 +151,8 @@ TEST(Sensitivity, BadInput) {
 // chooses, without the sweep.
 TEST(Sensitivity, ReplanFromReportMatchesFullRun) {
   at::set_num_threads(2);
-  char tmpl[] = "/tmp/zeroq-replan-XXXXXX";
-  std::string dir = mkdtemp(tmpl);
+  TempDir tmp;
+  const std::string& dir = tmp.path();
   JobSpec spec;
   spec.model_path = ModelPath("fashion_cnn.pt");
   spec.input_shape = {1, 28, 28};
