@@ -69,41 +69,11 @@ absl::Status ValidateOptions(const DistillOptions& o) {
   return absl::OkStatus();
 }
 
-// Per-channel mean and unbiased variance of flat = [N, C, L], per sample
-// ([N, C, 1]) or over the batch ([1, C, 1]), from the row sums of x and x*x. LibTorch 1.13's var/var_mean CPU kernels are about 20x
-// slower than this and cost more than the model's own forward. The moments
-// are combined in double to keep the cancellation in E[x^2] - E[x]^2 small.
-struct Moments {
-  torch::Tensor mean, var;
-};
-Moments MomentsOf(const torch::Tensor& flat, bool per_sample) {
-  const int64_t n = flat.size(0), c = flat.size(1), l = flat.size(2);
-  torch::Tensor rows = flat.reshape({n * c, l});
-  torch::Tensor s1 = rows.sum(1).to(torch::kDouble).view({n, c, 1});
-  torch::Tensor s2 = (rows * rows).sum(1).to(torch::kDouble).view({n, c, 1});
-  int64_t count = l;
-  if (!per_sample) {
-    s1 = s1.sum(0, /*keepdim=*/true);
-    s2 = s2.sum(0, /*keepdim=*/true);
-    count = n * l;
-  }
-  Moments m;
-  torch::Tensor mean = s1 / count;
-  m.var = ((s2 - s1 * mean) / std::max<int64_t>(count - 1, 1))
-              .clamp_min(0.0)
-              .to(flat.scalar_type());
-  m.mean = mean.to(flat.scalar_type());
-  return m;
-}
-
-// Statistics term for one value against per-channel targets, with its
-// gradient with respect to v written to *grad when grad is not null (then
-// call it without autograd). The loss is a closed form of mean and std:
-//   dL/dv = dL/dm / L + dL/ds * (v - m) / ((L - 1) * s),
-// one elementwise pass instead of the autograd graph of the statistics.
+// Statistics term for one value against per-channel targets, differentiable
+// (for Loss(); LossAndBackward() computes the same value and its gradient in
+// closed form).
 torch::Tensor StatsTerm(const torch::Tensor& v, const torch::Tensor& mu,
-                        const torch::Tensor& sigma, const DistillOptions& o,
-                        torch::Tensor* grad = nullptr) {
+                        const torch::Tensor& sigma, const DistillOptions& o) {
   const int64_t n = v.size(0), c = v.size(1);
   torch::Tensor flat = v.reshape({n, c, -1});
   const int64_t l = flat.size(2);
@@ -111,29 +81,16 @@ torch::Tensor StatsTerm(const torch::Tensor& v, const torch::Tensor& mu,
   // have no spatial extent, and when asked.
   const bool per_sample = o.stats == DistillStats::kPerSample && l > 1;
   const int64_t count = per_sample ? l : n * l;
-  Moments mo;
-  if (grad != nullptr) {
-    mo = MomentsOf(flat, per_sample);
-  } else {
-    // Differentiable form, for Loss(): two passes, autograd-friendly.
-    auto dims = per_sample ? std::vector<int64_t>{2} : std::vector<int64_t>{0, 2};
-    mo.mean = flat.mean(dims, /*keepdim=*/true);
-    torch::Tensor centered = flat - mo.mean;
-    mo.var = (centered * centered).sum(dims, /*keepdim=*/true) /
-             static_cast<double>(std::max<int64_t>(count - 1, 1));
-  }
-  torch::Tensor s = torch::sqrt(mo.var + o.eps);
-  torch::Tensor dm = mu.view({1, c, 1}) - mo.mean;
+  auto dims = per_sample ? std::vector<int64_t>{2} : std::vector<int64_t>{0, 2};
+  torch::Tensor mean = flat.mean(dims, /*keepdim=*/true);
+  torch::Tensor centered = flat - mean;
+  torch::Tensor var = (centered * centered).sum(dims, /*keepdim=*/true) /
+                      static_cast<double>(std::max<int64_t>(count - 1, 1));
+  torch::Tensor s = torch::sqrt(var + o.eps);
+  torch::Tensor dm = mu.view({1, c, 1}) - mean;
   torch::Tensor ds = sigma.view({1, c, 1}) - s;
   const double norm = per_sample ? 1.0 / n : 1.0;
-  torch::Tensor loss = (dm.pow(2).sum() + ds.pow(2).sum()) * norm;
-  if (grad != nullptr) {
-    torch::Tensor a = dm * (-2.0 * norm / count);
-    torch::Tensor b = ds * (-2.0 * norm / std::max<int64_t>(count - 1, 1)) / s;
-    // a + b * (v - m) = (a - b * m) + b * v: one pass over v.
-    *grad = torch::addcmul(a - b * mo.mean, b, flat).view(v.sizes());
-  }
-  return loss;
+  return (dm.pow(2).sum() + ds.pow(2).sum()) * norm;
 }
 
 }  // namespace
@@ -203,7 +160,12 @@ absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> BnStatisticsLoss::Create(
       absl::StatusCode::kInternal);
 }
 
-// The statistics terms of every BN input (and of the input itself) at once.
+// The statistics terms of every BN input (and of the input itself) at once,
+// with their gradient in closed form: for a term with count L, mean m and
+// std s, dL/dx = dL/dm / L + dL/ds * (x - m) / ((L - 1) * s), one
+// elementwise pass instead of the autograd graph of the statistics. The
+// moments come from the row sums of x and |x|^2, combined in double (LibTorch
+// 1.13's var/var_mean CPU kernels are ~20x slower).
 // Per term only three passes touch the big tensor (sum of x, sum of x*x, and
 // the gradient a + b * x); the per-channel arithmetic in between runs once,
 // on all terms concatenated (in double), instead of ~30 small ops per BN
