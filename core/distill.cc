@@ -162,14 +162,11 @@ absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> BnStatisticsLoss::Create(
 
 // The statistics terms of every BN input (and of the input itself) at once,
 // with their gradient in closed form: for a term with count L, mean m and
-// std s, dL/dx = dL/dm / L + dL/ds * (x - m) / ((L - 1) * s), one
-// elementwise pass instead of the autograd graph of the statistics. The
-// moments come from the row sums of x and |x|^2, combined in double (LibTorch
-// 1.13's var/var_mean CPU kernels are ~20x slower).
-// Per term only three passes touch the big tensor (sum of x, sum of x*x, and
-// the gradient a + b * x); the per-channel arithmetic in between runs once,
-// on all terms concatenated (in double), instead of ~30 small ops per BN
-// layer, which dominated on networks with many small layers.
+// std s, dL/dx = dL/dm / L + dL/ds * (x - m) / ((L - 1) * s). Per term only
+// three passes touch the big tensor (row sums of x, row norms of x, the
+// gradient a + b * x); the per-channel arithmetic in between runs once, in
+// double, on all terms concatenated, instead of ~30 small ops per BN layer.
+// (LibTorch 1.13's var/var_mean CPU kernels are ~20x slower than the sums.)
 torch::Tensor BnStatisticsLoss::LossAndBackward(const torch::Tensor& batch) {
   std::vector<torch::Tensor> values = impl_->probe.Run(batch);
   const DistillOptions& o = impl_->options;

@@ -125,8 +125,8 @@ struct JobResult {
 // Process-wide set-up for running jobs: LibTorch's intra-op thread count,
 // and glibc malloc kept from returning large blocks to the kernel. LibTorch's
 // CPU allocator does not cache: every tensor over 128 KiB would otherwise be
-// a fresh mmap whose pages fault in again on every iteration (that cost a
-// distillation iteration ~40% on the example model). RunJob calls it.
+// a fresh mmap whose pages fault in again on every iteration (that doubled
+// the time of a distillation iteration on the example model). RunJob calls it.
 void SetUpProcess(int threads);
 
 // INVALID_ARGUMENT / FAILED_PRECONDITION for bad models, shapes and options
