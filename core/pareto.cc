@@ -3,6 +3,7 @@
 #include "core/pareto.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,7 +15,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "common/status_macros.h"
 
 namespace zeroq::core {
@@ -416,6 +419,39 @@ absl::StatusOr<Plan> PlanMixedPrecision(const std::vector<LayerCost>& layers,
   plan.bound_bits = buckets.bound_bits;
   plan.sensitivity_lower_bound = LowerBound(problem, buckets, budget_bits);
   return plan;
+}
+
+absl::StatusOr<Budget> ParseBudget(const std::string& text) {
+  std::string t;
+  for (char c : text) {
+    if (c != ' ') t.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  }
+  auto number = [](absl::string_view s, double* v) {
+    return !s.empty() && absl::SimpleAtod(s, v) && std::isfinite(*v) && *v > 0;
+  };
+  double v = 0;
+  absl::string_view s = t;
+  struct Unit { const char* suffix; double factor; };
+  static const Unit kUnits[] = {{"KIB", 1024.0}, {"MIB", 1048576.0}, {"KB", 1000.0},
+                                {"MB", 1e6}, {"B", 1.0}};
+  if (absl::ConsumePrefix(&s, "MP")) {
+    if (number(s, &v)) return Budget{Budget::kAverageBits, v};
+  } else if (absl::ConsumeSuffix(&s, "X")) {
+    if (number(s, &v)) return Budget{Budget::kCompressionRatio, v};
+  } else {
+    for (const Unit& u : kUnits) {
+      absl::string_view rest = s;
+      if (absl::ConsumeSuffix(&rest, u.suffix)) {
+        if (number(rest, &v)) return Budget{Budget::kBytes, v * u.factor};
+        return absl::InvalidArgumentError(absl::StrCat("budget \"", text, "\" is not understood"));
+      }
+    }
+    if (number(s, &v)) return Budget{Budget::kAverageBits, v};
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "budget \"", text,
+      "\" is not understood: use MP4 or 4 (average bits), 8x (compression "
+      "against float), or a size such as 120KB, 1.5MiB, 30000B"));
 }
 
 }  // namespace zeroq::core

@@ -156,6 +156,10 @@ absl::StatusOr<std::vector<ParetoPoint>> ParetoFrontier(
 absl::StatusOr<ParetoPoint> ChooseFromFrontier(
     const std::vector<ParetoPoint>& frontier, int64_t budget_bits);
 
+// "MP4" or "4" (average bits), "8x" (compression ratio against float),
+// "120KB", "1.5MiB", "30000B" (bytes of weights).
+absl::StatusOr<Budget> ParseBudget(const std::string& text);
+
 }  // namespace zeroq::core
 
 #endif  // ZEROQ_CORE_PARETO_H_

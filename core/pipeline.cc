@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -486,37 +487,129 @@ absl::StatusOr<std::vector<LayerSensitivity>> SensitivityFromReportJson(
   return table;
 }
 
-absl::StatusOr<Budget> ParseBudget(const std::string& text) {
-  std::string t;
-  for (char c : text) {
-    if (c != ' ') t.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
-  }
-  auto number = [](absl::string_view s, double* v) {
-    return !s.empty() && absl::SimpleAtod(s, v) && std::isfinite(*v) && *v > 0;
-  };
-  double v = 0;
-  absl::string_view s = t;
-  struct Unit { const char* suffix; double factor; };
-  static const Unit kUnits[] = {{"KIB", 1024.0}, {"MIB", 1048576.0}, {"KB", 1000.0},
-                                {"MB", 1e6}, {"B", 1.0}};
-  if (absl::ConsumePrefix(&s, "MP")) {
-    if (number(s, &v)) return Budget{Budget::kAverageBits, v};
-  } else if (absl::ConsumeSuffix(&s, "X")) {
-    if (number(s, &v)) return Budget{Budget::kCompressionRatio, v};
-  } else {
-    for (const Unit& u : kUnits) {
-      absl::string_view rest = s;
-      if (absl::ConsumeSuffix(&rest, u.suffix)) {
-        if (number(rest, &v)) return Budget{Budget::kBytes, v * u.factor};
-        return absl::InvalidArgumentError(absl::StrCat("budget \"", text, "\" is not understood"));
-      }
+}  // namespace zeroq::core
+
+namespace zeroq::core {
+namespace {
+
+// Layers of a module ZeroQ's graph analysis rejected (no usable BatchNorm):
+// its nn.Conv1d/2d/3d and nn.Linear submodules, found by class name. Only the
+// service's model summary uses this; RunJob never runs such a model.
+absl::Status ModuleLayers(const torch::jit::Module& module, ModelInfo* info) {
+  return CallTorch("analysing the model", [&] {
+    for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+      info->total_params += p.value.numel();
     }
-    if (number(s, &v)) return Budget{Budget::kAverageBits, v};
+    for (const auto& b : module.named_buffers(/*recurse=*/true)) {
+      if (b.value.defined()) info->total_params += b.value.numel();
+    }
+    for (const auto& sub : module.named_modules()) {
+      const auto& type_name = sub.value.type()->name();
+      if (!type_name.has_value()) continue;
+      const std::string cls = type_name->name();
+      std::string kind;
+      if (cls == "Conv1d" || cls == "Conv2d" || cls == "Conv3d") {
+        kind = "conv";
+      } else if (cls == "Linear") {
+        kind = "linear";
+      } else {
+        continue;
+      }
+      if (!sub.value.hasattr("weight")) continue;
+      c10::IValue w = sub.value.attr("weight");
+      if (!w.isTensor() || !w.toTensor().defined()) continue;
+      ModelInfo::Layer layer;
+      layer.name = sub.name;
+      layer.kind = kind;
+      layer.weight_shape = w.toTensor().sizes().vec();
+      layer.params = w.toTensor().numel();
+      info->quantizable_params += layer.params;
+      info->layers.push_back(std::move(layer));
+    }
+  });
+}
+
+}  // namespace
+
+absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
+                                       const std::vector<int64_t>& input_shape,
+                                       const std::string& device) {
+  if (input_shape.empty()) {
+    return absl::InvalidArgumentError(
+        "input_shape is required: one sample without the batch dimension, "
+        "e.g. 3,224,224");
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "budget \"", text,
-      "\" is not understood: use MP4 or 4 (average bits), 8x (compression "
-      "against float), or a size such as 120KB, 1.5MiB, 30000B"));
+  std::vector<int64_t> shape = {1};
+  shape.insert(shape.end(), input_shape.begin(), input_shape.end());
+  for (int64_t d : shape) {
+    if (d <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "input shape [", absl::StrJoin(input_shape, ","),
+          "] must have positive sizes"));
+    }
+  }
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot read model file ", path));
+  }
+
+  ModelInfo info;
+  // The forward to run: the analysed model's, or the raw module's when the
+  // analysis rejected the model for want of usable BatchNorm layers.
+  std::function<absl::StatusOr<torch::Tensor>(const torch::Tensor&)> forward;
+  std::unique_ptr<Model> model;
+  torch::jit::Module raw;
+  absl::StatusOr<std::unique_ptr<Model>> loaded = Model::LoadFromFile(path, device);
+  if (loaded.ok()) {
+    model = std::move(*loaded);
+    const ModelSummary& s = model->summary();
+    for (const BnLayer& bn : s.bn_layers) info.bn_layers.emplace_back(bn.name, bn.channels);
+    for (const QuantLayer& l : s.layers) {
+      info.layers.push_back({l.name, l.kind == LayerKind::kLinear ? "linear" : "conv",
+                             l.weight_shape, l.params, l.bn});
+    }
+    info.total_params = s.total_params;
+    info.quantizable_params = s.quantizable_params;
+    forward = [&](const torch::Tensor& x) { return model->Forward(x); };
+  } else if (loaded.status().code() == absl::StatusCode::kFailedPrecondition) {
+    // LoadFromFile has already checked that it is an archive with
+    // forward(Tensor) -> Tensor; only the BatchNorm analysis failed.
+    ZQ_ASSIGN_OR_RETURN(
+        raw, CallTorch("not a loadable TorchScript archive", [&] {
+          torch::jit::Module m = torch::jit::load(path, torch::Device(device));
+          m.eval();
+          return m;
+        }));
+    ZQ_RETURN_IF_ERROR(ModuleLayers(raw, &info));
+    forward = [&](const torch::Tensor& x) {
+      return CallTorch("the model rejected the input", [&] {
+        torch::NoGradGuard no_grad;
+        return raw.forward({x}).toTensor();
+      });
+    };
+  } else if (loaded.status().code() == absl::StatusCode::kResourceExhausted) {
+    return loaded.status();
+  } else {
+    // Whatever else went wrong reading it, the upload is not a usable model.
+    return absl::InvalidArgumentError(loaded.status().message());
+  }
+
+  absl::StatusOr<torch::Tensor> out = CallTorch("creating the input", [&] {
+    return torch::zeros(shape, torch::TensorOptions().device(torch::Device(device)));
+  });
+  if (out.ok()) out = forward(*out);
+  if (!out.ok() && out.status().code() == absl::StatusCode::kResourceExhausted) {
+    return out.status();
+  }
+  if (!out.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("input shape [", absl::StrJoin(input_shape, ","),
+                     "] (batch [", absl::StrJoin(shape, ","),
+                     "]) is rejected by the model: ", out.status().message()));
+  }
+  info.output_shape = out->sizes().vec();
+  return info;
 }
 
 }  // namespace zeroq::core

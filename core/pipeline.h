@@ -144,9 +144,37 @@ std::string ResultJson(const JobResult& result);
 absl::StatusOr<std::vector<LayerSensitivity>> SensitivityFromReportJson(
     const std::string& json);
 
-// "MP4" or "4" (average bits), "8x" (compression ratio against float),
-// "120KB", "1.5MiB", "30000B" (bytes of weights).
-absl::StatusOr<Budget> ParseBudget(const std::string& text);
+// What the service shows of an uploaded model, without LibTorch types.
+struct ModelInfo {
+  // BatchNorm layers ZeroQ can distill from: name, channels. Empty for a
+  // model without (usable) BatchNorm layers, which is still inspectable but
+  // which RunJob rejects with FAILED_PRECONDITION.
+  std::vector<std::pair<std::string, int64_t>> bn_layers;
+  struct Layer {
+    std::string name;                   // module path, e.g. "features.0"
+    std::string kind;                   // "conv" or "linear"
+    std::vector<int64_t> weight_shape;
+    int64_t params = 0;
+    std::string bn;                     // the BN consuming its output, if any
+  };
+  std::vector<Layer> layers;            // conv/linear layers, in graph order
+  int64_t total_params = 0;
+  int64_t quantizable_params = 0;
+  std::vector<int64_t> output_shape;    // of one forward at [1] + input_shape
+};
+
+// Loads the TorchScript archive at `path`, analyses it and runs one forward
+// on zeros of shape [1] + input_shape. INVALID_ARGUMENT, with the reason, for
+// a file that is not a loadable TorchScript model with forward(Tensor) ->
+// Tensor, and for an input shape the model rejects. For a model whose
+// BatchNorm layers ZeroQ cannot use (none, no running statistics, inside
+// control flow) the layers are found from its nn.Conv*/nn.Linear modules
+// instead of its graph and bn_layers is empty. RESOURCE_EXHAUSTED when
+// LibTorch runs out of memory.
+absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
+                                       const std::vector<int64_t>& input_shape,
+                                       const std::string& device = "cpu");
+
 
 }  // namespace zeroq::core
 

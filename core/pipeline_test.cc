@@ -434,5 +434,91 @@ TEST_F(PipelineTest, StageNames) {
   EXPECT_STREQ(StageName(Stage::kExport), "EXPORT");
 }
 
+// InspectModel: what the service shows of an uploaded model.
+TEST(PipelineInspect, FashionCnn) {
+  absl::StatusOr<ModelInfo> info =
+      InspectModel(ModelPath("fashion_cnn.pt"), {1, 28, 28});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->bn_layers.size(), 5u);
+  for (const auto& [name, channels] : info->bn_layers) {
+    EXPECT_FALSE(name.empty());
+    EXPECT_GT(channels, 0) << name;
+  }
+  std::vector<std::string> names;
+  for (const ModelInfo::Layer& l : info->layers) names.push_back(l.name);
+  EXPECT_THAT(names, ElementsAre("stem.0", "down1.0", "block.conv1",
+                                 "block.conv2", "down2.0", "fc"));
+  EXPECT_EQ(info->layers[0].kind, "conv");
+  EXPECT_EQ(info->layers[0].bn, "stem.1");
+  EXPECT_EQ(info->layers[0].weight_shape.size(), 4u);
+  EXPECT_EQ(info->layers[5].kind, "linear");
+  EXPECT_EQ(info->layers[5].bn, "");
+  EXPECT_EQ(info->quantizable_params, 42256);
+  EXPECT_GT(info->total_params, info->quantizable_params);
+  EXPECT_THAT(info->output_shape, ElementsAre(1, 10));
+}
+
+TEST(PipelineInspect, GarbageFileIsInvalidArgument) {
+  TempDir dir;
+  const std::string path = dir.path() + "/garbage.pt";
+  {
+    std::ofstream out(path, std::ios::binary);
+    for (int i = 0; i < 4096; ++i) out.put(static_cast<char>((i * 7919) % 251));
+  }
+  absl::StatusOr<ModelInfo> info = InspectModel(path, {1, 28, 28});
+  ASSERT_FALSE(info.ok());
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kInvalidArgument)
+      << info.status();
+  EXPECT_THAT(std::string(info.status().message()), HasSubstr("TorchScript"));
+}
+
+TEST(PipelineInspect, MissingFileIsInvalidArgument) {
+  absl::StatusOr<ModelInfo> info =
+      InspectModel(ModelPath("no_such_model.pt"), {1, 28, 28});
+  ASSERT_FALSE(info.ok());
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(info.status().message()), HasSubstr("no_such_model.pt"));
+}
+
+TEST(PipelineInspect, WrongShapeIsInvalidArgument) {
+  for (const std::vector<int64_t>& shape :
+       std::vector<std::vector<int64_t>>{{3, 28, 28}, {1, 0, 28}, {}}) {
+    absl::StatusOr<ModelInfo> info = InspectModel(ModelPath("fashion_cnn.pt"), shape);
+    ASSERT_FALSE(info.ok());
+    EXPECT_EQ(info.status().code(), absl::StatusCode::kInvalidArgument)
+        << info.status();
+  }
+  absl::StatusOr<ModelInfo> info =
+      InspectModel(ModelPath("fashion_cnn.pt"), {3, 28, 28});
+  EXPECT_THAT(std::string(info.status().message()), HasSubstr("3,28,28"));
+}
+
+TEST(PipelineInspect, ForwardWithTwoInputsIsInvalidArgument) {
+  absl::StatusOr<ModelInfo> info = InspectModel(ModelPath("two_inputs.pt"), {3, 8, 8});
+  ASSERT_FALSE(info.ok());
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(info.status().message()), HasSubstr("one tensor"));
+}
+
+// RunJob refuses it (FAILED_PRECONDITION), but it is still inspectable.
+TEST(PipelineInspect, ModelWithoutBatchNorm) {
+  absl::StatusOr<ModelInfo> info = InspectModel(ModelPath("no_batchnorm.pt"), {3, 8, 8});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_TRUE(info->bn_layers.empty());
+  ASSERT_EQ(info->layers.size(), 2u);
+  EXPECT_EQ(info->layers[0].name, "conv");
+  EXPECT_EQ(info->layers[0].kind, "conv");
+  EXPECT_THAT(info->layers[0].weight_shape, ElementsAre(4, 3, 3, 3));
+  EXPECT_EQ(info->layers[0].params, 108);
+  EXPECT_EQ(info->layers[1].name, "fc");
+  EXPECT_EQ(info->layers[1].kind, "linear");
+  EXPECT_EQ(info->quantizable_params, 108 + 8);
+  EXPECT_EQ(info->total_params, 108 + 4 + 8 + 2);
+  EXPECT_THAT(info->output_shape, ElementsAre(1, 2));
+
+  absl::StatusOr<ModelInfo> bad = InspectModel(ModelPath("no_batchnorm.pt"), {1, 8, 8});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace zeroq::core

@@ -1,0 +1,70 @@
+// device_pool.h: the devices jobs run on and their concurrent job slots.
+//
+//   ZQ_ASSIGN_OR_RETURN(DevicePool pool, DevicePool::Parse("cpu:2,cuda:0:1"));
+//   std::optional<Slot> s = pool.Acquire(v1::DEVICE_ANY);   // cuda first
+//   ... run the job with s->env, s->device ...
+//   pool.Release(*s);
+//
+// A spec lists devices separated by commas: "cpu:N" (N slots on the CPU) or
+// "cuda:I:N" (N slots on CUDA device I), or "auto": every CUDA device found
+// (/dev/nvidiaI) with `cuda_slots` slots each, plus the CPU with `cpu_slots`.
+// Not thread-safe: the scheduler calls it under its own lock.
+#ifndef ZEROQ_SERVER_DEVICE_POOL_H_
+#define ZEROQ_SERVER_DEVICE_POOL_H_
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "zeroq/v1/zeroq.pb.h"
+
+namespace zeroq::server {
+
+namespace v1 = ::zeroq::v1;
+
+struct Slot {
+  int device = 0;            // index in DevicePool::devices()
+  int index = 0;             // slot on that device
+  std::string name;          // "cpu/0", "cuda:1/0"
+  std::string core_device;   // what the worker is told: "cpu" or "cuda"
+  v1::DeviceKind kind = v1::DEVICE_CPU;
+  // Restricts the worker to its device.
+  std::vector<std::pair<std::string, std::string>> env;
+};
+
+struct DeviceInfo {
+  std::string name;          // "cpu", "cuda:0"
+  v1::DeviceKind kind = v1::DEVICE_CPU;
+  int cuda_index = -1;
+  int slots = 0;
+  std::vector<bool> busy;    // per slot
+};
+
+class DevicePool {
+ public:
+  static absl::StatusOr<DevicePool> Parse(const std::string& spec, int cpu_slots = 1,
+                                          int cuda_slots = 1);
+  // CUDA device indices present on this machine (from /dev/nvidiaN).
+  static std::vector<int> FindCudaDevices();
+
+  // A free slot of the wanted kind (ANY: CUDA first, then CPU), or nullopt.
+  std::optional<Slot> Acquire(v1::DeviceKind want);
+  void Release(const Slot& slot);
+  // Whether any device of this kind exists at all (a job asking for a kind
+  // the pool lacks could never run).
+  bool Has(v1::DeviceKind kind) const;
+
+  const std::vector<DeviceInfo>& devices() const { return devices_; }
+  int total_slots() const;
+  int busy_slots() const;
+  std::string Describe() const;  // "cpu (2 slots), cuda:0 (1 slot)"
+
+ private:
+  std::vector<DeviceInfo> devices_;
+};
+
+}  // namespace zeroq::server
+
+#endif  // ZEROQ_SERVER_DEVICE_POOL_H_

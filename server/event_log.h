@@ -1,0 +1,66 @@
+// event_log.h: the in-memory event history of one job, shared by its watchers.
+//
+//   std::shared_ptr<EventLog> log = ...;              // from JobManager::Watch
+//   std::vector<v1::JobEvent> batch;
+//   switch (log->ReadAfter(last_seq, 64, &batch, listener)) {
+//     case EventLog::Read::kEvents: ...send batch...
+//     case EventLog::Read::kWait:   ...listener->OnEvents() comes later...
+//     case EventLog::Read::kDone:   ...all sent and the job is finished...
+//   }
+//
+// The manager appends events after it has stored them, so what a watcher
+// reads here is never ahead of the job store. Listeners are one-shot: a
+// listener registered by ReadAfter is told once, then must read again.
+// Thread-safe. OnEvents runs on the appending thread, without this log's
+// lock held; it must not block.
+#ifndef ZEROQ_SERVER_EVENT_LOG_H_
+#define ZEROQ_SERVER_EVENT_LOG_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "zeroq/v1/zeroq.pb.h"
+
+namespace zeroq::server {
+
+namespace v1 = ::zeroq::v1;
+
+class EventListener {
+ public:
+  virtual ~EventListener() = default;
+  virtual void OnEvents() = 0;
+};
+
+class EventLog {
+ public:
+  enum class Read { kEvents, kWait, kDone };
+
+  EventLog() = default;
+  // A log that already holds a finished job's whole history.
+  EventLog(std::vector<v1::JobEvent> events, bool terminal);
+
+  // REQUIRES: seqs continue the log's (1, 2, ...), in order.
+  void Append(const std::vector<v1::JobEvent>& events, bool terminal);
+
+  // Copies up to `max` events with seq > after_seq into *out. kWait (and
+  // `listener`, when not null, is registered) when there are none yet;
+  // kDone when there are none and the job has finished.
+  Read ReadAfter(int64_t after_seq, int max, std::vector<v1::JobEvent>* out,
+                 const std::shared_ptr<EventListener>& listener);
+
+  int64_t last_seq() const;
+  bool terminal() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<v1::JobEvent> events_ ABSL_GUARDED_BY(mu_);  // events_[i].seq == i + 1
+  bool terminal_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::weak_ptr<EventListener>> waiting_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace zeroq::server
+
+#endif  // ZEROQ_SERVER_EVENT_LOG_H_

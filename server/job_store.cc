@@ -1,0 +1,707 @@
+#include "server/job_store.h"
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
+
+namespace zeroq::server {
+namespace {
+
+constexpr int kDefaultPageSize = 50;
+constexpr int kMaxPageSize = 500;
+// Another process (a backup, the sqlite3 shell) may hold the write lock for a
+// moment; wait rather than fail the RPC.
+constexpr int kBusyTimeoutMs = 5000;
+
+// Page tokens carry the last returned row's created_seq; the prefix keeps a
+// models token from being accepted by ListJobs and vice versa.
+constexpr absl::string_view kModelTokenPrefix = "m";
+constexpr absl::string_view kJobTokenPrefix = "j";
+
+struct Migration {
+  int version;
+  const char* sql;
+};
+
+// Append only: a released migration never changes, since databases in the
+// field have already run it. Each runs in its own transaction together with
+// the user_version bump.
+//
+// Ordering uses an explicit INTEGER PRIMARY KEY AUTOINCREMENT (created_seq)
+// rather than the implicit rowid: VACUUM may renumber implicit rowids, and
+// AUTOINCREMENT never hands out the number of a deleted row again, so page
+// tokens stay meaningful. `id` is then a UNIQUE key instead of the PRIMARY KEY.
+// Jobs have no foreign key to models: jobs and their events outlive a
+// deleted model.
+constexpr Migration kMigrations[] = {
+    {1, R"sql(
+CREATE TABLE models (
+  created_seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  tenant TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  state INTEGER NOT NULL,
+  record BLOB NOT NULL
+);
+CREATE INDEX models_by_tenant ON models (tenant, created_seq);
+CREATE INDEX models_by_state ON models (state, created_seq);
+CREATE INDEX models_by_sha256 ON models (sha256);
+
+CREATE TABLE jobs (
+  created_seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  tenant TEXT NOT NULL,
+  model_id TEXT NOT NULL,
+  state INTEGER NOT NULL,
+  request_id TEXT NOT NULL,
+  record BLOB NOT NULL
+);
+CREATE UNIQUE INDEX jobs_by_request_id ON jobs (tenant, request_id)
+  WHERE request_id != '';
+CREATE INDEX jobs_by_tenant ON jobs (tenant, created_seq);
+CREATE INDEX jobs_by_tenant_state ON jobs (tenant, state, created_seq);
+CREATE INDEX jobs_by_model ON jobs (model_id, state);
+CREATE INDEX jobs_by_state ON jobs (state, created_seq);
+
+CREATE TABLE events (
+  job_id TEXT NOT NULL REFERENCES jobs (id),
+  seq INTEGER NOT NULL,
+  record BLOB NOT NULL,
+  PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+)sql"},
+};
+
+static_assert(kMigrations[std::size(kMigrations) - 1].version ==
+                  SqliteJobStore::kSchemaVersion,
+              "kSchemaVersion must be the last migration's version");
+
+absl::Status SqliteError(sqlite3* db, int rc, absl::string_view context) {
+  const char* detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+  return absl::InternalError(
+      absl::StrCat(context, ": sqlite error ", rc, " (", detail, ")"));
+}
+
+bool IsConstraintError(int rc) { return (rc & 0xff) == SQLITE_CONSTRAINT; }
+
+// A cached prepared statement in use: bindings in, rows out, and reset on
+// scope exit so that the cache can hand it out again and no read
+// transaction stays open.
+class Statement {
+ public:
+  Statement(sqlite3* db, sqlite3_stmt* stmt) : db_(db), stmt_(stmt) {}
+  Statement(Statement&& other) noexcept
+      : db_(other.db_),
+        stmt_(std::exchange(other.stmt_, nullptr)),
+        bind_rc_(other.bind_rc_) {}
+  Statement& operator=(Statement&&) = delete;
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+  ~Statement() {
+    if (stmt_ == nullptr) return;
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+
+  // An empty view may have a null data pointer, which sqlite would bind as
+  // NULL; the NOT NULL columns want an empty value instead.
+  void BindText(int index, absl::string_view text) {
+    Check(sqlite3_bind_text64(stmt_, index, text.empty() ? "" : text.data(),
+                              text.size(), SQLITE_TRANSIENT, SQLITE_UTF8));
+  }
+  void BindBlob(int index, absl::string_view bytes) {
+    if (bytes.empty()) {
+      Check(sqlite3_bind_zeroblob(stmt_, index, 0));
+      return;
+    }
+    Check(sqlite3_bind_blob64(stmt_, index, bytes.data(), bytes.size(),
+                              SQLITE_TRANSIENT));
+  }
+  void BindInt64(int index, int64_t value) {
+    Check(sqlite3_bind_int64(stmt_, index, value));
+  }
+
+  // SQLITE_ROW, SQLITE_DONE, or an error code (a failed bind included).
+  int Step() {
+    if (bind_rc_ != SQLITE_OK) return bind_rc_;
+    return sqlite3_step(stmt_);
+  }
+  // Makes the statement ready to run again with new bindings.
+  void Reset() { sqlite3_reset(stmt_); }
+  int64_t ColumnInt64(int column) {
+    return sqlite3_column_int64(stmt_, column);
+  }
+  // Valid until the next Step.
+  absl::string_view ColumnBlob(int column) {
+    const void* data = sqlite3_column_blob(stmt_, column);
+    const int size = sqlite3_column_bytes(stmt_, column);
+    if (data == nullptr) return absl::string_view();
+    return absl::string_view(static_cast<const char*>(data),
+                             static_cast<size_t>(size));
+  }
+  sqlite3* db() const { return db_; }
+
+ private:
+  void Check(int rc) {
+    if (rc != SQLITE_OK && bind_rc_ == SQLITE_OK) bind_rc_ = rc;
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+  int bind_rc_ = SQLITE_OK;
+};
+
+template <typename Message>
+absl::Status ParseRecord(absl::string_view bytes, absl::string_view what,
+                         Message* out) {
+  if (!out->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+    return absl::DataLossError(
+        absl::StrCat("stored ", what, " record does not parse"));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Message>
+absl::StatusOr<std::string> Serialize(const Message& message,
+                                      absl::string_view what) {
+  std::string bytes;
+  if (!message.SerializeToString(&bytes)) {
+    return absl::InternalError(
+        absl::StrCat("cannot serialize ", what, " record"));
+  }
+  return bytes;
+}
+
+int ClampPageSize(int page_size) {
+  if (page_size <= 0) return kDefaultPageSize;
+  return page_size > kMaxPageSize ? kMaxPageSize : page_size;
+}
+
+// The created_seq below which the page starts; an empty token starts at the
+// newest row.
+absl::StatusOr<int64_t> ParsePageToken(absl::string_view token,
+                                       absl::string_view prefix) {
+  if (token.empty()) return std::numeric_limits<int64_t>::max();
+  absl::string_view digits = token;
+  bool ok = absl::ConsumePrefix(&digits, prefix) && !digits.empty() &&
+            digits.size() <= 19;
+  for (char c : digits)
+    ok = ok && absl::ascii_isdigit(static_cast<unsigned char>(c));
+  int64_t seq = 0;
+  if (!ok || !absl::SimpleAtoi(digits, &seq) || seq <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("malformed page token \"", token, "\""));
+  }
+  return seq;
+}
+
+// Reads rows of (created_seq, record), newest first, fetched with LIMIT
+// page_size + 1 so that a full last page does not promise another.
+template <typename Message>
+absl::StatusOr<Page<Message>> ReadPage(Statement& query, int page_size,
+                                       absl::string_view token_prefix,
+                                       absl::string_view what) {
+  Page<Message> page;
+  int64_t last_seq = 0;
+  while (true) {
+    const int rc = query.Step();
+    if (rc == SQLITE_DONE) return page;
+    if (rc != SQLITE_ROW)
+      return SqliteError(query.db(), rc, absl::StrCat("list ", what, "s"));
+    if (static_cast<int>(page.items.size()) == page_size) {
+      page.next_page_token = absl::StrCat(token_prefix, last_seq);
+      return page;
+    }
+    last_seq = query.ColumnInt64(0);
+    ZQ_RETURN_IF_ERROR(
+        ParseRecord(query.ColumnBlob(1), what, &page.items.emplace_back()));
+  }
+}
+
+// Reads every row's column 0 as a record.
+template <typename Message>
+absl::StatusOr<std::vector<Message>> ReadAll(Statement& query,
+                                             absl::string_view what) {
+  std::vector<Message> out;
+  while (true) {
+    const int rc = query.Step();
+    if (rc == SQLITE_DONE) return out;
+    if (rc != SQLITE_ROW)
+      return SqliteError(query.db(), rc, absl::StrCat("read ", what, "s"));
+    ZQ_RETURN_IF_ERROR(
+        ParseRecord(query.ColumnBlob(0), what, &out.emplace_back()));
+  }
+}
+
+// For statements that return one row of one integer (COUNT, PRAGMA).
+absl::StatusOr<int64_t> ReadInt64(Statement& query, absl::string_view what) {
+  const int rc = query.Step();
+  if (rc == SQLITE_ROW) return query.ColumnInt64(0);
+  if (rc == SQLITE_DONE)
+    return absl::InternalError(absl::StrCat(what, ": no row"));
+  return SqliteError(query.db(), rc, what);
+}
+
+}  // namespace
+
+struct SqliteJobStore::Impl {
+  ~Impl() {
+    for (auto& [sql, stmt] : statements) sqlite3_finalize(stmt);
+    // close_v2 defers the close, never leaks, if something is still open.
+    if (db != nullptr) sqlite3_close_v2(db);
+  }
+
+  // A cached statement for `sql`; prepared on first use.
+  absl::StatusOr<Statement> Query(const std::string& sql)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    auto it = statements.find(sql);
+    if (it == statements.end()) {
+      sqlite3_stmt* stmt = nullptr;
+      const int rc =
+          sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()),
+                             SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+      if (rc != SQLITE_OK)
+        return SqliteError(db, rc, absl::StrCat("prepare \"", sql, "\""));
+      it = statements.emplace(sql, stmt).first;
+    }
+    return Statement(db, it->second);
+  }
+
+  // Runs a statement that returns no rows.
+  absl::Status Exec(const std::string& sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ZQ_ASSIGN_OR_RETURN(Statement query, Query(sql));
+    const int rc = query.Step();
+    if (rc != SQLITE_DONE && rc != SQLITE_ROW) return SqliteError(db, rc, sql);
+    return absl::OkStatus();
+  }
+
+  // IMMEDIATE takes the write lock up front, so a read-then-write
+  // transaction cannot fail half way with SQLITE_BUSY on the upgrade.
+  absl::Status Begin() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return Exec("BEGIN IMMEDIATE");
+  }
+
+  // Commits when `status` is OK, otherwise rolls back; returns the outcome.
+  absl::Status Finish(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (status.ok()) {
+      status = Exec("COMMIT");
+      if (status.ok()) return status;
+    }
+    if (!sqlite3_get_autocommit(db)) Exec("ROLLBACK").IgnoreError();
+    return status;
+  }
+
+  absl::StatusOr<int64_t> UserVersion() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ZQ_ASSIGN_OR_RETURN(Statement query, Query("PRAGMA user_version"));
+    return ReadInt64(query, "read schema version");
+  }
+
+  absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    for (const Migration& migration : kMigrations) {
+      ZQ_RETURN_IF_ERROR(Begin());
+      // Read inside the write transaction: another process may have migrated
+      // the file since we last looked.
+      absl::StatusOr<int64_t> version = UserVersion();
+      absl::Status status = version.status();
+      if (status.ok() && *version < migration.version) {
+        char* error = nullptr;
+        const int rc =
+            sqlite3_exec(db, migration.sql, nullptr, nullptr, &error);
+        if (rc != SQLITE_OK) {
+          status = absl::InternalError(
+              absl::StrCat("schema migration to version ", migration.version,
+                           " failed: ", error != nullptr ? error : "unknown"));
+        }
+        sqlite3_free(error);
+        if (status.ok()) {
+          status =
+              Exec(absl::StrCat("PRAGMA user_version = ", migration.version));
+        }
+      }
+      ZQ_RETURN_IF_ERROR(Finish(std::move(status)));
+    }
+    return absl::OkStatus();
+  }
+
+  // The body of SqliteJobStore::CreateJob; runs inside a transaction.
+  absl::Status CreateJob(const v1::Job& job, const std::string& record,
+                         CreateJobResult* result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (!job.request_id().empty()) {
+      // The repeated `request_id != ''` lets the planner use the partial index.
+      ZQ_ASSIGN_OR_RETURN(Statement query,
+                          Query("SELECT record FROM jobs WHERE tenant = ?1 "
+                                "AND request_id = ?2 AND request_id != ''"));
+      query.BindText(1, job.tenant());
+      query.BindText(2, job.request_id());
+      const int rc = query.Step();
+      if (rc == SQLITE_ROW)
+        return ParseRecord(query.ColumnBlob(0), "job", &result->job);
+      if (rc != SQLITE_DONE) {
+        return SqliteError(
+            db, rc, absl::StrCat("look up request id ", job.request_id()));
+      }
+    }
+    ZQ_ASSIGN_OR_RETURN(Statement query,
+                        Query("INSERT INTO jobs (id, tenant, model_id, state, "
+                              "request_id, record) "
+                              "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
+    query.BindText(1, job.id());
+    query.BindText(2, job.tenant());
+    query.BindText(3, job.model_id());
+    query.BindInt64(4, job.state());
+    query.BindText(5, job.request_id());
+    query.BindBlob(6, record);
+    const int rc = query.Step();
+    if (IsConstraintError(rc)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("job ", job.id(), " already exists"));
+    }
+    if (rc != SQLITE_DONE)
+      return SqliteError(db, rc, absl::StrCat("create job ", job.id()));
+    result->job = job;
+    result->created = true;
+    return absl::OkStatus();
+  }
+
+  // The body of SqliteJobStore::UpdateJob; runs inside a transaction.
+  absl::Status UpdateJob(const v1::Job& job, const std::string& record,
+                         const std::vector<v1::JobEvent>& events,
+                         const std::vector<std::string>& event_records)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    {
+      // Every column mirrors the record, so a listing by tenant or request id
+      // always agrees with what GetJob returns.
+      ZQ_ASSIGN_OR_RETURN(
+          Statement query,
+          Query("UPDATE jobs SET tenant = ?2, model_id = ?3, state = ?4, "
+                "request_id = ?5, record = ?6 WHERE id = ?1"));
+      query.BindText(1, job.id());
+      query.BindText(2, job.tenant());
+      query.BindText(3, job.model_id());
+      query.BindInt64(4, job.state());
+      query.BindText(5, job.request_id());
+      query.BindBlob(6, record);
+      const int rc = query.Step();
+      if (IsConstraintError(rc)) {
+        return absl::AlreadyExistsError(absl::StrCat(
+            "job ", job.id(), ": tenant ", job.tenant(),
+            " already has another job with request id ", job.request_id()));
+      }
+      if (rc != SQLITE_DONE)
+        return SqliteError(db, rc, absl::StrCat("update job ", job.id()));
+      if (sqlite3_changes(db) == 0) {
+        return absl::NotFoundError(
+            absl::StrCat("job ", job.id(), " not found"));
+      }
+    }
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        Query("INSERT INTO events (job_id, seq, record) VALUES (?1, ?2, ?3)"));
+    for (size_t i = 0; i < events.size(); ++i) {
+      query.BindText(1, job.id());
+      query.BindInt64(2, events[i].seq());
+      query.BindBlob(3, event_records[i]);
+      const int rc = query.Step();
+      if (IsConstraintError(rc)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("job ", job.id(), " already has an event with seq ",
+                         events[i].seq()));
+      }
+      if (rc != SQLITE_DONE) {
+        return SqliteError(db, rc,
+                           absl::StrCat("append event ", events[i].seq(),
+                                        " of job ", job.id()));
+      }
+      query.Reset();
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Mutex mu;
+  sqlite3* db ABSL_GUARDED_BY(mu) = nullptr;
+  // Keyed by SQL text; a handful of fixed statements plus the few variants of
+  // the filtered queries.
+  absl::flat_hash_map<std::string, sqlite3_stmt*> statements
+      ABSL_GUARDED_BY(mu);
+  // Written once in Open, before the store is shared.
+  int schema_version = 0;
+};
+
+SqliteJobStore::SqliteJobStore(std::unique_ptr<Impl> impl)
+    : impl_(std::move(impl)) {}
+
+SqliteJobStore::~SqliteJobStore() = default;
+
+int SqliteJobStore::schema_version() const { return impl_->schema_version; }
+
+absl::StatusOr<std::unique_ptr<SqliteJobStore>> SqliteJobStore::Open(
+    const std::string& path) {
+  auto impl = std::make_unique<Impl>();
+  {
+    absl::MutexLock lock(&impl->mu);
+    // NOMUTEX: impl->mu already serialises every use of the connection.
+    const int rc = sqlite3_open_v2(
+        path.c_str(), &impl->db,
+        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+        nullptr);
+    if (rc != SQLITE_OK)
+      return SqliteError(impl->db, rc, absl::StrCat("open ", path));
+    sqlite3_extended_result_codes(impl->db, 1);
+    sqlite3_busy_timeout(impl->db, kBusyTimeoutMs);
+
+    // Before touching anything else: a newer server's file must stay as it is.
+    ZQ_ASSIGN_OR_RETURN(int64_t version, impl->UserVersion());
+    if (version > kSchemaVersion) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, " has schema version ", version, ", newer than this server's ",
+          kSchemaVersion, "; it was written by a newer ZeroQ server"));
+    }
+
+    {
+      ZQ_ASSIGN_OR_RETURN(Statement query,
+                          impl->Query("PRAGMA journal_mode = WAL"));
+      const int step = query.Step();
+      if (step != SQLITE_ROW)
+        return SqliteError(impl->db, step, "set journal_mode");
+      const absl::string_view mode = query.ColumnBlob(0);
+      // In-memory databases cannot use WAL and report "memory".
+      if (!absl::EqualsIgnoreCase(mode, "wal") &&
+          !absl::EqualsIgnoreCase(mode, "memory")) {
+        return absl::InternalError(absl::StrCat(
+            "cannot put ", path, " in WAL mode (journal_mode is ", mode, ")"));
+      }
+    }
+    ZQ_RETURN_IF_ERROR(impl->Exec("PRAGMA synchronous = NORMAL"));
+    ZQ_RETURN_IF_ERROR(impl->Exec("PRAGMA foreign_keys = ON"));
+    ZQ_RETURN_IF_ERROR(impl->Migrate());
+    ZQ_ASSIGN_OR_RETURN(version, impl->UserVersion());
+    impl->schema_version = static_cast<int>(version);
+  }
+  return std::unique_ptr<SqliteJobStore>(new SqliteJobStore(std::move(impl)));
+}
+
+// ---------------------------------------------------------------- models
+
+absl::Status SqliteJobStore::PutModel(const v1::Model& model) {
+  if (model.id().empty())
+    return absl::InvalidArgumentError("PutModel: model id is empty");
+  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(model, "model"));
+  absl::MutexLock lock(&impl_->mu);
+  // An upsert, not INSERT OR REPLACE: replacing would delete the row and
+  // give it a new created_seq, moving the model in the listing order.
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("INSERT INTO models (id, tenant, sha256, state, record) "
+                   "VALUES (?1, ?2, ?3, ?4, ?5) "
+                   "ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, "
+                   "sha256 = excluded.sha256, state = excluded.state, "
+                   "record = excluded.record"));
+  query.BindText(1, model.id());
+  query.BindText(2, model.tenant());
+  query.BindText(3, model.sha256());
+  query.BindInt64(4, model.state());
+  query.BindBlob(5, record);
+  const int rc = query.Step();
+  if (rc != SQLITE_DONE)
+    return SqliteError(impl_->db, rc, absl::StrCat("put model ", model.id()));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::Model> SqliteJobStore::GetModel(const std::string& id) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query,
+                      impl_->Query("SELECT record FROM models WHERE id = ?1"));
+  query.BindText(1, id);
+  const int rc = query.Step();
+  if (rc == SQLITE_DONE)
+    return absl::NotFoundError(absl::StrCat("model ", id, " not found"));
+  if (rc != SQLITE_ROW)
+    return SqliteError(impl_->db, rc, absl::StrCat("get model ", id));
+  v1::Model model;
+  ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), "model", &model));
+  return model;
+}
+
+absl::StatusOr<Page<v1::Model>> SqliteJobStore::ListModels(
+    const std::string& tenant, int page_size, const std::string& page_token) {
+  ZQ_ASSIGN_OR_RETURN(int64_t before,
+                      ParsePageToken(page_token, kModelTokenPrefix));
+  page_size = ClampPageSize(page_size);
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query,
+                      impl_->Query("SELECT created_seq, record FROM models "
+                                   "WHERE tenant = ?1 AND created_seq < ?2 "
+                                   "ORDER BY created_seq DESC LIMIT ?3"));
+  query.BindText(1, tenant);
+  query.BindInt64(2, before);
+  query.BindInt64(3, page_size + 1);
+  return ReadPage<v1::Model>(query, page_size, kModelTokenPrefix, "model");
+}
+
+absl::StatusOr<std::vector<v1::Model>> SqliteJobStore::ModelsInState(
+    v1::ModelState state) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query(
+          "SELECT record FROM models WHERE state = ?1 ORDER BY created_seq"));
+  query.BindInt64(1, state);
+  return ReadAll<v1::Model>(query, "model");
+}
+
+absl::Status SqliteJobStore::DeleteModel(const std::string& id) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query,
+                      impl_->Query("DELETE FROM models WHERE id = ?1"));
+  query.BindText(1, id);
+  const int rc = query.Step();
+  if (rc != SQLITE_DONE)
+    return SqliteError(impl_->db, rc, absl::StrCat("delete model ", id));
+  if (sqlite3_changes(impl_->db) == 0) {
+    return absl::NotFoundError(absl::StrCat("model ", id, " not found"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> SqliteJobStore::CountModelsWithSha(
+    const std::string& sha256) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT COUNT(*) FROM models WHERE sha256 = ?1"));
+  query.BindText(1, sha256);
+  return ReadInt64(query, "count models by sha256");
+}
+
+// ---------------------------------------------------------------- jobs
+
+absl::StatusOr<CreateJobResult> SqliteJobStore::CreateJob(const v1::Job& job) {
+  if (job.id().empty())
+    return absl::InvalidArgumentError("CreateJob: job id is empty");
+  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(job, "job"));
+  CreateJobResult result;
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  ZQ_RETURN_IF_ERROR(impl_->Finish(impl_->CreateJob(job, record, &result)));
+  return result;
+}
+
+absl::Status SqliteJobStore::UpdateJob(
+    const v1::Job& job, const std::vector<v1::JobEvent>& events) {
+  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(job, "job"));
+  std::vector<std::string> event_records;
+  event_records.reserve(events.size());
+  for (const v1::JobEvent& event : events) {
+    ZQ_ASSIGN_OR_RETURN(std::string event_record,
+                        Serialize(event, "job event"));
+    event_records.push_back(std::move(event_record));
+  }
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  return impl_->Finish(impl_->UpdateJob(job, record, events, event_records));
+}
+
+absl::StatusOr<v1::Job> SqliteJobStore::GetJob(const std::string& id) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query,
+                      impl_->Query("SELECT record FROM jobs WHERE id = ?1"));
+  query.BindText(1, id);
+  const int rc = query.Step();
+  if (rc == SQLITE_DONE)
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  if (rc != SQLITE_ROW)
+    return SqliteError(impl_->db, rc, absl::StrCat("get job ", id));
+  v1::Job job;
+  ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), "job", &job));
+  return job;
+}
+
+absl::StatusOr<Page<v1::Job>> SqliteJobStore::ListJobs(
+    const JobFilter& filter, int page_size, const std::string& page_token) {
+  ZQ_ASSIGN_OR_RETURN(int64_t before,
+                      ParsePageToken(page_token, kJobTokenPrefix));
+  page_size = ClampPageSize(page_size);
+  const bool by_state = filter.state != v1::JOB_STATE_UNSPECIFIED;
+  const bool by_model = !filter.model_id.empty();
+  // One statement per filter shape (four at most), so each gets the index
+  // that fits it instead of a catch-all "(?3 = 0 OR state = ?3)".
+  std::string sql =
+      "SELECT created_seq, record FROM jobs WHERE tenant = ?1 AND created_seq "
+      "< ?2";
+  if (by_state) absl::StrAppend(&sql, " AND state = ?3");
+  if (by_model) absl::StrAppend(&sql, " AND model_id = ?4");
+  absl::StrAppend(&sql, " ORDER BY created_seq DESC LIMIT ?5");
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query, impl_->Query(sql));
+  query.BindText(1, filter.tenant);
+  query.BindInt64(2, before);
+  if (by_state) query.BindInt64(3, filter.state);
+  if (by_model) query.BindText(4, filter.model_id);
+  query.BindInt64(5, page_size + 1);
+  return ReadPage<v1::Job>(query, page_size, kJobTokenPrefix, "job");
+}
+
+absl::StatusOr<std::vector<v1::Job>> SqliteJobStore::JobsInStates(
+    const std::vector<v1::JobState>& states) {
+  if (states.empty()) return std::vector<v1::Job>();
+  std::string sql = "SELECT record FROM jobs WHERE state IN (";
+  for (size_t i = 0; i < states.size(); ++i) {
+    absl::StrAppend(&sql, i == 0 ? "?" : ", ?", i + 1);
+  }
+  absl::StrAppend(&sql, ") ORDER BY created_seq");
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query, impl_->Query(sql));
+  for (size_t i = 0; i < states.size(); ++i) {
+    query.BindInt64(static_cast<int>(i + 1), states[i]);
+  }
+  return ReadAll<v1::Job>(query, "job");
+}
+
+absl::StatusOr<int64_t> SqliteJobStore::CountActiveJobsForModel(
+    const std::string& model_id) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(Statement query,
+                      impl_->Query("SELECT COUNT(*) FROM jobs WHERE model_id = "
+                                   "?1 AND state IN (?2, ?3)"));
+  query.BindText(1, model_id);
+  query.BindInt64(2, v1::JOB_QUEUED);
+  query.BindInt64(3, v1::JOB_RUNNING);
+  return ReadInt64(query, "count active jobs");
+}
+
+// ---------------------------------------------------------------- events
+
+absl::StatusOr<std::vector<v1::JobEvent>> SqliteJobStore::ListEvents(
+    const std::string& job_id, int64_t after_seq, int limit) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT record FROM events WHERE job_id = ?1 AND seq > ?2 "
+                   "ORDER BY seq LIMIT ?3"));
+  query.BindText(1, job_id);
+  query.BindInt64(2, after_seq);
+  query.BindInt64(3, limit <= 0 ? -1 : limit);  // LIMIT -1: no limit
+  return ReadAll<v1::JobEvent>(query, "job event");
+}
+
+}  // namespace zeroq::server

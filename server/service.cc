@@ -1,0 +1,464 @@
+#include "server/service.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <deque>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/status_util.h"
+#include "server/validation.h"
+
+namespace zeroq::server {
+namespace {
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* context, const absl::Status& s) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
+template <typename Request>
+class RejectedWrite : public grpc::ServerWriteReactor<Request> {
+ public:
+  explicit RejectedWrite(const grpc::Status& status) { this->Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+grpc::Status Unavailable() {
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry shortly");
+}
+
+// ---------------------------------------------------------------- upload
+
+class UploadReactor : public grpc::ServerReadReactor<v1::UploadModelRequest> {
+ public:
+  UploadReactor(JobManager* manager, std::string tenant, v1::Model* response)
+      : manager_(manager), tenant_(std::move(tenant)), response_(response) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(ToGrpcStatus(Complete()));
+      return;
+    }
+    absl::Status s = Consume();
+    if (!s.ok()) {
+      writer_.reset();  // removes the partial bytes
+      Finish(ToGrpcStatus(s));
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Consume() {
+    if (request_.has_metadata()) {
+      if (writer_) return absl::InvalidArgumentError("metadata: sent twice; send it once, first");
+      ZQ_RETURN_IF_ERROR(ValidateModelMetadata(request_.metadata(), manager_->options().max_model_bytes));
+      metadata_ = request_.metadata();
+      ZQ_ASSIGN_OR_RETURN(writer_, manager_->blobs()->NewWriter());
+      return absl::OkStatus();
+    }
+    if (!writer_) {
+      return absl::InvalidArgumentError("the first message must carry metadata (name, input shape, size, sha256)");
+    }
+    const std::string& chunk = request_.chunk();
+    if (chunk.empty() || static_cast<int64_t>(chunk.size()) > kMaxChunkBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "chunk: ", chunk.size(), " bytes; chunks hold 1 to ", kMaxChunkBytes, " bytes"));
+    }
+    if (writer_->bytes_written() + static_cast<int64_t>(chunk.size()) > metadata_.size_bytes()) {
+      return absl::DataLossError(absl::StrCat(
+          "received more than the ", metadata_.size_bytes(), " bytes announced in metadata.size_bytes"));
+    }
+    return writer_->Append(chunk);
+  }
+
+  absl::Status Complete() {
+    if (!writer_) {
+      return absl::InvalidArgumentError("no metadata received: send metadata, then the model in chunks");
+    }
+    ZQ_ASSIGN_OR_RETURN(BlobInfo blob, writer_->Commit(metadata_.size_bytes(), metadata_.sha256()));
+    ZQ_ASSIGN_OR_RETURN(*response_, manager_->RegisterModel(tenant_, metadata_, blob));
+    return absl::OkStatus();
+  }
+
+  JobManager* const manager_;
+  const std::string tenant_;
+  v1::Model* const response_;
+  v1::UploadModelRequest request_;
+  v1::ModelMetadata metadata_;
+  std::unique_ptr<BlobWriter> writer_;
+};
+
+// ---------------------------------------------------------------- download
+
+class DownloadReactor : public grpc::ServerWriteReactor<v1::ArtifactChunk> {
+ public:
+  DownloadReactor(ArtifactRef ref, int64_t offset, int chunk_bytes)
+      : ref_(std::move(ref)), offset_(offset), chunk_bytes_(chunk_bytes) {
+    fd_ = open(ref_.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) {
+      Finish(grpc::Status(grpc::StatusCode::DATA_LOSS,
+                          absl::StrCat("the artifact's stored bytes are missing (", ref_.path, ")")));
+      return;
+    }
+    Next();
+  }
+  ~DownloadReactor() override {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+      return;
+    }
+    chunk_.Clear();
+    Next();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Next() {
+    if (sent_first_ && offset_ >= ref_.size_bytes) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    if (!sent_first_) {
+      chunk_.set_size_bytes(ref_.size_bytes);
+      chunk_.set_sha256(ref_.sha256);
+      sent_first_ = true;
+    }
+    int64_t n = std::min<int64_t>(chunk_bytes_, ref_.size_bytes - offset_);
+    std::string* data = chunk_.mutable_data();
+    data->resize(n);
+    int64_t got = 0;
+    while (got < n) {
+      ssize_t r = pread(fd_, data->data() + got, n - got, offset_ + got);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        Finish(grpc::Status(grpc::StatusCode::DATA_LOSS, "reading the stored artifact failed"));
+        return;
+      }
+      got += r;
+    }
+    chunk_.set_offset(offset_);
+    offset_ += n;
+    StartWrite(&chunk_);
+  }
+
+  const ArtifactRef ref_;
+  int64_t offset_;
+  const int chunk_bytes_;
+  int fd_ = -1;
+  bool sent_first_ = false;
+  v1::ArtifactChunk chunk_;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- watch
+
+// Streams a job's events. Owned by itself through self_ until OnDone; the
+// EventLog and the service's heartbeat hold only weak references, so a wake
+// that races with the end of the stream finds either a live reactor (that
+// ignores it once finished) or nothing.
+class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>,
+                     public EventListener,
+                     public std::enable_shared_from_this<WatchReactor> {
+ public:
+  WatchReactor(std::shared_ptr<EventLog> log, int64_t after_seq)
+      : log_(std::move(log)), cursor_(after_seq) {}
+
+  void Begin(std::shared_ptr<WatchReactor> self) {
+    {
+      absl::MutexLock lock(&mu_);
+      self_ = std::move(self);
+      last_write_ = absl::Now();
+    }
+    Pump();
+  }
+
+  void OnEvents() override { Pump(); }
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      last_write_ = absl::Now();
+      if (!ok) finish_with_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    }
+    Pump();
+  }
+  void OnCancel() override {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!finish_with_) finish_with_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+    }
+    Pump();
+  }
+  void OnDone() override {
+    std::shared_ptr<WatchReactor> self;
+    absl::MutexLock lock(&mu_);
+    self.swap(self_);  // freed when this returns, unless a wake holds it
+  }
+
+  // Ends the stream with `status` after the write in flight.
+  void Abort(grpc::Status status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!finish_with_) finish_with_ = std::move(status);
+    }
+    Pump();
+  }
+
+  void Heartbeat(absl::Time now, absl::Duration interval) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || writing_ || now - last_write_ < interval) return;
+      heartbeat_due_ = true;
+    }
+    Pump();
+  }
+
+ private:
+  // Decides under the lock, acts without it: gRPC may run reactions inline.
+  void Pump() {
+    enum { kNothing, kWrite, kFinish } action = kNothing;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || writing_ || self_ == nullptr) return;
+      if (finish_with_) {
+        action = kFinish;
+        status = *finish_with_;
+      } else {
+        if (buffer_.empty()) {
+          std::vector<v1::JobEvent> batch;
+          switch (log_->ReadAfter(cursor_, 64, &batch, shared_from_this())) {
+            case EventLog::Read::kEvents:
+              buffer_.insert(buffer_.end(), std::make_move_iterator(batch.begin()),
+                             std::make_move_iterator(batch.end()));
+              break;
+            case EventLog::Read::kDone:
+              action = kFinish;
+              status = grpc::Status::OK;
+              break;
+            case EventLog::Read::kWait:
+              break;
+          }
+        }
+        if (!buffer_.empty()) {
+          out_ = std::move(buffer_.front());
+          buffer_.pop_front();
+          cursor_ = out_.seq();
+          heartbeat_due_ = false;
+          action = kWrite;
+        } else if (action == kNothing && heartbeat_due_) {
+          heartbeat_due_ = false;
+          out_.Clear();
+          out_.set_type(v1::EVENT_HEARTBEAT);
+          out_.set_seq(cursor_);
+          int64_t nanos = absl::ToUnixNanos(absl::Now());
+          out_.mutable_time()->set_seconds(nanos / 1000000000);
+          out_.mutable_time()->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+          action = kWrite;
+        }
+      }
+      if (action == kWrite) writing_ = true;
+      if (action == kFinish) finished_ = true;
+    }
+    if (action == kWrite) StartWrite(&out_);
+    if (action == kFinish) Finish(status);
+  }
+
+  const std::shared_ptr<EventLog> log_;
+  absl::Mutex mu_;
+  std::shared_ptr<WatchReactor> self_ ABSL_GUARDED_BY(mu_);
+  int64_t cursor_ ABSL_GUARDED_BY(mu_);  // seq of the last event handed to gRPC
+  std::deque<v1::JobEvent> buffer_ ABSL_GUARDED_BY(mu_);
+  v1::JobEvent out_;  // owned by gRPC while writing_
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool heartbeat_due_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> finish_with_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_write_ ABSL_GUARDED_BY(mu_);
+};
+
+// ---------------------------------------------------------------- service
+
+ZeroQService::ZeroQService(JobManager* manager, ServiceOptions options)
+    : manager_(manager), options_(std::move(options)) {
+  heartbeat_ = std::thread([this] { HeartbeatLoop(); });
+}
+
+ZeroQService::~ZeroQService() {
+  Shutdown();
+  if (heartbeat_.joinable()) heartbeat_.join();
+}
+
+void ZeroQService::Shutdown() {
+  std::vector<std::weak_ptr<WatchReactor>> watches;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) return;
+    shutdown_ = true;
+    watches.swap(watches_);
+    heartbeat_wake_.SignalAll();
+  }
+  for (const auto& w : watches) {
+    if (auto r = w.lock()) r->Abort(Unavailable());
+  }
+}
+
+int ZeroQService::open_watches() {
+  absl::MutexLock lock(&mu_);
+  int n = 0;
+  for (const auto& w : watches_) n += !w.expired();
+  return n;
+}
+
+void ZeroQService::HeartbeatLoop() {
+  absl::MutexLock lock(&mu_);
+  while (!shutdown_) {
+    heartbeat_wake_.WaitWithTimeout(&mu_, std::min(options_.heartbeat_interval / 4, absl::Seconds(1)));
+    if (shutdown_) break;
+    std::vector<std::shared_ptr<WatchReactor>> live;
+    live.reserve(watches_.size());
+    auto end = std::remove_if(watches_.begin(), watches_.end(), [&](const auto& w) {
+      auto r = w.lock();
+      if (r) live.push_back(std::move(r));
+      return r == nullptr;
+    });
+    watches_.erase(end, watches_.end());
+    mu_.Unlock();
+    absl::Time now = absl::Now();
+    for (const auto& r : live) r->Heartbeat(now, options_.heartbeat_interval);
+    live.clear();
+    mu_.Lock();
+  }
+}
+
+std::string ZeroQService::TenantOf(grpc::CallbackServerContext*) { return "default"; }
+
+grpc::ServerReadReactor<v1::UploadModelRequest>* ZeroQService::UploadModel(
+    grpc::CallbackServerContext* context, v1::Model* response) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) {
+      class Rejected : public grpc::ServerReadReactor<v1::UploadModelRequest> {
+       public:
+        Rejected() { Finish(Unavailable()); }
+        void OnDone() override { delete this; }
+      };
+      return new Rejected();
+    }
+  }
+  return new UploadReactor(manager_, TenantOf(context), response);
+}
+
+grpc::ServerUnaryReactor* ZeroQService::GetModel(grpc::CallbackServerContext* context,
+                                                 const v1::GetModelRequest* request,
+                                                 v1::Model* response) {
+  absl::StatusOr<v1::Model> m = manager_->GetModel(TenantOf(context), request->model_id());
+  if (m.ok()) *response = *std::move(m);
+  return Done(context, m.status());
+}
+
+grpc::ServerUnaryReactor* ZeroQService::ListModels(grpc::CallbackServerContext* context,
+                                                   const v1::ListModelsRequest* request,
+                                                   v1::ListModelsResponse* response) {
+  absl::StatusOr<Page<v1::Model>> page =
+      manager_->ListModels(TenantOf(context), request->page_size(), request->page_token());
+  if (page.ok()) {
+    for (v1::Model& m : page->items) *response->add_models() = std::move(m);
+    response->set_next_page_token(page->next_page_token);
+  }
+  return Done(context, page.status());
+}
+
+grpc::ServerUnaryReactor* ZeroQService::DeleteModel(grpc::CallbackServerContext* context,
+                                                    const v1::DeleteModelRequest* request,
+                                                    v1::DeleteModelResponse*) {
+  return Done(context, manager_->DeleteModel(TenantOf(context), request->model_id()));
+}
+
+grpc::ServerUnaryReactor* ZeroQService::SubmitJob(grpc::CallbackServerContext* context,
+                                                  const v1::SubmitJobRequest* request,
+                                                  v1::Job* response) {
+  absl::StatusOr<v1::Job> job = manager_->SubmitJob(TenantOf(context), *request);
+  if (job.ok()) *response = *std::move(job);
+  return Done(context, job.status());
+}
+
+grpc::ServerUnaryReactor* ZeroQService::GetJob(grpc::CallbackServerContext* context,
+                                               const v1::GetJobRequest* request, v1::Job* response) {
+  absl::StatusOr<v1::Job> job = manager_->GetJob(TenantOf(context), request->job_id());
+  if (job.ok()) *response = *std::move(job);
+  return Done(context, job.status());
+}
+
+grpc::ServerUnaryReactor* ZeroQService::ListJobs(grpc::CallbackServerContext* context,
+                                                 const v1::ListJobsRequest* request,
+                                                 v1::ListJobsResponse* response) {
+  absl::StatusOr<Page<v1::Job>> page =
+      manager_->ListJobs(TenantOf(context), request->state(), request->model_id(),
+                         request->page_size(), request->page_token());
+  if (page.ok()) {
+    for (v1::Job& j : page->items) *response->add_jobs() = std::move(j);
+    response->set_next_page_token(page->next_page_token);
+  }
+  return Done(context, page.status());
+}
+
+grpc::ServerUnaryReactor* ZeroQService::CancelJob(grpc::CallbackServerContext* context,
+                                                  const v1::CancelJobRequest* request,
+                                                  v1::Job* response) {
+  absl::StatusOr<v1::Job> job = manager_->CancelJob(TenantOf(context), request->job_id());
+  if (job.ok()) *response = *std::move(job);
+  return Done(context, job.status());
+}
+
+grpc::ServerWriteReactor<v1::JobEvent>* ZeroQService::WatchJob(
+    grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  if (request->after_seq() < 0) {
+    return new RejectedWrite<v1::JobEvent>(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "after_seq: must be >= 0"));
+  }
+  absl::StatusOr<std::shared_ptr<EventLog>> log =
+      manager_->Watch(TenantOf(context), request->job_id());
+  if (!log.ok()) return new RejectedWrite<v1::JobEvent>(ToGrpcStatus(log.status()));
+  auto reactor = std::make_shared<WatchReactor>(*std::move(log), request->after_seq());
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) return new RejectedWrite<v1::JobEvent>(Unavailable());
+    watches_.push_back(reactor);
+  }
+  WatchReactor* raw = reactor.get();
+  raw->Begin(std::move(reactor));
+  return raw;
+}
+
+grpc::ServerWriteReactor<v1::ArtifactChunk>* ZeroQService::DownloadArtifact(
+    grpc::CallbackServerContext* context, const v1::DownloadArtifactRequest* request) {
+  absl::StatusOr<ArtifactRef> ref =
+      manager_->GetArtifact(TenantOf(context), request->job_id(), request->artifact());
+  if (!ref.ok()) return new RejectedWrite<v1::ArtifactChunk>(ToGrpcStatus(ref.status()));
+  if (request->offset() < 0 || request->offset() > ref->size_bytes) {
+    return new RejectedWrite<v1::ArtifactChunk>(grpc::Status(
+        grpc::StatusCode::OUT_OF_RANGE,
+        absl::StrCat("offset: ", request->offset(), " is outside 0..", ref->size_bytes)));
+  }
+  return new DownloadReactor(*std::move(ref), request->offset(), options_.download_chunk_bytes);
+}
+
+}  // namespace zeroq::server

@@ -1,0 +1,92 @@
+// service.h: the zeroq.v1.ZeroQ gRPC service on the callback API.
+//
+//   ZeroQService service(manager.get(), ServiceOptions{});
+//   grpc::ServerBuilder builder;
+//   builder.RegisterService(&service);
+//   auto server = builder.BuildAndStart();
+//   ...
+//   service.Shutdown();          // ends WatchJob streams with UNAVAILABLE
+//   server->Shutdown();
+//
+// Handlers only translate: protos in, JobManager calls, statuses out (one
+// conversion, ToGrpcStatus). Streams hold no thread: an upload is a read
+// reactor, a watch a write reactor woken by its job's EventLog, a download a
+// write reactor reading the blob a chunk at a time. Thread-safe.
+#ifndef ZEROQ_SERVER_SERVICE_H_
+#define ZEROQ_SERVER_SERVICE_H_
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/job_manager.h"
+#include "zeroq/v1/zeroq.grpc.pb.h"
+
+namespace zeroq::server {
+
+struct ServiceOptions {
+  absl::Duration heartbeat_interval = absl::Seconds(10);  // on quiet watch streams
+  int download_chunk_bytes = 1 << 20;
+};
+
+class WatchReactor;
+
+class ZeroQService final : public v1::ZeroQ::CallbackService {
+ public:
+  ZeroQService(JobManager* manager, ServiceOptions options);
+  ~ZeroQService() override;
+
+  // New streams are refused with UNAVAILABLE and open watch streams end with
+  // UNAVAILABLE. Idempotent.
+  void Shutdown();
+  int open_watches();
+
+  grpc::ServerReadReactor<v1::UploadModelRequest>* UploadModel(
+      grpc::CallbackServerContext* context, v1::Model* response) override;
+  grpc::ServerUnaryReactor* GetModel(grpc::CallbackServerContext* context,
+                                     const v1::GetModelRequest* request,
+                                     v1::Model* response) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const v1::ListModelsRequest* request,
+                                       v1::ListModelsResponse* response) override;
+  grpc::ServerUnaryReactor* DeleteModel(grpc::CallbackServerContext* context,
+                                        const v1::DeleteModelRequest* request,
+                                        v1::DeleteModelResponse* response) override;
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const v1::SubmitJobRequest* request,
+                                      v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const v1::GetJobRequest* request, v1::Job* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const v1::ListJobsRequest* request,
+                                     v1::ListJobsResponse* response) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const v1::CancelJobRequest* request,
+                                      v1::Job* response) override;
+  grpc::ServerWriteReactor<v1::JobEvent>* WatchJob(grpc::CallbackServerContext* context,
+                                                   const v1::WatchJobRequest* request) override;
+  grpc::ServerWriteReactor<v1::ArtifactChunk>* DownloadArtifact(
+      grpc::CallbackServerContext* context, const v1::DownloadArtifactRequest* request) override;
+
+ private:
+  // The caller's tenant. One open tenant until keys are configured.
+  std::string TenantOf(grpc::CallbackServerContext* context);
+  void HeartbeatLoop();
+
+  JobManager* const manager_;
+  const ServiceOptions options_;
+
+  absl::Mutex mu_;
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::weak_ptr<WatchReactor>> watches_ ABSL_GUARDED_BY(mu_);
+  absl::CondVar heartbeat_wake_;
+  std::thread heartbeat_;
+};
+
+}  // namespace zeroq::server
+
+#endif  // ZEROQ_SERVER_SERVICE_H_
