@@ -48,7 +48,8 @@ long ProcStatus(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
+    if (line.rfind(key + ":", 0) == 0)
+      return std::stol(line.substr(key.size() + 1));
   }
   return -1;
 }
@@ -91,13 +92,15 @@ class Watcher : public grpc::ClientReadReactor<v1::JobEvent> {
   std::atomic<int>* done_;
 };
 
-std::vector<double> GetJobLatencies(zeroq::client::Client* client, const std::string& job, int calls) {
+std::vector<double> GetJobLatencies(zeroq::client::Client* client,
+                                    const std::string& job, int calls) {
   std::vector<double> ms;
   for (int i = 0; i < calls; ++i) {
     auto t0 = std::chrono::steady_clock::now();
     absl::StatusOr<v1::Job> j = client->GetJob(job);
     ms.push_back(Seconds(std::chrono::steady_clock::now() - t0) * 1e3);
-    if (!j.ok()) std::fprintf(stderr, "GetJob: %s\n", j.status().ToString().c_str());
+    if (!j.ok())
+      std::fprintf(stderr, "GetJob: %s\n", j.status().ToString().c_str());
   }
   return ms;
 }
@@ -107,18 +110,22 @@ std::vector<double> GetJobLatencies(zeroq::client::Client* client, const std::st
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   const int runs = absl::GetFlag(FLAGS_runs);
-  zeroq::testing::ServerProcess server({"--devices=cpu:1", "--heartbeat_interval=5s"});
+  zeroq::testing::ServerProcess server(
+      {"--devices=cpu:1", "--heartbeat_interval=5s"});
   if (!server.Start()) {
     std::fprintf(stderr, "server did not start:\n%s\n", server.Log().c_str());
     return 1;
   }
   auto client = server.NewClient();
-  std::printf("service_bench: server pid %d, 2 cores, jobs with 1 intra-op thread\n", server.pid());
+  std::printf(
+      "service_bench: server pid %d, 2 cores, jobs with 1 intra-op thread\n",
+      server.pid());
   long idle_threads = ProcStatus(server.pid(), "Threads");
   long idle_rss = ProcStatus(server.pid(), "VmRSS");
 
   // ---- upload throughput
-  const size_t bytes = static_cast<size_t>(absl::GetFlag(FLAGS_upload_mb)) << 20;
+  const size_t bytes = static_cast<size_t>(absl::GetFlag(FLAGS_upload_mb))
+                       << 20;
   std::string data(bytes, '\0');
   std::mt19937_64 rng(1);
   for (size_t i = 0; i + 8 <= bytes; i += 8) {
@@ -146,7 +153,9 @@ int main(int argc, char** argv) {
     std::string path = server.dir() + "/baseline.bin";
     int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     for (size_t off = 0; off < bytes; off += 1 << 20) {
-      if (write(fd, data.data() + off, std::min<size_t>(1 << 20, bytes - off)) < 0) return 1;
+      if (write(fd, data.data() + off, std::min<size_t>(1 << 20, bytes - off)) <
+          0)
+        return 1;
     }
     fsync(fd);
     close(fd);
@@ -155,19 +164,25 @@ int main(int argc, char** argv) {
     upload_mbs.push_back(bytes / 1e6 / ours);
     baseline_mbs.push_back(bytes / 1e6 / base);
     ratios.push_back(base / ours);
-    (void)client->DeleteModel(m->id());  // may still be inspecting: fine either way
+    (void)client->DeleteModel(
+        m->id());  // may still be inspecting: fine either way
   }
-  std::printf("upload %d MiB x %d: %.0f MB/s median (client hash + stream + server hash, fsync, "
-              "rename); local hash+write+fsync baseline %.0f MB/s; ratio ours/baseline %.2f\n",
-              absl::GetFlag(FLAGS_upload_mb), runs, Median(upload_mbs), Median(baseline_mbs),
-              Median(ratios));
+  std::printf(
+      "upload %d MiB x %d: %.0f MB/s median (client hash + stream + server "
+      "hash, fsync, "
+      "rename); local hash+write+fsync baseline %.0f MB/s; ratio ours/baseline "
+      "%.2f\n",
+      absl::GetFlag(FLAGS_upload_mb), runs, Median(upload_mbs),
+      Median(baseline_mbs), Median(ratios));
   data.clear();
   data.shrink_to_fit();
 
   // ---- a model and a long-running job to watch
-  absl::StatusOr<v1::Model> model =
-      client->UploadModel(std::string(ZEROQ_TEST_MODELS_DIR) + "/fashion_cnn.pt", "fashion", {1, 28, 28});
-  if (!model.ok() || !client->WaitForModel(model->id(), absl::Minutes(2)).ok()) {
+  absl::StatusOr<v1::Model> model = client->UploadModel(
+      std::string(ZEROQ_TEST_MODELS_DIR) + "/fashion_cnn.pt", "fashion",
+      {1, 28, 28});
+  if (!model.ok() ||
+      !client->WaitForModel(model->id(), absl::Minutes(2)).ok()) {
     std::fprintf(stderr, "model upload failed\n");
     return 1;
   }
@@ -183,24 +198,30 @@ int main(int argc, char** argv) {
     absl::StatusOr<v1::Job> job = client->SubmitJob(req);
     if (!job.ok()) return 1;
     bool running = false;
-    absl::StatusOr<v1::Job> seen = client->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-      double s = Seconds(std::chrono::steady_clock::now() - t0);
-      if (e.type() == v1::EVENT_STATE && e.state() == v1::JOB_RUNNING && !running) {
-        running = true;
-        to_running.push_back(s * 1e3);
-      }
-      if (running && e.type() != v1::EVENT_STATE && e.type() != v1::EVENT_HEARTBEAT) {
-        to_worker.push_back(s * 1e3);
-        return false;
-      }
-      return true;
-    });
+    absl::StatusOr<v1::Job> seen =
+        client->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+          double s = Seconds(std::chrono::steady_clock::now() - t0);
+          if (e.type() == v1::EVENT_STATE && e.state() == v1::JOB_RUNNING &&
+              !running) {
+            running = true;
+            to_running.push_back(s * 1e3);
+          }
+          if (running && e.type() != v1::EVENT_STATE &&
+              e.type() != v1::EVENT_HEARTBEAT) {
+            to_worker.push_back(s * 1e3);
+            return false;
+          }
+          return true;
+        });
     (void)client->CancelJob(job->id());
-    client->WatchJob(job->id(), 0, nullptr);  // until it is CANCELLED and the slot is free
+    client->WatchJob(job->id(), 0,
+                     nullptr);  // until it is CANCELLED and the slot is free
   }
-  std::printf("submit -> RUNNING: %.2f ms median; submit -> first event from the worker process "
-              "(exec, LibTorch load, model load): %.0f ms median (%d runs)\n",
-              Median(to_running), Median(to_worker), runs);
+  std::printf(
+      "submit -> RUNNING: %.2f ms median; submit -> first event from the "
+      "worker process "
+      "(exec, LibTorch load, model load): %.0f ms median (%d runs)\n",
+      Median(to_running), Median(to_worker), runs);
 
   // ---- GetJob latency without and with watchers
   v1::SubmitJobRequest req;
@@ -216,26 +237,40 @@ int main(int argc, char** argv) {
   std::atomic<int> open{0}, done{0};
   grpc::ChannelArguments args;
   args.SetInt("grpc.use_local_subchannel_pool", 1);
-  auto channel = grpc::CreateCustomChannel(server.address(), grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(
+      server.address(), grpc::InsecureChannelCredentials(), args);
   auto stub = v1::ZeroQ::NewStub(channel);
   std::vector<std::unique_ptr<Watcher>> watchers;
-  for (int i = 0; i < n; ++i) watchers.push_back(std::make_unique<Watcher>(stub.get(), job->id(), &open, &done));
+  for (int i = 0; i < n; ++i)
+    watchers.push_back(
+        std::make_unique<Watcher>(stub.get(), job->id(), &open, &done));
   absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (open.load() < n && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  while (open.load() < n && absl::Now() < deadline)
+    absl::SleepFor(absl::Milliseconds(10));
   std::vector<double> with = GetJobLatencies(client.get(), job->id(), calls);
   long threads = ProcStatus(server.pid(), "Threads");
   long rss = ProcStatus(server.pid(), "VmRSS");
-  std::printf("GetJob latency, %d calls, job running: p50 %.3f ms, p99 %.3f ms with no watchers; "
-              "p50 %.3f ms, p99 %.3f ms with %d of %d WatchJob streams open (p50 ratio %.2f)\n",
-              calls, Percentile(base, 50), Percentile(base, 99), Percentile(with, 50),
-              Percentile(with, 99), open.load(), n, Percentile(with, 50) / Percentile(base, 50));
-  std::printf("server threads: %ld idle, %ld with the watchers (goal < 64)\n", idle_threads, threads);
-  std::printf("server resident memory: %.1f MiB idle, %.1f MiB with the watchers (%.1f KiB per stream)\n",
-              idle_rss / 1024.0, rss / 1024.0, static_cast<double>(rss - idle_rss) / std::max(1, n));
+  std::printf(
+      "GetJob latency, %d calls, job running: p50 %.3f ms, p99 %.3f ms with no "
+      "watchers; "
+      "p50 %.3f ms, p99 %.3f ms with %d of %d WatchJob streams open (p50 ratio "
+      "%.2f)\n",
+      calls, Percentile(base, 50), Percentile(base, 99), Percentile(with, 50),
+      Percentile(with, 99), open.load(), n,
+      Percentile(with, 50) / Percentile(base, 50));
+  std::printf("server threads: %ld idle, %ld with the watchers (goal < 64)\n",
+              idle_threads, threads);
+  std::printf(
+      "server resident memory: %.1f MiB idle, %.1f MiB with the watchers (%.1f "
+      "KiB per stream)\n",
+      idle_rss / 1024.0, rss / 1024.0,
+      static_cast<double>(rss - idle_rss) / std::max(1, n));
   (void)client->CancelJob(job->id());
   deadline = absl::Now() + absl::Seconds(60);
-  while (done.load() < n && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
-  std::printf("all %d watch streams ended after the cancel: %s\n", n, done.load() == n ? "yes" : "no");
+  while (done.load() < n && absl::Now() < deadline)
+    absl::SleepFor(absl::Milliseconds(10));
+  std::printf("all %d watch streams ended after the cancel: %s\n", n,
+              done.load() == n ? "yes" : "no");
   for (auto& w : watchers) w->Cancel();
   while (done.load() < n) absl::SleepFor(absl::Milliseconds(10));
   server.Stop();

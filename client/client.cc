@@ -17,46 +17,57 @@ namespace fs = std::filesystem;
 
 absl::Status FromGrpc(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      status.error_message());
 }
 
 namespace {
 
 bool Retryable(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
-         s.error_code() == grpc::StatusCode::INTERNAL && s.error_message().find("RST_STREAM") != std::string::npos;
+         s.error_code() == grpc::StatusCode::INTERNAL &&
+             s.error_message().find("RST_STREAM") != std::string::npos;
 }
 
 void Backoff(int attempt) {
-  std::this_thread::sleep_for(std::chrono::milliseconds(std::min(2000, 100 << std::min(attempt, 5))));
+  std::this_thread::sleep_for(
+      std::chrono::milliseconds(std::min(2000, 100 << std::min(attempt, 5))));
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target,
-                                                        ClientOptions options) {
-  if (target.empty()) return absl::InvalidArgumentError("no server address given");
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
+    const std::string& target, ClientOptions options) {
+  if (target.empty())
+    return absl::InvalidArgumentError("no server address given");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(8 << 20);
-  auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(
+      target, grpc::InsecureChannelCredentials(), args);
   return std::make_unique<Client>(std::move(channel), std::move(options));
 }
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
-    : channel_(std::move(channel)), stub_(v1::ZeroQ::NewStub(channel_)), options_(std::move(options)) {}
+    : channel_(std::move(channel)),
+      stub_(v1::ZeroQ::NewStub(channel_)),
+      options_(std::move(options)) {}
 
 std::unique_ptr<grpc::ClientContext> Client::NewContext(bool deadline) const {
   auto ctx = std::make_unique<grpc::ClientContext>();
-  if (!options_.api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.api_key);
-  if (deadline) ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  if (!options_.api_key.empty())
+    ctx->AddMetadata("authorization", "Bearer " + options_.api_key);
+  if (deadline)
+    ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
   return ctx;
 }
 
-absl::StatusOr<v1::Model> Client::UploadModel(const std::string& path, const std::string& name,
-                                              const std::vector<int64_t>& input_shape) {
+absl::StatusOr<v1::Model> Client::UploadModel(
+    const std::string& path, const std::string& name,
+    const std::vector<int64_t>& input_shape) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string bytes((std::istreambuf_iterator<char>(in)),
+                    std::istreambuf_iterator<char>());
   v1::ModelMetadata metadata;
   metadata.set_name(name);
   for (int64_t d : input_shape) metadata.add_input_shape(d);
@@ -74,7 +85,8 @@ absl::StatusOr<v1::Model> Client::UploadBytes(const v1::ModelMetadata& metadata,
   v1::UploadModelRequest req;
   *req.mutable_metadata() = metadata;
   bool ok = writer->Write(req);
-  for (size_t off = 0; ok && off < bytes.size(); off += options_.upload_chunk_bytes) {
+  for (size_t off = 0; ok && off < bytes.size();
+       off += options_.upload_chunk_bytes) {
     req.set_chunk(bytes.substr(off, options_.upload_chunk_bytes));
     ok = writer->Write(req);
   }
@@ -92,20 +104,23 @@ absl::StatusOr<v1::Model> Client::GetModel(const std::string& id) {
   return model;
 }
 
-absl::StatusOr<v1::Model> Client::WaitForModel(const std::string& id, absl::Duration timeout) {
+absl::StatusOr<v1::Model> Client::WaitForModel(const std::string& id,
+                                               absl::Duration timeout) {
   absl::Time deadline = absl::Now() + timeout;
   while (true) {
     ZQ_ASSIGN_OR_RETURN(v1::Model model, GetModel(id));
     if (model.state() != v1::MODEL_INSPECTING) return model;
     if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat("model ", id, " is still being inspected after ",
-                                                      absl::FormatDuration(timeout)));
+      return absl::DeadlineExceededError(
+          absl::StrCat("model ", id, " is still being inspected after ",
+                       absl::FormatDuration(timeout)));
     }
     absl::SleepFor(absl::Milliseconds(50));
   }
 }
 
-absl::StatusOr<v1::ListModelsResponse> Client::ListModels(int page_size, const std::string& token) {
+absl::StatusOr<v1::ListModelsResponse> Client::ListModels(
+    int page_size, const std::string& token) {
   auto ctx = NewContext();
   v1::ListModelsRequest req;
   req.set_page_size(page_size);
@@ -131,7 +146,8 @@ absl::StatusOr<v1::Job> Client::SubmitJob(const v1::SubmitJobRequest& request) {
     auto ctx = NewContext();
     grpc::Status s = stub_->SubmitJob(ctx.get(), request, &job);
     if (s.ok()) return job;
-    if (request.request_id().empty() || !Retryable(s) || attempt >= 3) return FromGrpc(s);
+    if (request.request_id().empty() || !Retryable(s) || attempt >= 3)
+      return FromGrpc(s);
     Backoff(attempt);
   }
 }
@@ -145,8 +161,9 @@ absl::StatusOr<v1::Job> Client::GetJob(const std::string& id) {
   return job;
 }
 
-absl::StatusOr<v1::ListJobsResponse> Client::ListJobs(v1::JobState state, const std::string& model_id,
-                                                      int page_size, const std::string& token) {
+absl::StatusOr<v1::ListJobsResponse> Client::ListJobs(
+    v1::JobState state, const std::string& model_id, int page_size,
+    const std::string& token) {
   auto ctx = NewContext();
   v1::ListJobsRequest req;
   req.set_state(state);
@@ -167,7 +184,8 @@ absl::StatusOr<v1::Job> Client::CancelJob(const std::string& id) {
   return job;
 }
 
-absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id, int64_t after_seq,
+absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id,
+                                         int64_t after_seq,
                                          const EventFn& on_event) {
   int64_t cursor = after_seq;
   int failures = 0;
@@ -176,7 +194,8 @@ absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id, int64_t after_se
     v1::WatchJobRequest req;
     req.set_job_id(id);
     req.set_after_seq(cursor);
-    std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader = stub_->WatchJob(ctx.get(), req);
+    std::unique_ptr<grpc::ClientReader<v1::JobEvent>> reader =
+        stub_->WatchJob(ctx.get(), req);
     v1::JobEvent event;
     bool stopped = false;
     while (reader->Read(&event)) {
@@ -190,27 +209,32 @@ absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id, int64_t after_se
     }
     grpc::Status s = reader->Finish();
     if (stopped || s.ok()) return GetJob(id);
-    if (!Retryable(s) || ++failures > options_.max_reconnects) return FromGrpc(s);
+    if (!Retryable(s) || ++failures > options_.max_reconnects)
+      return FromGrpc(s);
     Backoff(failures);  // resume after `cursor`: nothing is missed or repeated
   }
 }
 
-absl::StatusOr<v1::Artifact> Client::DownloadArtifact(const std::string& job_id,
-                                                      const std::string& artifact,
-                                                      const std::string& path) {
+absl::StatusOr<v1::Artifact> Client::DownloadArtifact(
+    const std::string& job_id, const std::string& artifact,
+    const std::string& path) {
   std::string part = path + ".part";
   int failures = 0;
   while (true) {
     std::error_code ec;
-    int64_t have = fs::exists(part, ec) ? static_cast<int64_t>(fs::file_size(part, ec)) : 0;
+    int64_t have = fs::exists(part, ec)
+                       ? static_cast<int64_t>(fs::file_size(part, ec))
+                       : 0;
     auto ctx = NewContext(false);
     v1::DownloadArtifactRequest req;
     req.set_job_id(job_id);
     req.set_artifact(artifact);
     req.set_offset(have);
-    std::unique_ptr<grpc::ClientReader<v1::ArtifactChunk>> reader = stub_->DownloadArtifact(ctx.get(), req);
+    std::unique_ptr<grpc::ClientReader<v1::ArtifactChunk>> reader =
+        stub_->DownloadArtifact(ctx.get(), req);
     std::ofstream out(part, std::ios::binary | std::ios::app);
-    if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot write ", part));
+    if (!out)
+      return absl::PermissionDeniedError(absl::StrCat("cannot write ", part));
     v1::ArtifactChunk chunk;
     v1::Artifact info;
     info.set_name(artifact);
@@ -221,7 +245,8 @@ absl::StatusOr<v1::Artifact> Client::DownloadArtifact(const std::string& job_id,
         info.set_size_bytes(chunk.size_bytes());
         info.set_sha256(chunk.sha256());
       }
-      out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+      out.write(chunk.data().data(),
+                static_cast<std::streamsize>(chunk.data().size()));
     }
     out.close();
     grpc::Status s = reader->Finish();
@@ -230,18 +255,23 @@ absl::StatusOr<v1::Artifact> Client::DownloadArtifact(const std::string& job_id,
         fs::remove(part, ec);  // a stale part longer than the artifact
         continue;
       }
-      if (!Retryable(s) || ++failures > options_.max_reconnects) return FromGrpc(s);
+      if (!Retryable(s) || ++failures > options_.max_reconnects)
+        return FromGrpc(s);
       Backoff(failures);
       continue;
     }
     ZQ_ASSIGN_OR_RETURN(std::string sha, server::Sha256File(part));
-    if (sha != info.sha256() || static_cast<int64_t>(fs::file_size(part, ec)) != info.size_bytes()) {
+    if (sha != info.sha256() ||
+        static_cast<int64_t>(fs::file_size(part, ec)) != info.size_bytes()) {
       fs::remove(part, ec);
-      return absl::DataLossError(absl::StrCat("downloaded ", artifact, " does not match its SHA-256 ",
-                                              info.sha256(), "; download it again"));
+      return absl::DataLossError(
+          absl::StrCat("downloaded ", artifact, " does not match its SHA-256 ",
+                       info.sha256(), "; download it again"));
     }
     fs::rename(part, path, ec);
-    if (ec) return absl::InternalError(absl::StrCat("renaming ", part, ": ", ec.message()));
+    if (ec)
+      return absl::InternalError(
+          absl::StrCat("renaming ", part, ": ", ec.message()));
     return info;
   }
 }

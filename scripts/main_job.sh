@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
 # The product's main job on one machine: installs what is missing, builds,
-# quantizes the bundled Fashion-MNIST example model with ZeroQ mixed
-# precision (MP4 weights, 8-bit activations, no data), prints the per-layer
-# report, and the float vs quantized top-1 on the 10k Fashion-MNIST test
-# images.
-#   scripts/main_job.sh [extra zeroq-quantize flags]
+# starts zeroq-server on the embedded default (SQLite and blobs in a data
+# folder), quantizes the bundled Fashion-MNIST example model through it with
+# ZeroQ mixed precision (MP4 weights, 8-bit activations, no data), prints the
+# per-layer report and the float vs quantized top-1 on the 10k Fashion-MNIST
+# test images, and stops the server cleanly.
+#   scripts/main_job.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
 out=${OUT_DIR:-out/example}
-mkdir -p "$out"
+data=${DATA_DIR:-out/server-data}
+mkdir -p "$out" "$data"
 threads=$(nproc)
-./build/core/tools/zeroq-quantize \
-  --model=tests/models/fashion_cnn.pt --input_shape=1,28,28 \
-  --budget=MP4 --activation_bits=8 --threads="$threads" --out="$out" "$@"
+rm -f "$out/port"
+./build/server/zeroq-server --data_dir="$data" --listen=127.0.0.1:0 \
+  --port_file="$out/port" --threads_per_job="$threads" 2> "$out/server.log" &
+server=$!
+stop_server() {
+  if kill -0 "$server" 2> /dev/null; then
+    kill -TERM "$server"
+    wait "$server" || { echo "zeroq-server exited with status $?"; exit 1; }
+  fi
+}
+trap stop_server EXIT
+for _ in $(seq 200); do [[ -s "$out/port" ]] && break; sleep 0.05; done
+[[ -s "$out/port" ]] || { cat "$out/server.log"; echo "zeroq-server did not start"; exit 1; }
+echo "zeroq-server on 127.0.0.1:$(cat "$out/port"), data in $data"
+/usr/bin/python3 scripts/quantize_via_service.py --server "127.0.0.1:$(cat "$out/port")" \
+  --model tests/models/fashion_cnn.pt --input_shape 1,28,28 --budget MP4 \
+  --activation_bits 8 --threads "$threads" --out "$out"
 echo
 echo "Top-1 on the 10k Fashion-MNIST test images (float, then quantized):"
 /usr/bin/python3 scripts/eval_fashion_mnist.py --threads "$threads" \
   tests/models/fashion_cnn.pt "$out/model.zeroq.pt"
+stop_server
+trap - EXIT
+echo "zeroq-server stopped cleanly; its log is $out/server.log"

@@ -1,11 +1,12 @@
 // blob_store.h: content-addressed storage of immutable byte blobs (uploaded
 // models, job artifacts), named by the lowercase hex SHA-256 of their bytes.
 //
-//   ZQ_ASSIGN_OR_RETURN(auto store, FileBlobStore::Create("/var/lib/zeroq/blobs"));
-//   ZQ_ASSIGN_OR_RETURN(auto writer, store->NewWriter());
-//   ZQ_RETURN_IF_ERROR(writer->Append(chunk));           // repeatedly
-//   ZQ_ASSIGN_OR_RETURN(BlobInfo info, writer->Commit(expected_size, sha));
-//   std::string path = store->Path(info.sha256);         // read it from here
+//   ZQ_ASSIGN_OR_RETURN(auto store,
+//   FileBlobStore::Create("/var/lib/zeroq/blobs")); ZQ_ASSIGN_OR_RETURN(auto
+//   writer, store->NewWriter()); ZQ_RETURN_IF_ERROR(writer->Append(chunk)); //
+//   repeatedly ZQ_ASSIGN_OR_RETURN(BlobInfo info, writer->Commit(expected_size,
+//   sha)); std::string path = store->Path(info.sha256);         // read it from
+//   here
 //
 // A blob becomes visible only when Commit succeeds: the bytes go to a temp
 // file, are fsynced and renamed into place, so a crash never leaves a partial
@@ -26,7 +27,7 @@
 namespace zeroq::server {
 
 struct BlobInfo {
-  std::string sha256;   // lowercase hex
+  std::string sha256;  // lowercase hex
   int64_t size_bytes = 0;
 };
 
@@ -39,8 +40,8 @@ class BlobWriter {
   // from `expected_size` (when >= 0) or the hash from `expected_sha256` (when
   // not empty); the temp file is removed and nothing is published.
   // REQUIRES: called at most once.
-  virtual absl::StatusOr<BlobInfo> Commit(int64_t expected_size = -1,
-                                          absl::string_view expected_sha256 = "") = 0;
+  virtual absl::StatusOr<BlobInfo> Commit(
+      int64_t expected_size = -1, absl::string_view expected_sha256 = "") = 0;
 };
 
 class BlobStore {
@@ -67,7 +68,8 @@ class BlobStore {
 // under ROOT/tmp/.
 class FileBlobStore : public BlobStore {
  public:
-  static absl::StatusOr<std::unique_ptr<FileBlobStore>> Create(const std::string& root);
+  static absl::StatusOr<std::unique_ptr<FileBlobStore>> Create(
+      const std::string& root);
   ~FileBlobStore() override;
 
   absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter() override;

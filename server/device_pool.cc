@@ -35,9 +35,10 @@ DeviceInfo Cuda(int index, int slots) {
 }
 
 absl::Status BadSpec(const std::string& spec, absl::string_view why) {
-  return absl::InvalidArgumentError(absl::StrCat(
-      "device spec \"", spec, "\": ", why,
-      "; use \"auto\", or a list such as \"cpu:2\" or \"cuda:0:1,cuda:1:1,cpu:1\""));
+  return absl::InvalidArgumentError(
+      absl::StrCat("device spec \"", spec, "\": ", why,
+                   "; use \"auto\", or a list such as \"cpu:2\" or "
+                   "\"cuda:0:1,cuda:1:1,cpu:1\""));
 }
 
 }  // namespace
@@ -50,7 +51,8 @@ std::vector<int> DevicePool::FindCudaDevices() {
     absl::string_view name = e->d_name;
     int index = 0;
     if (absl::ConsumePrefix(&name, "nvidia") && !name.empty() &&
-        std::all_of(name.begin(), name.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+        std::all_of(name.begin(), name.end(),
+                    [](char c) { return c >= '0' && c <= '9'; }) &&
         absl::SimpleAtoi(name, &index)) {
       found.push_back(index);
     }
@@ -60,11 +62,12 @@ std::vector<int> DevicePool::FindCudaDevices() {
   return found;
 }
 
-absl::StatusOr<DevicePool> DevicePool::Parse(const std::string& spec, int cpu_slots,
-                                             int cuda_slots) {
+absl::StatusOr<DevicePool> DevicePool::Parse(const std::string& spec,
+                                             int cpu_slots, int cuda_slots) {
   DevicePool pool;
   if (spec == "auto" || spec.empty()) {
-    if (cpu_slots < 0 || cuda_slots < 0) return BadSpec(spec, "slot counts must be >= 0");
+    if (cpu_slots < 0 || cuda_slots < 0)
+      return BadSpec(spec, "slot counts must be >= 0");
     for (int i : FindCudaDevices()) {
       if (cuda_slots > 0) pool.devices_.push_back(Cuda(i, cuda_slots));
     }
@@ -73,13 +76,17 @@ absl::StatusOr<DevicePool> DevicePool::Parse(const std::string& spec, int cpu_sl
     for (absl::string_view part : absl::StrSplit(spec, ',')) {
       std::vector<std::string> f = absl::StrSplit(part, ':');
       int a = 0, b = 0;
-      if (f.size() == 2 && f[0] == "cpu" && absl::SimpleAtoi(f[1], &a) && a > 0 && a <= 256) {
+      if (f.size() == 2 && f[0] == "cpu" && absl::SimpleAtoi(f[1], &a) &&
+          a > 0 && a <= 256) {
         pool.devices_.push_back(Cpu(a));
-      } else if (f.size() == 3 && f[0] == "cuda" && absl::SimpleAtoi(f[1], &a) && a >= 0 &&
+      } else if (f.size() == 3 && f[0] == "cuda" &&
+                 absl::SimpleAtoi(f[1], &a) && a >= 0 &&
                  absl::SimpleAtoi(f[2], &b) && b > 0 && b <= 64) {
         pool.devices_.push_back(Cuda(a, b));
       } else {
-        return BadSpec(spec, absl::StrCat("\"", part, "\" is not cpu:SLOTS or cuda:INDEX:SLOTS"));
+        return BadSpec(spec,
+                       absl::StrCat("\"", part,
+                                    "\" is not cpu:SLOTS or cuda:INDEX:SLOTS"));
       }
     }
   }
@@ -124,7 +131,8 @@ std::optional<Slot> DevicePool::Acquire(v1::DeviceKind want) {
 }
 
 void DevicePool::Release(const Slot& slot) {
-  if (slot.device < 0 || slot.device >= static_cast<int>(devices_.size())) return;
+  if (slot.device < 0 || slot.device >= static_cast<int>(devices_.size()))
+    return;
   DeviceInfo& dev = devices_[slot.device];
   if (slot.index >= 0 && slot.index < dev.slots) dev.busy[slot.index] = false;
 }
@@ -143,14 +151,17 @@ int DevicePool::total_slots() const {
 
 int DevicePool::busy_slots() const {
   int n = 0;
-  for (const DeviceInfo& d : devices_) n += static_cast<int>(std::count(d.busy.begin(), d.busy.end(), true));
+  for (const DeviceInfo& d : devices_)
+    n += static_cast<int>(std::count(d.busy.begin(), d.busy.end(), true));
   return n;
 }
 
 std::string DevicePool::Describe() const {
-  return absl::StrJoin(devices_, ", ", [](std::string* out, const DeviceInfo& d) {
-    absl::StrAppend(out, d.name, " (", d.slots, d.slots == 1 ? " slot)" : " slots)");
-  });
+  return absl::StrJoin(devices_, ", ",
+                       [](std::string* out, const DeviceInfo& d) {
+                         absl::StrAppend(out, d.name, " (", d.slots,
+                                         d.slots == 1 ? " slot)" : " slots)");
+                       });
 }
 
 }  // namespace zeroq::server

@@ -25,26 +25,27 @@ namespace zeroq::server {
 namespace v1 = ::zeroq::v1;
 
 struct Slot {
-  int device = 0;            // index in DevicePool::devices()
-  int index = 0;             // slot on that device
-  std::string name;          // "cpu/0", "cuda:1/0"
-  std::string core_device;   // what the worker is told: "cpu" or "cuda"
+  int device = 0;           // index in DevicePool::devices()
+  int index = 0;            // slot on that device
+  std::string name;         // "cpu/0", "cuda:1/0"
+  std::string core_device;  // what the worker is told: "cpu" or "cuda"
   v1::DeviceKind kind = v1::DEVICE_CPU;
   // Restricts the worker to its device.
   std::vector<std::pair<std::string, std::string>> env;
 };
 
 struct DeviceInfo {
-  std::string name;          // "cpu", "cuda:0"
+  std::string name;  // "cpu", "cuda:0"
   v1::DeviceKind kind = v1::DEVICE_CPU;
   int cuda_index = -1;
   int slots = 0;
-  std::vector<bool> busy;    // per slot
+  std::vector<bool> busy;  // per slot
 };
 
 class DevicePool {
  public:
-  static absl::StatusOr<DevicePool> Parse(const std::string& spec, int cpu_slots = 1,
+  static absl::StatusOr<DevicePool> Parse(const std::string& spec,
+                                          int cpu_slots = 1,
                                           int cuda_slots = 1);
   // CUDA device indices present on this machine (from /dev/nvidiaN).
   static std::vector<int> FindCudaDevices();

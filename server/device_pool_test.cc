@@ -6,7 +6,8 @@ namespace zeroq::server {
 namespace {
 
 TEST(DevicePool, ParsesAListAndHandsOutEverySlotOnce) {
-  absl::StatusOr<DevicePool> pool = DevicePool::Parse("cuda:0:1,cuda:1:2,cpu:2");
+  absl::StatusOr<DevicePool> pool =
+      DevicePool::Parse("cuda:0:1,cuda:1:2,cpu:2");
   ASSERT_TRUE(pool.ok()) << pool.status();
   EXPECT_EQ(pool->total_slots(), 5);
   // ANY takes CUDA slots first, restricted to their device.
@@ -21,7 +22,8 @@ TEST(DevicePool, ParsesAListAndHandsOutEverySlotOnce) {
   ASSERT_TRUE(b && c);
   EXPECT_EQ(b->env[0].second, "1");
   EXPECT_FALSE(pool->Acquire(v1::DEVICE_CUDA));
-  std::optional<Slot> d = pool->Acquire(v1::DEVICE_ANY);  // falls back to the CPU
+  std::optional<Slot> d =
+      pool->Acquire(v1::DEVICE_ANY);  // falls back to the CPU
   ASSERT_TRUE(d);
   EXPECT_EQ(d->core_device, "cpu");
   EXPECT_EQ(d->env[0].second, "");  // the CPU worker sees no GPU
@@ -44,8 +46,11 @@ TEST(DevicePool, CpuOnly) {
 }
 
 TEST(DevicePool, RejectsBadSpecs) {
-  for (const char* spec : {"gpu:1", "cpu:0", "cpu", "cuda:0", "cuda:x:1", "cpu:1,cpu:2", "cpu:-1"}) {
-    EXPECT_EQ(DevicePool::Parse(spec).status().code(), absl::StatusCode::kInvalidArgument) << spec;
+  for (const char* spec : {"gpu:1", "cpu:0", "cpu", "cuda:0", "cuda:x:1",
+                           "cpu:1,cpu:2", "cpu:-1"}) {
+    EXPECT_EQ(DevicePool::Parse(spec).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << spec;
   }
 }
 
@@ -53,7 +58,8 @@ TEST(DevicePool, AutoAddsTheCpu) {
   absl::StatusOr<DevicePool> pool = DevicePool::Parse("auto", 2, 1);
   ASSERT_TRUE(pool.ok());
   EXPECT_TRUE(pool->Has(v1::DEVICE_CPU));
-  EXPECT_EQ(pool->total_slots(), 2 + static_cast<int>(DevicePool::FindCudaDevices().size()));
+  EXPECT_EQ(pool->total_slots(),
+            2 + static_cast<int>(DevicePool::FindCudaDevices().size()));
 }
 
 }  // namespace

@@ -21,15 +21,18 @@ void EventLog::Append(const std::vector<v1::JobEvent>& events, bool terminal) {
   }
 }
 
-EventLog::Read EventLog::ReadAfter(int64_t after_seq, int max, std::vector<v1::JobEvent>* out,
-                                   const std::shared_ptr<EventListener>& listener) {
+EventLog::Read EventLog::ReadAfter(
+    int64_t after_seq, int max, std::vector<v1::JobEvent>* out,
+    const std::shared_ptr<EventListener>& listener) {
   absl::MutexLock lock(&mu_);
   // Seqs are dense from 1, but a log rebuilt from the store may start later;
   // find the first event after after_seq by seq, not by index.
-  auto it = std::upper_bound(events_.begin(), events_.end(), after_seq,
-                             [](int64_t s, const v1::JobEvent& e) { return s < e.seq(); });
+  auto it = std::upper_bound(
+      events_.begin(), events_.end(), after_seq,
+      [](int64_t s, const v1::JobEvent& e) { return s < e.seq(); });
   if (it != events_.end()) {
-    for (int n = 0; it != events_.end() && n < max; ++it, ++n) out->push_back(*it);
+    for (int n = 0; it != events_.end() && n < max; ++it, ++n)
+      out->push_back(*it);
     return Read::kEvents;
   }
   if (terminal_) return Read::kDone;

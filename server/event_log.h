@@ -56,7 +56,8 @@ class EventLog {
 
  private:
   mutable absl::Mutex mu_;
-  std::vector<v1::JobEvent> events_ ABSL_GUARDED_BY(mu_);  // events_[i].seq == i + 1
+  std::vector<v1::JobEvent> events_
+      ABSL_GUARDED_BY(mu_);  // events_[i].seq == i + 1
   bool terminal_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::weak_ptr<EventListener>> waiting_ ABSL_GUARDED_BY(mu_);
 };

@@ -8,11 +8,13 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/match.h"
 #include "common/status_macros.h"
+#include "server/scheduler.h"
 #include "server/sha256.h"
 #include "server/validation.h"
 
@@ -46,11 +48,13 @@ std::string RandomHex(int digits) {
   absl::MutexLock lock(&mu);
   if (rng == nullptr) {
     std::random_device rd;
-    rng = new std::mt19937_64((static_cast<uint64_t>(rd()) << 32) ^ rd() ^
-                              static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
+    rng = new std::mt19937_64(
+        (static_cast<uint64_t>(rd()) << 32) ^ rd() ^
+        static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
   }
   std::string out;
-  while (static_cast<int>(out.size()) < digits) absl::StrAppend(&out, absl::Hex((*rng)(), absl::kZeroPad16));
+  while (static_cast<int>(out.size()) < digits)
+    absl::StrAppend(&out, absl::Hex((*rng)(), absl::kZeroPad16));
   out.resize(digits);
   return out;
 }
@@ -59,10 +63,14 @@ std::string RandomHex(int digits) {
 // and the input shape, so an identical upload finds the existing record.
 std::string ModelId(const std::string& tenant, const std::string& sha256,
                     const google::protobuf::RepeatedField<int64_t>& shape) {
-  return "m-" + Sha256Hex(absl::StrCat(tenant, "\n", sha256, "\n", absl::StrJoin(shape, ","))).substr(0, 20);
+  return "m-" + Sha256Hex(absl::StrCat(tenant, "\n", sha256, "\n",
+                                       absl::StrJoin(shape, ",")))
+                    .substr(0, 20);
 }
 
-const char* StateName(v1::JobState s) { return v1::JobState_Name(s).c_str() + 4; }  // drop "JOB_"
+const char* StateName(v1::JobState s) {
+  return v1::JobState_Name(s).c_str() + 4;
+}  // drop "JOB_"
 
 v1::JobEvent StateEvent(const v1::Job& job, const std::string& message) {
   v1::JobEvent e;
@@ -75,28 +83,38 @@ v1::JobEvent StateEvent(const v1::Job& job, const std::string& message) {
 }
 
 bool IsTerminal(v1::JobState s) {
-  return s == v1::JOB_SUCCEEDED || s == v1::JOB_FAILED || s == v1::JOB_CANCELLED;
+  return s == v1::JOB_SUCCEEDED || s == v1::JOB_FAILED ||
+         s == v1::JOB_CANCELLED;
 }
 
 void Log(absl::string_view line) { std::cerr << line << std::endl; }
 
 }  // namespace
 
-JobManager::JobManager(ManagerOptions options, JobStore* store, BlobStore* blobs, DevicePool pool)
-    : options_(std::move(options)), store_(store), blobs_(blobs), pool_(std::move(pool)) {}
+JobManager::JobManager(ManagerOptions options, JobStore* store,
+                       BlobStore* blobs, DevicePool pool)
+    : options_(std::move(options)),
+      store_(store),
+      blobs_(blobs),
+      pool_(std::move(pool)) {}
 
-absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(ManagerOptions options,
-                                                               JobStore* store,
-                                                               BlobStore* blobs,
-                                                               DevicePool pool) {
-  if (options.data_dir.empty()) return absl::InvalidArgumentError("ManagerOptions.data_dir is required");
-  if (options.worker_path.empty() || access(options.worker_path.c_str(), X_OK) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the worker executable \"", options.worker_path, "\" is missing or not executable"));
+absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(
+    ManagerOptions options, JobStore* store, BlobStore* blobs,
+    DevicePool pool) {
+  if (options.data_dir.empty())
+    return absl::InvalidArgumentError("ManagerOptions.data_dir is required");
+  if (options.worker_path.empty() ||
+      access(options.worker_path.c_str(), X_OK) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the worker executable \"", options.worker_path,
+                     "\" is missing or not executable"));
   }
-  if (options.cpu_threads_per_job < 1) return absl::InvalidArgumentError("cpu_threads_per_job must be >= 1");
-  if (options.max_attempts < 1) return absl::InvalidArgumentError("max_attempts must be >= 1");
-  return std::unique_ptr<JobManager>(new JobManager(std::move(options), store, blobs, std::move(pool)));
+  if (options.cpu_threads_per_job < 1)
+    return absl::InvalidArgumentError("cpu_threads_per_job must be >= 1");
+  if (options.max_attempts < 1)
+    return absl::InvalidArgumentError("max_attempts must be >= 1");
+  return std::unique_ptr<JobManager>(
+      new JobManager(std::move(options), store, blobs, std::move(pool)));
 }
 
 JobManager::~JobManager() { Stop(absl::ZeroDuration()); }
@@ -109,40 +127,52 @@ std::string JobManager::JobDir(const std::string& job_id) const {
 
 absl::Status JobManager::Start() {
   ZQ_ASSIGN_OR_RETURN(int temporaries, blobs_->RemoveTemporaries());
-  if (temporaries > 0) Log(absl::StrCat("removed ", temporaries, " partial uploads"));
+  if (temporaries > 0)
+    Log(absl::StrCat("removed ", temporaries, " partial uploads"));
   // Everything under jobs/ is a previous run's unfinished work: artifacts are
   // only ever read from the blob store.
   std::error_code ec;
   fs::remove_all(fs::path(options_.data_dir) / "jobs", ec);
   fs::create_directories(fs::path(options_.data_dir) / "jobs", ec);
-  if (ec) return absl::InternalError(absl::StrCat("creating ", options_.data_dir, "/jobs: ", ec.message()));
+  if (ec)
+    return absl::InternalError(
+        absl::StrCat("creating ", options_.data_dir, "/jobs: ", ec.message()));
 
   ZQ_ASSIGN_OR_RETURN(std::vector<v1::Job> jobs,
                       store_->JobsInStates({v1::JOB_QUEUED, v1::JOB_RUNNING}));
-  ZQ_ASSIGN_OR_RETURN(std::vector<v1::Model> inspecting, store_->ModelsInState(v1::MODEL_INSPECTING));
+  ZQ_ASSIGN_OR_RETURN(std::vector<v1::Model> inspecting,
+                      store_->ModelsInState(v1::MODEL_INSPECTING));
   absl::MutexLock lock(&mu_);
-  if (started_) return absl::FailedPreconditionError("JobManager::Start called twice");
+  if (started_)
+    return absl::FailedPreconditionError("JobManager::Start called twice");
   started_ = true;
   for (v1::Job& job : jobs) {
-    ZQ_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events, store_->ListEvents(job.id(), 0));
+    ZQ_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
+                        store_->ListEvents(job.id(), 0));
     auto rt = std::make_shared<JobRuntime>();
     rt->log = std::make_shared<EventLog>(std::move(events), false);
     rt->job = std::move(job);
     active_[rt->job.id()] = rt;
     if (rt->job.state() == v1::JOB_RUNNING) {
       if (rt->job.attempts() >= options_.max_attempts) {
-        FinishLocked(rt, v1::JOB_FAILED,
-                     absl::AbortedError(absl::StrCat(
-                         "the job's worker was interrupted ", rt->job.attempts(),
-                         " times by server restarts (max_attempts ", options_.max_attempts, ")")));
+        FinishLocked(
+            rt, v1::JOB_FAILED,
+            absl::AbortedError(absl::StrCat(
+                "the job's worker was interrupted ", rt->job.attempts(),
+                " times by server restarts (max_attempts ",
+                options_.max_attempts, ")")));
         continue;
       }
       rt->job.set_state(v1::JOB_QUEUED);
       rt->job.clear_device();
-      AppendLocked(*rt, {StateEvent(rt->job, absl::StrCat(
-                             "re-queued after a server restart (attempt ", rt->job.attempts(),
-                             " of ", options_.max_attempts, " was interrupted)"))},
-                   false);
+      AppendLocked(
+          *rt,
+          {StateEvent(
+              rt->job,
+              absl::StrCat("re-queued after a server restart (attempt ",
+                           rt->job.attempts(), " of ", options_.max_attempts,
+                           " was interrupted)"))},
+          false);
       Log(absl::StrCat("job ", rt->job.id(), ": re-queued after restart"));
     } else if (rt->job.last_seq() == 0) {
       AppendLocked(*rt, {StateEvent(rt->job, "queued")}, false);
@@ -183,7 +213,8 @@ void JobManager::Stop(absl::Duration grace) {
     auto all_exited = [this, &idle]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return idle() && inspections_.empty();
     };
-    mu_.AwaitWithTimeout(absl::Condition(&all_exited), options_.kill_grace + absl::Seconds(10));
+    mu_.AwaitWithTimeout(absl::Condition(&all_exited),
+                         options_.kill_grace + absl::Seconds(10));
     reap.swap(finished_workers_);
   }
   reap.clear();
@@ -210,16 +241,17 @@ void JobManager::SchedulerLoop() {
     {
       absl::MutexLock lock(&mu_);
       if (!stopping_) {
-        // Jobs: highest priority first; among equals the tenant with the
-        // fewest running jobs (fair share), then the oldest.
+        // Jobs in DispatchOrder (scheduler.h), each offered a slot of its kind.
         while (!queue_.empty()) {
-          std::vector<std::shared_ptr<JobRuntime>> order = queue_;
-          std::sort(order.begin(), order.end(), [this](const auto& a, const auto& b) {
-            if (a->job.priority() != b->job.priority()) return a->job.priority() > b->job.priority();
-            int ra = running_per_tenant_[a->job.tenant()], rb = running_per_tenant_[b->job.tenant()];
-            if (ra != rb) return ra < rb;
-            return a->queue_order < b->queue_order;
-          });
+          std::vector<QueuedJob> queued;
+          queued.reserve(queue_.size());
+          for (const auto& rt : queue_) {
+            queued.push_back(
+                {rt->job.priority(), rt->job.tenant(), rt->queue_order});
+          }
+          std::vector<std::shared_ptr<JobRuntime>> order;
+          for (size_t i : DispatchOrder(queued, running_per_tenant_))
+            order.push_back(queue_[i]);
           std::shared_ptr<JobRuntime> picked;
           std::optional<Slot> slot;
           for (const auto& rt : order) {
@@ -232,10 +264,12 @@ void JobManager::SchedulerLoop() {
           if (!picked) break;
           queue_.erase(std::find(queue_.begin(), queue_.end(), picked));
           StartJobLocked(picked, *slot);
-          if (picked->job.state() != v1::JOB_RUNNING) continue;  // failed to prepare
+          if (picked->job.state() != v1::JOB_RUNNING)
+            continue;  // failed to prepare
           PendingStart s;
           s.id = picked->job.id();
-          absl::StatusOr<v1::RunRequest> run = BuildRunRequest(picked->job, *slot);
+          absl::StatusOr<v1::RunRequest> run =
+              BuildRunRequest(picked->job, *slot);
           if (!run.ok()) {
             pool_.Release(*slot);
             running_per_tenant_[picked->job.tenant()]--;
@@ -246,15 +280,17 @@ void JobManager::SchedulerLoop() {
           s.launch.worker_path = options_.worker_path;
           s.launch.work_dir = JobDir(s.id);
           s.launch.env = slot->env;
-          s.launch.time_limit = picked->job.time_limit_seconds() > 0
-                                    ? absl::Seconds(picked->job.time_limit_seconds())
-                                    : options_.default_time_limit;
+          s.launch.time_limit =
+              picked->job.time_limit_seconds() > 0
+                  ? absl::Seconds(picked->job.time_limit_seconds())
+                  : options_.default_time_limit;
           s.launch.kill_grace = options_.kill_grace;
           starts.push_back(std::move(s));
         }
         // Inspections run beside jobs, on the CPU with one thread: loading a
         // model and one forward is small next to a job.
-        while (static_cast<int>(inspections_.size()) < options_.max_concurrent_inspections &&
+        while (static_cast<int>(inspections_.size()) <
+                   options_.max_concurrent_inspections &&
                !pending_inspections_.empty()) {
           std::string id = pending_inspections_.front();
           pending_inspections_.pop_front();
@@ -293,10 +329,13 @@ void JobManager::SchedulerLoop() {
       if (s.inspection) {
         worker = WorkerProcess::Start(
             std::move(s.launch), [](const v1::JobEvent&) {},
-            [this, id](WorkerOutcome o) { OnInspectionExit(id, std::move(o)); });
+            [this, id](WorkerOutcome o) {
+              OnInspectionExit(id, std::move(o));
+            });
       } else {
         worker = WorkerProcess::Start(
-            std::move(s.launch), [this, id](const v1::JobEvent& e) { OnWorkerEvent(id, e); },
+            std::move(s.launch),
+            [this, id](const v1::JobEvent& e) { OnWorkerEvent(id, e); },
             [this, id](WorkerOutcome o) { OnWorkerExit(id, std::move(o)); });
       }
       absl::MutexLock lock(&mu_);
@@ -307,7 +346,8 @@ void JobManager::SchedulerLoop() {
           absl::StatusOr<v1::Model> model = store_->GetModel(id);
           if (model.ok()) {
             model->set_state(v1::MODEL_INVALID);
-            model->set_state_reason(absl::StrCat("could not start the worker: ", worker.status().message()));
+            model->set_state_reason(absl::StrCat("could not start the worker: ",
+                                                 worker.status().message()));
             (void)store_->PutModel(*model);
           }
         } else if (it != inspections_.end()) {
@@ -318,14 +358,16 @@ void JobManager::SchedulerLoop() {
         continue;
       }
       auto it = active_.find(id);
-      std::shared_ptr<JobRuntime> rt = it == active_.end() ? nullptr : it->second;
+      std::shared_ptr<JobRuntime> rt =
+          it == active_.end() ? nullptr : it->second;
       if (!worker.ok()) {
         if (rt && rt->job.state() == v1::JOB_RUNNING && !rt->exited) {
           pool_.Release(*rt->slot);
           running_per_tenant_[rt->job.tenant()]--;
-          FinishLocked(rt, v1::JOB_FAILED,
-                       absl::InternalError(absl::StrCat("could not start the worker: ",
-                                                        worker.status().message())));
+          FinishLocked(
+              rt, v1::JOB_FAILED,
+              absl::InternalError(absl::StrCat("could not start the worker: ",
+                                               worker.status().message())));
         }
         continue;
       }
@@ -339,7 +381,8 @@ void JobManager::SchedulerLoop() {
   }
 }
 
-void JobManager::StartJobLocked(const std::shared_ptr<JobRuntime>& rt, Slot slot) {
+void JobManager::StartJobLocked(const std::shared_ptr<JobRuntime>& rt,
+                                Slot slot) {
   v1::Job& job = rt->job;
   job.set_state(v1::JOB_RUNNING);
   job.set_attempts(job.attempts() + 1);
@@ -356,25 +399,30 @@ void JobManager::StartJobLocked(const std::shared_ptr<JobRuntime>& rt, Slot slot
   std::error_code ec;
   fs::remove_all(dir, ec);  // a previous attempt's partial artifacts
   fs::create_directories(fs::path(dir) / "out", ec);
-  AppendLocked(*rt, {StateEvent(job, absl::StrCat("running on ", slot.name, " (attempt ",
-                                                  job.attempts(), ")"))},
-               false);
+  AppendLocked(
+      *rt,
+      {StateEvent(job, absl::StrCat("running on ", slot.name, " (attempt ",
+                                    job.attempts(), ")"))},
+      false);
   if (ec) {
     pool_.Release(slot);
     running_per_tenant_[job.tenant()]--;
     FinishLocked(rt, v1::JOB_FAILED,
-                 absl::InternalError(absl::StrCat("creating ", dir, ": ", ec.message())));
+                 absl::InternalError(
+                     absl::StrCat("creating ", dir, ": ", ec.message())));
   }
 }
 
-absl::StatusOr<v1::RunRequest> JobManager::BuildRunRequest(const v1::Job& job, const Slot& slot) {
+absl::StatusOr<v1::RunRequest> JobManager::BuildRunRequest(const v1::Job& job,
+                                                           const Slot& slot) {
   ZQ_ASSIGN_OR_RETURN(v1::Model model, store_->GetModel(job.model_id()));
   v1::RunRequest run;
   run.set_model_path(blobs_->Path(model.sha256()));
   *run.mutable_input_shape() = model.input_shape();
   *run.mutable_config() = job.config();
   run.set_output_dir((fs::path(JobDir(job.id())) / "out").string());
-  run.set_threads(job.config().has_threads() ? job.config().threads() : options_.cpu_threads_per_job);
+  run.set_threads(job.config().has_threads() ? job.config().threads()
+                                             : options_.cpu_threads_per_job);
   run.set_device(slot.core_device);
   const std::string& from = job.config().sensitivity_from_job();
   if (!from.empty()) {
@@ -382,12 +430,14 @@ absl::StatusOr<v1::RunRequest> JobManager::BuildRunRequest(const v1::Job& job, c
     for (const v1::Artifact& a : source.result().artifacts()) {
       if (a.name() == "report.json") {
         run.set_sensitivity_report_path(blobs_->Path(a.sha256()));
-      } else if (absl::EndsWith(a.name(), ".pt") && a.name() != "model.zeroq.pt") {
+      } else if (absl::EndsWith(a.name(), ".pt") &&
+                 a.name() != "model.zeroq.pt") {
         run.set_calibration_data_path(blobs_->Path(a.sha256()));
       }
     }
     if (run.sensitivity_report_path().empty()) {
-      return absl::FailedPreconditionError(absl::StrCat("job ", from, " has no report.json"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", from, " has no report.json"));
     }
   }
   return run;
@@ -395,7 +445,8 @@ absl::StatusOr<v1::RunRequest> JobManager::BuildRunRequest(const v1::Job& job, c
 
 // ---------------------------------------------------------------- workers
 
-void JobManager::OnWorkerEvent(const std::string& job_id, const v1::JobEvent& event) {
+void JobManager::OnWorkerEvent(const std::string& job_id,
+                               const v1::JobEvent& event) {
   absl::MutexLock lock(&mu_);
   auto it = active_.find(job_id);
   if (it == active_.end() || it->second->job.state() != v1::JOB_RUNNING) return;
@@ -414,17 +465,19 @@ void JobManager::OnWorkerEvent(const std::string& job_id, const v1::JobEvent& ev
   AppendLocked(rt, {event}, false);
 }
 
-void JobManager::OnWorkerExit(const std::string& job_id, WorkerOutcome outcome) {
+void JobManager::OnWorkerExit(const std::string& job_id,
+                              WorkerOutcome outcome) {
   // Artifacts go into the blob store before the lock is taken: hashing and
   // copying a model takes a moment.
   absl::Status store_status;
   if (outcome.kind == WorkerOutcome::Kind::kSucceeded && outcome.result) {
     fs::path out = fs::path(JobDir(job_id)) / "out";
     for (v1::Artifact& a : *outcome.result->mutable_artifacts()) {
-      absl::StatusOr<BlobInfo> info = blobs_->PutFile((out / a.name()).string());
+      absl::StatusOr<BlobInfo> info =
+          blobs_->PutFile((out / a.name()).string());
       if (!info.ok()) {
-        store_status = absl::InternalError(absl::StrCat("storing artifact ", a.name(), ": ",
-                                                        info.status().message()));
+        store_status = absl::InternalError(absl::StrCat(
+            "storing artifact ", a.name(), ": ", info.status().message()));
         break;
       }
       a.set_sha256(info->sha256);
@@ -451,44 +504,57 @@ void JobManager::OnWorkerExit(const std::string& job_id, WorkerOutcome outcome) 
     rt->job.set_state(v1::JOB_QUEUED);
     rt->job.set_attempts(std::max(0, rt->job.attempts() - 1));
     rt->job.clear_device();
-    AppendLocked(*rt, {StateEvent(rt->job, "stopped by server shutdown; re-queued")}, false);
+    AppendLocked(*rt,
+                 {StateEvent(rt->job, "stopped by server shutdown; re-queued")},
+                 false);
     return;
   }
   switch (outcome.kind) {
     case Kind::kSucceeded:
       if (!store_status.ok() || !outcome.result) {
         FinishLocked(rt, v1::JOB_FAILED,
-                     store_status.ok() ? absl::InternalError("the worker reported no result")
-                                       : store_status);
+                     store_status.ok()
+                         ? absl::InternalError("the worker reported no result")
+                         : store_status);
         return;
       }
       *rt->job.mutable_result() = *std::move(outcome.result);
       FinishLocked(rt, v1::JOB_SUCCEEDED, absl::OkStatus());
       return;
     case Kind::kFailed:
-      if (rt->cancel_requested && outcome.error.code() == static_cast<int>(absl::StatusCode::kCancelled)) {
-        FinishLocked(rt, v1::JOB_CANCELLED, absl::CancelledError("cancelled by the client"));
+      if (rt->cancel_requested &&
+          outcome.error.code() ==
+              static_cast<int>(absl::StatusCode::kCancelled)) {
+        FinishLocked(rt, v1::JOB_CANCELLED,
+                     absl::CancelledError("cancelled by the client"));
         return;
       }
-      FinishLocked(rt, v1::JOB_FAILED,
-                   absl::Status(static_cast<absl::StatusCode>(outcome.error.code()),
-                                outcome.error.message()));
+      FinishLocked(
+          rt, v1::JOB_FAILED,
+          absl::Status(static_cast<absl::StatusCode>(outcome.error.code()),
+                       outcome.error.message()));
       return;
     case Kind::kCancelled:
-      FinishLocked(rt, v1::JOB_CANCELLED, absl::CancelledError("cancelled by the client"));
+      FinishLocked(rt, v1::JOB_CANCELLED,
+                   absl::CancelledError("cancelled by the client"));
       return;
     case Kind::kTimedOut:
-      FinishLocked(rt, v1::JOB_FAILED,
-                   absl::DeadlineExceededError(absl::StrCat(
-                       "the job ran past its time limit of ",
-                       absl::FormatDuration(absl::Seconds(rt->job.time_limit_seconds() > 0
-                                                              ? rt->job.time_limit_seconds()
-                                                              : absl::ToDoubleSeconds(options_.default_time_limit))),
-                       " and was stopped; submit it with a larger time_limit_seconds")));
+      FinishLocked(
+          rt, v1::JOB_FAILED,
+          absl::DeadlineExceededError(absl::StrCat(
+              "the job ran past its time limit of ",
+              absl::FormatDuration(absl::Seconds(
+                  rt->job.time_limit_seconds() > 0
+                      ? rt->job.time_limit_seconds()
+                      : absl::ToDoubleSeconds(options_.default_time_limit))),
+              " and was stopped; submit it with a larger time_limit_seconds")));
       return;
     case Kind::kCrashed: {
-      std::string message = outcome.error.message().empty() ? "the worker crashed" : outcome.error.message();
-      if (!outcome.log_tail.empty() && !absl::StrContains(message, outcome.log_tail)) {
+      std::string message = outcome.error.message().empty()
+                                ? "the worker crashed"
+                                : outcome.error.message();
+      if (!outcome.log_tail.empty() &&
+          !absl::StrContains(message, outcome.log_tail)) {
         absl::StrAppend(&message, "; worker log ends with: ", outcome.log_tail);
       }
       FinishLocked(rt, v1::JOB_FAILED, absl::InternalError(message));
@@ -497,7 +563,8 @@ void JobManager::OnWorkerExit(const std::string& job_id, WorkerOutcome outcome) 
   }
 }
 
-void JobManager::OnInspectionExit(const std::string& model_id, WorkerOutcome outcome) {
+void JobManager::OnInspectionExit(const std::string& model_id,
+                                  WorkerOutcome outcome) {
   absl::MutexLock lock(&mu_);
   auto it = inspections_.find(model_id);
   if (it != inspections_.end()) {
@@ -508,7 +575,8 @@ void JobManager::OnInspectionExit(const std::string& model_id, WorkerOutcome out
   std::error_code ec;
   fs::remove_all(JobDir("inspect-" + model_id), ec);
   using Kind = WorkerOutcome::Kind;
-  if (stopping_ && outcome.kind == Kind::kCancelled) return;  // inspected again at the next start
+  if (stopping_ && outcome.kind == Kind::kCancelled)
+    return;  // inspected again at the next start
   absl::StatusOr<v1::Model> model = store_->GetModel(model_id);
   if (!model.ok()) return;
   if (outcome.kind == Kind::kSucceeded && outcome.inspection) {
@@ -519,26 +587,33 @@ void JobManager::OnInspectionExit(const std::string& model_id, WorkerOutcome out
     model->set_state(v1::MODEL_INVALID);
     switch (outcome.kind) {
       case Kind::kTimedOut:
-        model->set_state_reason(absl::StrCat("inspecting the model took longer than ",
-                                             absl::FormatDuration(options_.inspect_time_limit)));
+        model->set_state_reason(
+            absl::StrCat("inspecting the model took longer than ",
+                         absl::FormatDuration(options_.inspect_time_limit)));
         break;
       case Kind::kCrashed:
-        model->set_state_reason(absl::StrCat("the model crashed the worker: ", outcome.error.message()));
+        model->set_state_reason(absl::StrCat("the model crashed the worker: ",
+                                             outcome.error.message()));
         break;
       default:
-        model->set_state_reason(outcome.error.message().empty() ? "inspection failed"
-                                                                : outcome.error.message());
+        model->set_state_reason(outcome.error.message().empty()
+                                    ? "inspection failed"
+                                    : outcome.error.message());
     }
   }
   absl::Status s = store_->PutModel(*model);
-  if (!s.ok()) Log(absl::StrCat("model ", model_id, ": storing inspection: ", s.ToString()));
-  Log(absl::StrCat("model ", model_id, ": ", v1::ModelState_Name(model->state()), " ",
+  if (!s.ok())
+    Log(absl::StrCat("model ", model_id,
+                     ": storing inspection: ", s.ToString()));
+  Log(absl::StrCat("model ", model_id, ": ",
+                   v1::ModelState_Name(model->state()), " ",
                    model->state_reason()));
 }
 
 // ---------------------------------------------------------------- events
 
-void JobManager::AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events, bool terminal) {
+void JobManager::AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events,
+                              bool terminal) {
   int64_t seq = rt.job.last_seq();
   for (v1::JobEvent& e : events) {
     e.set_seq(++seq);
@@ -546,12 +621,13 @@ void JobManager::AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events, 
   }
   rt.job.set_last_seq(seq);
   absl::Status s = store_->UpdateJob(rt.job, events);
-  if (!s.ok()) Log(absl::StrCat("job ", rt.job.id(), ": storing events: ", s.ToString()));
+  if (!s.ok())
+    Log(absl::StrCat("job ", rt.job.id(), ": storing events: ", s.ToString()));
   rt.log->Append(events, terminal);
 }
 
-void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt, v1::JobState state,
-                              absl::Status error) {
+void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt,
+                              v1::JobState state, absl::Status error) {
   v1::Job& job = rt->job;
   job.set_state(state);
   SetNow(job.mutable_end_time());
@@ -559,7 +635,7 @@ void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt, v1::JobStat
     job.mutable_error()->set_code(static_cast<int>(error.code()));
     job.mutable_error()->set_message(std::string(error.message()));
   }
-  std::string message = StateName(state);
+  std::string message = absl::AsciiStrToLower(StateName(state));
   if (!error.ok()) absl::StrAppend(&message, ": ", error.message());
   AppendLocked(*rt, {StateEvent(job, message)}, true);
   Log(absl::StrCat("job ", job.id(), ": ", message));
@@ -570,21 +646,26 @@ void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt, v1::JobStat
 
 // ---------------------------------------------------------------- models
 
-absl::StatusOr<v1::Model> JobManager::RegisterModel(const std::string& tenant,
-                                                    const v1::ModelMetadata& metadata,
-                                                    const BlobInfo& blob) {
+absl::StatusOr<v1::Model> JobManager::RegisterModel(
+    const std::string& tenant, const v1::ModelMetadata& metadata,
+    const BlobInfo& blob) {
   std::string id = ModelId(tenant, blob.sha256, metadata.input_shape());
   absl::MutexLock lock(&mu_);
-  if (stopping_) return absl::UnavailableError("the server is shutting down; upload again later");
+  if (stopping_)
+    return absl::UnavailableError(
+        "the server is shutting down; upload again later");
   if (!blobs_->Exists(blob.sha256)) {
-    return absl::AbortedError("the uploaded bytes were removed by a concurrent DeleteModel; upload again");
+    return absl::AbortedError(
+        "the uploaded bytes were removed by a concurrent DeleteModel; upload "
+        "again");
   }
   absl::StatusOr<v1::Model> existing = store_->GetModel(id);
   if (existing.ok()) {
     existing->set_deduplicated(true);
     return existing;
   }
-  if (existing.status().code() != absl::StatusCode::kNotFound) return existing.status();
+  if (existing.status().code() != absl::StatusCode::kNotFound)
+    return existing.status();
   v1::Model model;
   model.set_id(id);
   model.set_tenant(tenant);
@@ -600,7 +681,8 @@ absl::StatusOr<v1::Model> JobManager::RegisterModel(const std::string& tenant,
   return model;
 }
 
-absl::StatusOr<v1::Model> JobManager::GetModel(const std::string& tenant, const std::string& id) {
+absl::StatusOr<v1::Model> JobManager::GetModel(const std::string& tenant,
+                                               const std::string& id) {
   absl::StatusOr<v1::Model> model = store_->GetModel(id);
   if ((!model.ok() && model.status().code() == absl::StatusCode::kNotFound) ||
       (model.ok() && model->tenant() != tenant)) {
@@ -609,26 +691,30 @@ absl::StatusOr<v1::Model> JobManager::GetModel(const std::string& tenant, const 
   return model;
 }
 
-absl::StatusOr<Page<v1::Model>> JobManager::ListModels(const std::string& tenant, int page_size,
-                                                       const std::string& page_token) {
+absl::StatusOr<Page<v1::Model>> JobManager::ListModels(
+    const std::string& tenant, int page_size, const std::string& page_token) {
   ZQ_ASSIGN_OR_RETURN(int size, NormalizePageSize(page_size));
   return store_->ListModels(tenant, size, page_token);
 }
 
-absl::Status JobManager::DeleteModel(const std::string& tenant, const std::string& id) {
+absl::Status JobManager::DeleteModel(const std::string& tenant,
+                                     const std::string& id) {
   absl::MutexLock lock(&mu_);
   ZQ_ASSIGN_OR_RETURN(v1::Model model, GetModel(tenant, id));
   if (model.state() == v1::MODEL_INSPECTING) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "model ", id, " is being inspected; delete it once it is READY or INVALID"));
+        "model ", id,
+        " is being inspected; delete it once it is READY or INVALID"));
   }
   ZQ_ASSIGN_OR_RETURN(int64_t active, store_->CountActiveJobsForModel(id));
   if (active > 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        active, " queued or running job(s) use model ", id, "; cancel them or wait for them to finish"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(active, " queued or running job(s) use model ", id,
+                     "; cancel them or wait for them to finish"));
   }
   ZQ_RETURN_IF_ERROR(store_->DeleteModel(id));
-  ZQ_ASSIGN_OR_RETURN(int64_t users, store_->CountModelsWithSha(model.sha256()));
+  ZQ_ASSIGN_OR_RETURN(int64_t users,
+                      store_->CountModelsWithSha(model.sha256()));
   if (users == 0) ZQ_RETURN_IF_ERROR(blobs_->Delete(model.sha256()));
   return absl::OkStatus();
 }
@@ -643,17 +729,20 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
     case v1::MODEL_READY:
       break;
     case v1::MODEL_INVALID:
-      return absl::FailedPreconditionError(absl::StrCat(
-          "model ", model.id(), " is INVALID (", model.state_reason(), "); upload a working model"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("model ", model.id(), " is INVALID (",
+                       model.state_reason(), "); upload a working model"));
     default:
       return absl::FailedPreconditionError(absl::StrCat(
-          "model ", model.id(), " is still being inspected; submit once GetModel shows READY"));
+          "model ", model.id(),
+          " is still being inspected; submit once GetModel shows READY"));
   }
   ZQ_RETURN_IF_ERROR(ValidateConfigForModel(r.config(), model));
   if (model.summary().bn_layers().empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "model ", model.id(),
-        " has no BatchNorm layers: ZeroQ distills its calibration data from BatchNorm "
+        " has no BatchNorm layers: ZeroQ distills its calibration data from "
+        "BatchNorm "
         "statistics, so it cannot quantize this model without data"));
   }
   const std::string& from = r.config().sensitivity_from_job();
@@ -661,17 +750,18 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
     absl::StatusOr<v1::Job> source = GetJob(tenant, from);
     if (!source.ok()) {
       return absl::Status(source.status().code(),
-                          absl::StrCat("config.sensitivity_from_job: ", source.status().message()));
+                          absl::StrCat("config.sensitivity_from_job: ",
+                                       source.status().message()));
     }
     if (source->model_id() != r.model_id()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "config.sensitivity_from_job: job ", from, " ran on model ", source->model_id(),
-          ", not ", r.model_id()));
+          "config.sensitivity_from_job: job ", from, " ran on model ",
+          source->model_id(), ", not ", r.model_id()));
     }
     if (source->state() != v1::JOB_SUCCEEDED) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "config.sensitivity_from_job: job ", from, " is ", StateName(source->state()),
-          "; re-planning needs a SUCCEEDED job"));
+          "config.sensitivity_from_job: job ", from, " is ",
+          StateName(source->state()), "; re-planning needs a SUCCEEDED job"));
     }
     bool has_table = !source->result().layers().empty() &&
                      !source->result().layers(0).sensitivity().empty();
@@ -694,11 +784,13 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
   SetNow(job.mutable_create_time());
 
   absl::MutexLock lock(&mu_);
-  if (stopping_) return absl::UnavailableError("the server is shutting down; submit again later");
+  if (stopping_)
+    return absl::UnavailableError(
+        "the server is shutting down; submit again later");
   if (!pool_.Has(r.device())) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "device: this server has no ", v1::DeviceKind_Name(r.device()), " devices (it has ",
-        pool_.Describe(), ")"));
+        "device: this server has no ", v1::DeviceKind_Name(r.device()),
+        " devices (it has ", pool_.Describe(), ")"));
   }
   ZQ_ASSIGN_OR_RETURN(CreateJobResult created, store_->CreateJob(job));
   if (!created.created) {
@@ -714,7 +806,8 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
   return rt->job;
 }
 
-absl::StatusOr<v1::Job> JobManager::GetJob(const std::string& tenant, const std::string& id) {
+absl::StatusOr<v1::Job> JobManager::GetJob(const std::string& tenant,
+                                           const std::string& id) {
   {
     absl::MutexLock lock(&mu_);
     auto it = active_.find(id);
@@ -733,12 +826,13 @@ absl::StatusOr<v1::Job> JobManager::GetJob(const std::string& tenant, const std:
   return job;
 }
 
-absl::StatusOr<Page<v1::Job>> JobManager::ListJobs(const std::string& tenant, v1::JobState state,
-                                                   const std::string& model_id, int page_size,
-                                                   const std::string& page_token) {
+absl::StatusOr<Page<v1::Job>> JobManager::ListJobs(
+    const std::string& tenant, v1::JobState state, const std::string& model_id,
+    int page_size, const std::string& page_token) {
   ZQ_ASSIGN_OR_RETURN(int size, NormalizePageSize(page_size));
   if (!v1::JobState_IsValid(state)) {
-    return absl::InvalidArgumentError(absl::StrCat("state: ", state, " is not a JobState"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("state: ", state, " is not a JobState"));
   }
   JobFilter filter;
   filter.tenant = tenant;
@@ -747,15 +841,17 @@ absl::StatusOr<Page<v1::Job>> JobManager::ListJobs(const std::string& tenant, v1
   return store_->ListJobs(filter, size, page_token);
 }
 
-absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& tenant, const std::string& id) {
+absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& tenant,
+                                              const std::string& id) {
   {
     absl::MutexLock lock(&mu_);
     auto it = active_.find(id);
     if (it != active_.end() && it->second->job.tenant() == tenant) {
       std::shared_ptr<JobRuntime> rt = it->second;
       if (rt->job.state() == v1::JOB_QUEUED) {
-        FinishLocked(rt, v1::JOB_CANCELLED,
-                     absl::CancelledError("cancelled by the client before it started"));
+        FinishLocked(
+            rt, v1::JOB_CANCELLED,
+            absl::CancelledError("cancelled by the client before it started"));
         return rt->job;
       }
       if (!rt->cancel_requested) {
@@ -773,12 +869,13 @@ absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& tenant, const s
   return GetJob(tenant, id);
 }
 
-absl::StatusOr<std::shared_ptr<EventLog>> JobManager::Watch(const std::string& tenant,
-                                                            const std::string& id) {
+absl::StatusOr<std::shared_ptr<EventLog>> JobManager::Watch(
+    const std::string& tenant, const std::string& id) {
   {
     absl::MutexLock lock(&mu_);
     auto it = active_.find(id);
-    if (it != active_.end() && it->second->job.tenant() == tenant) return it->second->log;
+    if (it != active_.end() && it->second->job.tenant() == tenant)
+      return it->second->log;
   }
   ZQ_ASSIGN_OR_RETURN(v1::Job job, GetJob(tenant, id));
   if (!IsTerminal(job.state())) {
@@ -786,7 +883,8 @@ absl::StatusOr<std::shared_ptr<EventLog>> JobManager::Watch(const std::string& t
     // and the store has everything.
     ZQ_ASSIGN_OR_RETURN(job, store_->GetJob(id));
   }
-  ZQ_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events, store_->ListEvents(id, 0));
+  ZQ_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
+                      store_->ListEvents(id, 0));
   return std::make_shared<EventLog>(std::move(events), IsTerminal(job.state()));
 }
 
@@ -795,8 +893,9 @@ absl::StatusOr<ArtifactRef> JobManager::GetArtifact(const std::string& tenant,
                                                     const std::string& name) {
   ZQ_ASSIGN_OR_RETURN(v1::Job job, GetJob(tenant, job_id));
   if (job.state() != v1::JOB_SUCCEEDED) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job ", job_id, " is ", StateName(job.state()), "; artifacts exist once it has SUCCEEDED"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job_id, " is ", StateName(job.state()),
+                     "; artifacts exist once it has SUCCEEDED"));
   }
   std::vector<std::string> names;
   for (const v1::Artifact& a : job.result().artifacts()) {
@@ -809,8 +908,9 @@ absl::StatusOr<ArtifactRef> JobManager::GetArtifact(const std::string& tenant,
     }
     names.push_back(a.name());
   }
-  return absl::NotFoundError(absl::StrCat("job ", job_id, " has no artifact \"", name,
-                                          "\"; it has: ", absl::StrJoin(names, ", ")));
+  return absl::NotFoundError(
+      absl::StrCat("job ", job_id, " has no artifact \"", name,
+                   "\"; it has: ", absl::StrJoin(names, ", ")));
 }
 
 JobManager::Stats JobManager::GetStats() {
@@ -819,7 +919,8 @@ JobManager::Stats JobManager::GetStats() {
   for (const auto& [id, rt] : active_) {
     (rt->job.state() == v1::JOB_RUNNING ? s.running : s.queued)++;
   }
-  s.inspecting = static_cast<int>(inspections_.size() + pending_inspections_.size());
+  s.inspecting =
+      static_cast<int>(inspections_.size() + pending_inspections_.size());
   s.busy_slots = pool_.busy_slots();
   s.total_slots = pool_.total_slots();
   return s;

@@ -1,11 +1,12 @@
 // job_manager.h: the service's state: models and their inspection, the job
 // queue and scheduler, the device pool, running workers and job events.
 //
-//   ZQ_ASSIGN_OR_RETURN(auto manager, JobManager::Create(options, store, blobs, pool));
-//   ZQ_RETURN_IF_ERROR(manager->Start());        // recovery, then scheduling
-//   ZQ_ASSIGN_OR_RETURN(v1::Job job, manager->SubmitJob("default", request));
-//   ZQ_ASSIGN_OR_RETURN(auto log, manager->Watch("default", job.id()));
-//   manager->Stop(absl::Seconds(10));            // running jobs re-queued
+//   ZQ_ASSIGN_OR_RETURN(auto manager, JobManager::Create(options, store, blobs,
+//   pool)); ZQ_RETURN_IF_ERROR(manager->Start());        // recovery, then
+//   scheduling ZQ_ASSIGN_OR_RETURN(v1::Job job, manager->SubmitJob("default",
+//   request)); ZQ_ASSIGN_OR_RETURN(auto log, manager->Watch("default",
+//   job.id())); manager->Stop(absl::Seconds(10));            // running jobs
+//   re-queued
 //
 // Lifecycle of a job: SubmitJob validates and stores it QUEUED (it is durable
 // before SubmitJob returns) -> the scheduler picks it (priority, then the
@@ -47,13 +48,13 @@
 namespace zeroq::server {
 
 struct ManagerOptions {
-  std::string data_dir;                  // required; job folders go in data_dir/jobs
-  std::string worker_path;               // required; the zeroq-worker executable
-  int cpu_threads_per_job = 1;           // intra-op threads when a job sets none
+  std::string data_dir;         // required; job folders go in data_dir/jobs
+  std::string worker_path;      // required; the zeroq-worker executable
+  int cpu_threads_per_job = 1;  // intra-op threads when a job sets none
   absl::Duration default_time_limit = absl::Hours(4);
   absl::Duration inspect_time_limit = absl::Minutes(5);
   absl::Duration kill_grace = absl::Seconds(1);  // SIGTERM -> SIGKILL
-  int max_attempts = 3;                  // worker starts per job, restarts included
+  int max_attempts = 3;  // worker starts per job, restarts included
   int max_concurrent_inspections = 2;
   int64_t max_model_bytes = int64_t{2} << 30;
 };
@@ -68,10 +69,9 @@ struct ArtifactRef {
 class JobManager {
  public:
   // The stores must outlive the manager.
-  static absl::StatusOr<std::unique_ptr<JobManager>> Create(ManagerOptions options,
-                                                            JobStore* store,
-                                                            BlobStore* blobs,
-                                                            DevicePool pool);
+  static absl::StatusOr<std::unique_ptr<JobManager>> Create(
+      ManagerOptions options, JobStore* store, BlobStore* blobs,
+      DevicePool pool);
   ~JobManager();  // Stop(0) if still running.
 
   // Recovery, then the scheduler thread. REQUIRES: called once.
@@ -87,35 +87,44 @@ class JobManager {
   absl::StatusOr<v1::Model> RegisterModel(const std::string& tenant,
                                           const v1::ModelMetadata& metadata,
                                           const BlobInfo& blob);
-  absl::StatusOr<v1::Model> GetModel(const std::string& tenant, const std::string& id);
-  absl::StatusOr<Page<v1::Model>> ListModels(const std::string& tenant, int page_size,
+  absl::StatusOr<v1::Model> GetModel(const std::string& tenant,
+                                     const std::string& id);
+  absl::StatusOr<Page<v1::Model>> ListModels(const std::string& tenant,
+                                             int page_size,
                                              const std::string& page_token);
   // FAILED_PRECONDITION while it is inspected or a queued/running job uses it.
   absl::Status DeleteModel(const std::string& tenant, const std::string& id);
 
   // ---- jobs
-  absl::StatusOr<v1::Job> SubmitJob(const std::string& tenant, const v1::SubmitJobRequest& r);
-  absl::StatusOr<v1::Job> GetJob(const std::string& tenant, const std::string& id);
-  absl::StatusOr<Page<v1::Job>> ListJobs(const std::string& tenant, v1::JobState state,
-                                         const std::string& model_id, int page_size,
+  absl::StatusOr<v1::Job> SubmitJob(const std::string& tenant,
+                                    const v1::SubmitJobRequest& r);
+  absl::StatusOr<v1::Job> GetJob(const std::string& tenant,
+                                 const std::string& id);
+  absl::StatusOr<Page<v1::Job>> ListJobs(const std::string& tenant,
+                                         v1::JobState state,
+                                         const std::string& model_id,
+                                         int page_size,
                                          const std::string& page_token);
   // A queued job is CANCELLED at once; a running one is stopped and becomes
   // CANCELLED when its worker has exited (within kill_grace and a moment);
   // a finished job is returned unchanged.
-  absl::StatusOr<v1::Job> CancelJob(const std::string& tenant, const std::string& id);
+  absl::StatusOr<v1::Job> CancelJob(const std::string& tenant,
+                                    const std::string& id);
   // The job's event history, live while it runs.
   absl::StatusOr<std::shared_ptr<EventLog>> Watch(const std::string& tenant,
                                                   const std::string& id);
   // FAILED_PRECONDITION unless the job SUCCEEDED; NOT_FOUND for an unknown
   // artifact name (the message lists the job's artifacts).
-  absl::StatusOr<ArtifactRef> GetArtifact(const std::string& tenant, const std::string& job_id,
+  absl::StatusOr<ArtifactRef> GetArtifact(const std::string& tenant,
+                                          const std::string& job_id,
                                           const std::string& name);
 
   const ManagerOptions& options() const { return options_; }
   BlobStore* blobs() { return blobs_; }
 
   struct Stats {
-    int queued = 0, running = 0, inspecting = 0, busy_slots = 0, total_slots = 0;
+    int queued = 0, running = 0, inspecting = 0, busy_slots = 0,
+        total_slots = 0;
   };
   Stats GetStats();
 
@@ -123,7 +132,8 @@ class JobManager {
   struct JobRuntime;
   struct Inspection;
 
-  JobManager(ManagerOptions options, JobStore* store, BlobStore* blobs, DevicePool pool);
+  JobManager(ManagerOptions options, JobStore* store, BlobStore* blobs,
+             DevicePool pool);
 
   void SchedulerLoop();
   // Picks and starts at most one queued job; false when nothing could start.
@@ -133,16 +143,18 @@ class JobManager {
   void OnWorkerEvent(const std::string& job_id, const v1::JobEvent& event);
   void OnWorkerExit(const std::string& job_id, WorkerOutcome outcome);
   // Stores the job with `events` (numbered here) and shows them to watchers.
-  void AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events, bool terminal)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events,
+                    bool terminal) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FinishLocked(const std::shared_ptr<JobRuntime>& rt, v1::JobState state,
                     absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void EnqueueLocked(std::shared_ptr<JobRuntime> rt) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EnqueueLocked(std::shared_ptr<JobRuntime> rt)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   void MaybeStartInspectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnInspectionExit(const std::string& model_id, WorkerOutcome outcome);
 
-  absl::StatusOr<v1::RunRequest> BuildRunRequest(const v1::Job& job, const Slot& slot);
+  absl::StatusOr<v1::RunRequest> BuildRunRequest(const v1::Job& job,
+                                                 const Slot& slot);
   std::string JobDir(const std::string& job_id) const;
 
   const ManagerOptions options_;
@@ -153,14 +165,17 @@ class JobManager {
   absl::CondVar wake_scheduler_;
   DevicePool pool_ ABSL_GUARDED_BY(mu_);
   // QUEUED and RUNNING jobs.
-  absl::flat_hash_map<std::string, std::shared_ptr<JobRuntime>> active_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::shared_ptr<JobRuntime>> active_
+      ABSL_GUARDED_BY(mu_);
   std::vector<std::shared_ptr<JobRuntime>> queue_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, int> running_per_tenant_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int> running_per_tenant_
+      ABSL_GUARDED_BY(mu_);
   std::deque<std::string> pending_inspections_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<WorkerProcess>> inspections_
       ABSL_GUARDED_BY(mu_);
   // Workers whose on_exit ran; joined by the scheduler thread.
-  std::vector<std::unique_ptr<WorkerProcess>> finished_workers_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<WorkerProcess>> finished_workers_
+      ABSL_GUARDED_BY(mu_);
   int64_t next_queue_order_ ABSL_GUARDED_BY(mu_) = 0;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -4,7 +4,8 @@
 // whole, with the fields the server queries by (tenant, state, model, request
 // id, creation order) kept beside them as columns.
 //
-//   ZQ_ASSIGN_OR_RETURN(auto store, SqliteJobStore::Open("/var/lib/zeroq/zeroq.db"));
+//   ZQ_ASSIGN_OR_RETURN(auto store,
+//   SqliteJobStore::Open("/var/lib/zeroq/zeroq.db"));
 //   ZQ_ASSIGN_OR_RETURN(CreateJobResult r, store->CreateJob(job));
 //   if (!r.created) { /* a retry: r.job is the first call's job */ }
 //   ZQ_RETURN_IF_ERROR(store->UpdateJob(job, {event1, event2}));
@@ -40,9 +41,9 @@ struct CreateJobResult {
 };
 
 struct JobFilter {
-  std::string tenant;                      // required
+  std::string tenant;                              // required
   v1::JobState state = v1::JOB_STATE_UNSPECIFIED;  // unspecified: any
-  std::string model_id;                    // empty: any
+  std::string model_id;                            // empty: any
 };
 
 class JobStore {
@@ -55,15 +56,17 @@ class JobStore {
   // NOT_FOUND when there is no such id.
   virtual absl::StatusOr<v1::Model> GetModel(const std::string& id) = 0;
   // Newest first. INVALID_ARGUMENT for a malformed page token.
-  virtual absl::StatusOr<Page<v1::Model>> ListModels(const std::string& tenant,
-                                                     int page_size,
-                                                     const std::string& page_token) = 0;
+  virtual absl::StatusOr<Page<v1::Model>> ListModels(
+      const std::string& tenant, int page_size,
+      const std::string& page_token) = 0;
   // Every tenant's models in `state`, oldest first (recovery at start).
-  virtual absl::StatusOr<std::vector<v1::Model>> ModelsInState(v1::ModelState state) = 0;
+  virtual absl::StatusOr<std::vector<v1::Model>> ModelsInState(
+      v1::ModelState state) = 0;
   // NOT_FOUND when absent.
   virtual absl::Status DeleteModel(const std::string& id) = 0;
   // How many model records (any tenant) point at this blob.
-  virtual absl::StatusOr<int64_t> CountModelsWithSha(const std::string& sha256) = 0;
+  virtual absl::StatusOr<int64_t> CountModelsWithSha(
+      const std::string& sha256) = 0;
 
   // ---- jobs
   // Inserts a new job, unless job.request_id is not empty and the tenant
@@ -71,24 +74,25 @@ class JobStore {
   virtual absl::StatusOr<CreateJobResult> CreateJob(const v1::Job& job) = 0;
   // Replaces the job record (by id) and appends `events` in one transaction.
   // NOT_FOUND for an unknown id; ALREADY_EXISTS for an event seq the job has.
-  virtual absl::Status UpdateJob(const v1::Job& job,
-                                 const std::vector<v1::JobEvent>& events = {}) = 0;
+  virtual absl::Status UpdateJob(
+      const v1::Job& job, const std::vector<v1::JobEvent>& events = {}) = 0;
   virtual absl::StatusOr<v1::Job> GetJob(const std::string& id) = 0;
   // Newest first.
-  virtual absl::StatusOr<Page<v1::Job>> ListJobs(const JobFilter& filter, int page_size,
-                                                 const std::string& page_token) = 0;
+  virtual absl::StatusOr<Page<v1::Job>> ListJobs(
+      const JobFilter& filter, int page_size,
+      const std::string& page_token) = 0;
   // Every tenant's jobs in any of `states`, oldest first (recovery at start).
   virtual absl::StatusOr<std::vector<v1::Job>> JobsInStates(
       const std::vector<v1::JobState>& states) = 0;
   // Jobs of the model that are QUEUED or RUNNING.
-  virtual absl::StatusOr<int64_t> CountActiveJobsForModel(const std::string& model_id) = 0;
+  virtual absl::StatusOr<int64_t> CountActiveJobsForModel(
+      const std::string& model_id) = 0;
 
   // ---- events
   // Events of a job with seq > after_seq, in seq order, at most `limit`
   // (<= 0: all).
-  virtual absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(const std::string& job_id,
-                                                               int64_t after_seq,
-                                                               int limit = 0) = 0;
+  virtual absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(
+      const std::string& job_id, int64_t after_seq, int limit = 0) = 0;
 };
 
 // SQLite in WAL mode (synchronous=NORMAL: a commit survives a process crash;
@@ -99,26 +103,33 @@ class SqliteJobStore : public JobStore {
  public:
   static constexpr int kSchemaVersion = 1;
   // Creates the file (and the schema) when absent.
-  static absl::StatusOr<std::unique_ptr<SqliteJobStore>> Open(const std::string& path);
+  static absl::StatusOr<std::unique_ptr<SqliteJobStore>> Open(
+      const std::string& path);
   ~SqliteJobStore() override;
 
   absl::Status PutModel(const v1::Model& model) override;
   absl::StatusOr<v1::Model> GetModel(const std::string& id) override;
-  absl::StatusOr<Page<v1::Model>> ListModels(const std::string& tenant, int page_size,
-                                             const std::string& page_token) override;
-  absl::StatusOr<std::vector<v1::Model>> ModelsInState(v1::ModelState state) override;
+  absl::StatusOr<Page<v1::Model>> ListModels(
+      const std::string& tenant, int page_size,
+      const std::string& page_token) override;
+  absl::StatusOr<std::vector<v1::Model>> ModelsInState(
+      v1::ModelState state) override;
   absl::Status DeleteModel(const std::string& id) override;
-  absl::StatusOr<int64_t> CountModelsWithSha(const std::string& sha256) override;
+  absl::StatusOr<int64_t> CountModelsWithSha(
+      const std::string& sha256) override;
   absl::StatusOr<CreateJobResult> CreateJob(const v1::Job& job) override;
-  absl::Status UpdateJob(const v1::Job& job, const std::vector<v1::JobEvent>& events) override;
+  absl::Status UpdateJob(const v1::Job& job,
+                         const std::vector<v1::JobEvent>& events) override;
   absl::StatusOr<v1::Job> GetJob(const std::string& id) override;
-  absl::StatusOr<Page<v1::Job>> ListJobs(const JobFilter& filter, int page_size,
-                                         const std::string& page_token) override;
+  absl::StatusOr<Page<v1::Job>> ListJobs(
+      const JobFilter& filter, int page_size,
+      const std::string& page_token) override;
   absl::StatusOr<std::vector<v1::Job>> JobsInStates(
       const std::vector<v1::JobState>& states) override;
-  absl::StatusOr<int64_t> CountActiveJobsForModel(const std::string& model_id) override;
-  absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(const std::string& job_id,
-                                                       int64_t after_seq, int limit) override;
+  absl::StatusOr<int64_t> CountActiveJobsForModel(
+      const std::string& model_id) override;
+  absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(
+      const std::string& job_id, int64_t after_seq, int limit) override;
 
   int schema_version() const;
 

@@ -17,7 +17,8 @@
 namespace zeroq::server {
 namespace {
 
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* context, const absl::Status& s) {
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* context,
+                               const absl::Status& s) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
@@ -31,7 +32,8 @@ class RejectedWrite : public grpc::ServerWriteReactor<Request> {
 };
 
 grpc::Status Unavailable() {
-  return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down; retry shortly");
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                      "the server is shutting down; retry shortly");
 }
 
 // ---------------------------------------------------------------- upload
@@ -62,33 +64,44 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadModelRequest> {
  private:
   absl::Status Consume() {
     if (request_.has_metadata()) {
-      if (writer_) return absl::InvalidArgumentError("metadata: sent twice; send it once, first");
-      ZQ_RETURN_IF_ERROR(ValidateModelMetadata(request_.metadata(), manager_->options().max_model_bytes));
+      if (writer_)
+        return absl::InvalidArgumentError(
+            "metadata: sent twice; send it once, first");
+      ZQ_RETURN_IF_ERROR(ValidateModelMetadata(
+          request_.metadata(), manager_->options().max_model_bytes));
       metadata_ = request_.metadata();
       ZQ_ASSIGN_OR_RETURN(writer_, manager_->blobs()->NewWriter());
       return absl::OkStatus();
     }
     if (!writer_) {
-      return absl::InvalidArgumentError("the first message must carry metadata (name, input shape, size, sha256)");
+      return absl::InvalidArgumentError(
+          "the first message must carry metadata (name, input shape, size, "
+          "sha256)");
     }
     const std::string& chunk = request_.chunk();
     if (chunk.empty() || static_cast<int64_t>(chunk.size()) > kMaxChunkBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "chunk: ", chunk.size(), " bytes; chunks hold 1 to ", kMaxChunkBytes, " bytes"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("chunk: ", chunk.size(), " bytes; chunks hold 1 to ",
+                       kMaxChunkBytes, " bytes"));
     }
-    if (writer_->bytes_written() + static_cast<int64_t>(chunk.size()) > metadata_.size_bytes()) {
-      return absl::DataLossError(absl::StrCat(
-          "received more than the ", metadata_.size_bytes(), " bytes announced in metadata.size_bytes"));
+    if (writer_->bytes_written() + static_cast<int64_t>(chunk.size()) >
+        metadata_.size_bytes()) {
+      return absl::DataLossError(
+          absl::StrCat("received more than the ", metadata_.size_bytes(),
+                       " bytes announced in metadata.size_bytes"));
     }
     return writer_->Append(chunk);
   }
 
   absl::Status Complete() {
     if (!writer_) {
-      return absl::InvalidArgumentError("no metadata received: send metadata, then the model in chunks");
+      return absl::InvalidArgumentError(
+          "no metadata received: send metadata, then the model in chunks");
     }
-    ZQ_ASSIGN_OR_RETURN(BlobInfo blob, writer_->Commit(metadata_.size_bytes(), metadata_.sha256()));
-    ZQ_ASSIGN_OR_RETURN(*response_, manager_->RegisterModel(tenant_, metadata_, blob));
+    ZQ_ASSIGN_OR_RETURN(BlobInfo blob, writer_->Commit(metadata_.size_bytes(),
+                                                       metadata_.sha256()));
+    ZQ_ASSIGN_OR_RETURN(*response_,
+                        manager_->RegisterModel(tenant_, metadata_, blob));
     return absl::OkStatus();
   }
 
@@ -108,8 +121,10 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::ArtifactChunk> {
       : ref_(std::move(ref)), offset_(offset), chunk_bytes_(chunk_bytes) {
     fd_ = open(ref_.path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) {
-      Finish(grpc::Status(grpc::StatusCode::DATA_LOSS,
-                          absl::StrCat("the artifact's stored bytes are missing (", ref_.path, ")")));
+      Finish(
+          grpc::Status(grpc::StatusCode::DATA_LOSS,
+                       absl::StrCat("the artifact's stored bytes are missing (",
+                                    ref_.path, ")")));
       return;
     }
     Next();
@@ -147,7 +162,8 @@ class DownloadReactor : public grpc::ServerWriteReactor<v1::ArtifactChunk> {
       ssize_t r = pread(fd_, data->data() + got, n - got, offset_ + got);
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) {
-        Finish(grpc::Status(grpc::StatusCode::DATA_LOSS, "reading the stored artifact failed"));
+        Finish(grpc::Status(grpc::StatusCode::DATA_LOSS,
+                            "reading the stored artifact failed"));
         return;
       }
       got += r;
@@ -195,14 +211,18 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>,
       absl::MutexLock lock(&mu_);
       writing_ = false;
       last_write_ = absl::Now();
-      if (!ok) finish_with_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+      if (!ok)
+        finish_with_ =
+            grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
     }
     Pump();
   }
   void OnCancel() override {
     {
       absl::MutexLock lock(&mu_);
-      if (!finish_with_) finish_with_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+      if (!finish_with_)
+        finish_with_ = grpc::Status(grpc::StatusCode::CANCELLED,
+                                    "cancelled by the client");
     }
     Pump();
   }
@@ -246,7 +266,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>,
           std::vector<v1::JobEvent> batch;
           switch (log_->ReadAfter(cursor_, 64, &batch, shared_from_this())) {
             case EventLog::Read::kEvents:
-              buffer_.insert(buffer_.end(), std::make_move_iterator(batch.begin()),
+              buffer_.insert(buffer_.end(),
+                             std::make_move_iterator(batch.begin()),
                              std::make_move_iterator(batch.end()));
               break;
             case EventLog::Read::kDone:
@@ -270,7 +291,8 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>,
           out_.set_seq(cursor_);
           int64_t nanos = absl::ToUnixNanos(absl::Now());
           out_.mutable_time()->set_seconds(nanos / 1000000000);
-          out_.mutable_time()->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+          out_.mutable_time()->set_nanos(
+              static_cast<int32_t>(nanos % 1000000000));
           action = kWrite;
         }
       }
@@ -330,15 +352,17 @@ int ZeroQService::open_watches() {
 void ZeroQService::HeartbeatLoop() {
   absl::MutexLock lock(&mu_);
   while (!shutdown_) {
-    heartbeat_wake_.WaitWithTimeout(&mu_, std::min(options_.heartbeat_interval / 4, absl::Seconds(1)));
+    heartbeat_wake_.WaitWithTimeout(
+        &mu_, std::min(options_.heartbeat_interval / 4, absl::Seconds(1)));
     if (shutdown_) break;
     std::vector<std::shared_ptr<WatchReactor>> live;
     live.reserve(watches_.size());
-    auto end = std::remove_if(watches_.begin(), watches_.end(), [&](const auto& w) {
-      auto r = w.lock();
-      if (r) live.push_back(std::move(r));
-      return r == nullptr;
-    });
+    auto end =
+        std::remove_if(watches_.begin(), watches_.end(), [&](const auto& w) {
+          auto r = w.lock();
+          if (r) live.push_back(std::move(r));
+          return r == nullptr;
+        });
     watches_.erase(end, watches_.end());
     mu_.Unlock();
     absl::Time now = absl::Now();
@@ -348,7 +372,9 @@ void ZeroQService::HeartbeatLoop() {
   }
 }
 
-std::string ZeroQService::TenantOf(grpc::CallbackServerContext*) { return "default"; }
+std::string ZeroQService::TenantOf(grpc::CallbackServerContext*) {
+  return "default";
+}
 
 grpc::ServerReadReactor<v1::UploadModelRequest>* ZeroQService::UploadModel(
     grpc::CallbackServerContext* context, v1::Model* response) {
@@ -366,19 +392,20 @@ grpc::ServerReadReactor<v1::UploadModelRequest>* ZeroQService::UploadModel(
   return new UploadReactor(manager_, TenantOf(context), response);
 }
 
-grpc::ServerUnaryReactor* ZeroQService::GetModel(grpc::CallbackServerContext* context,
-                                                 const v1::GetModelRequest* request,
-                                                 v1::Model* response) {
-  absl::StatusOr<v1::Model> m = manager_->GetModel(TenantOf(context), request->model_id());
+grpc::ServerUnaryReactor* ZeroQService::GetModel(
+    grpc::CallbackServerContext* context, const v1::GetModelRequest* request,
+    v1::Model* response) {
+  absl::StatusOr<v1::Model> m =
+      manager_->GetModel(TenantOf(context), request->model_id());
   if (m.ok()) *response = *std::move(m);
   return Done(context, m.status());
 }
 
-grpc::ServerUnaryReactor* ZeroQService::ListModels(grpc::CallbackServerContext* context,
-                                                   const v1::ListModelsRequest* request,
-                                                   v1::ListModelsResponse* response) {
-  absl::StatusOr<Page<v1::Model>> page =
-      manager_->ListModels(TenantOf(context), request->page_size(), request->page_token());
+grpc::ServerUnaryReactor* ZeroQService::ListModels(
+    grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
+    v1::ListModelsResponse* response) {
+  absl::StatusOr<Page<v1::Model>> page = manager_->ListModels(
+      TenantOf(context), request->page_size(), request->page_token());
   if (page.ok()) {
     for (v1::Model& m : page->items) *response->add_models() = std::move(m);
     response->set_next_page_token(page->next_page_token);
@@ -386,33 +413,37 @@ grpc::ServerUnaryReactor* ZeroQService::ListModels(grpc::CallbackServerContext* 
   return Done(context, page.status());
 }
 
-grpc::ServerUnaryReactor* ZeroQService::DeleteModel(grpc::CallbackServerContext* context,
-                                                    const v1::DeleteModelRequest* request,
-                                                    v1::DeleteModelResponse*) {
-  return Done(context, manager_->DeleteModel(TenantOf(context), request->model_id()));
+grpc::ServerUnaryReactor* ZeroQService::DeleteModel(
+    grpc::CallbackServerContext* context, const v1::DeleteModelRequest* request,
+    v1::DeleteModelResponse*) {
+  return Done(context,
+              manager_->DeleteModel(TenantOf(context), request->model_id()));
 }
 
-grpc::ServerUnaryReactor* ZeroQService::SubmitJob(grpc::CallbackServerContext* context,
-                                                  const v1::SubmitJobRequest* request,
-                                                  v1::Job* response) {
-  absl::StatusOr<v1::Job> job = manager_->SubmitJob(TenantOf(context), *request);
+grpc::ServerUnaryReactor* ZeroQService::SubmitJob(
+    grpc::CallbackServerContext* context, const v1::SubmitJobRequest* request,
+    v1::Job* response) {
+  absl::StatusOr<v1::Job> job =
+      manager_->SubmitJob(TenantOf(context), *request);
   if (job.ok()) *response = *std::move(job);
   return Done(context, job.status());
 }
 
-grpc::ServerUnaryReactor* ZeroQService::GetJob(grpc::CallbackServerContext* context,
-                                               const v1::GetJobRequest* request, v1::Job* response) {
-  absl::StatusOr<v1::Job> job = manager_->GetJob(TenantOf(context), request->job_id());
+grpc::ServerUnaryReactor* ZeroQService::GetJob(
+    grpc::CallbackServerContext* context, const v1::GetJobRequest* request,
+    v1::Job* response) {
+  absl::StatusOr<v1::Job> job =
+      manager_->GetJob(TenantOf(context), request->job_id());
   if (job.ok()) *response = *std::move(job);
   return Done(context, job.status());
 }
 
-grpc::ServerUnaryReactor* ZeroQService::ListJobs(grpc::CallbackServerContext* context,
-                                                 const v1::ListJobsRequest* request,
-                                                 v1::ListJobsResponse* response) {
-  absl::StatusOr<Page<v1::Job>> page =
-      manager_->ListJobs(TenantOf(context), request->state(), request->model_id(),
-                         request->page_size(), request->page_token());
+grpc::ServerUnaryReactor* ZeroQService::ListJobs(
+    grpc::CallbackServerContext* context, const v1::ListJobsRequest* request,
+    v1::ListJobsResponse* response) {
+  absl::StatusOr<Page<v1::Job>> page = manager_->ListJobs(
+      TenantOf(context), request->state(), request->model_id(),
+      request->page_size(), request->page_token());
   if (page.ok()) {
     for (v1::Job& j : page->items) *response->add_jobs() = std::move(j);
     response->set_next_page_token(page->next_page_token);
@@ -420,10 +451,11 @@ grpc::ServerUnaryReactor* ZeroQService::ListJobs(grpc::CallbackServerContext* co
   return Done(context, page.status());
 }
 
-grpc::ServerUnaryReactor* ZeroQService::CancelJob(grpc::CallbackServerContext* context,
-                                                  const v1::CancelJobRequest* request,
-                                                  v1::Job* response) {
-  absl::StatusOr<v1::Job> job = manager_->CancelJob(TenantOf(context), request->job_id());
+grpc::ServerUnaryReactor* ZeroQService::CancelJob(
+    grpc::CallbackServerContext* context, const v1::CancelJobRequest* request,
+    v1::Job* response) {
+  absl::StatusOr<v1::Job> job =
+      manager_->CancelJob(TenantOf(context), request->job_id());
   if (job.ok()) *response = *std::move(job);
   return Done(context, job.status());
 }
@@ -431,13 +463,15 @@ grpc::ServerUnaryReactor* ZeroQService::CancelJob(grpc::CallbackServerContext* c
 grpc::ServerWriteReactor<v1::JobEvent>* ZeroQService::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
   if (request->after_seq() < 0) {
-    return new RejectedWrite<v1::JobEvent>(
-        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "after_seq: must be >= 0"));
+    return new RejectedWrite<v1::JobEvent>(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT, "after_seq: must be >= 0"));
   }
   absl::StatusOr<std::shared_ptr<EventLog>> log =
       manager_->Watch(TenantOf(context), request->job_id());
-  if (!log.ok()) return new RejectedWrite<v1::JobEvent>(ToGrpcStatus(log.status()));
-  auto reactor = std::make_shared<WatchReactor>(*std::move(log), request->after_seq());
+  if (!log.ok())
+    return new RejectedWrite<v1::JobEvent>(ToGrpcStatus(log.status()));
+  auto reactor =
+      std::make_shared<WatchReactor>(*std::move(log), request->after_seq());
   {
     absl::MutexLock lock(&mu_);
     if (shutdown_) return new RejectedWrite<v1::JobEvent>(Unavailable());
@@ -449,16 +483,20 @@ grpc::ServerWriteReactor<v1::JobEvent>* ZeroQService::WatchJob(
 }
 
 grpc::ServerWriteReactor<v1::ArtifactChunk>* ZeroQService::DownloadArtifact(
-    grpc::CallbackServerContext* context, const v1::DownloadArtifactRequest* request) {
-  absl::StatusOr<ArtifactRef> ref =
-      manager_->GetArtifact(TenantOf(context), request->job_id(), request->artifact());
-  if (!ref.ok()) return new RejectedWrite<v1::ArtifactChunk>(ToGrpcStatus(ref.status()));
+    grpc::CallbackServerContext* context,
+    const v1::DownloadArtifactRequest* request) {
+  absl::StatusOr<ArtifactRef> ref = manager_->GetArtifact(
+      TenantOf(context), request->job_id(), request->artifact());
+  if (!ref.ok())
+    return new RejectedWrite<v1::ArtifactChunk>(ToGrpcStatus(ref.status()));
   if (request->offset() < 0 || request->offset() > ref->size_bytes) {
-    return new RejectedWrite<v1::ArtifactChunk>(grpc::Status(
-        grpc::StatusCode::OUT_OF_RANGE,
-        absl::StrCat("offset: ", request->offset(), " is outside 0..", ref->size_bytes)));
+    return new RejectedWrite<v1::ArtifactChunk>(
+        grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
+                     absl::StrCat("offset: ", request->offset(),
+                                  " is outside 0..", ref->size_bytes)));
   }
-  return new DownloadReactor(*std::move(ref), request->offset(), options_.download_chunk_bytes);
+  return new DownloadReactor(*std::move(ref), request->offset(),
+                             options_.download_chunk_bytes);
 }
 
 }  // namespace zeroq::server

@@ -5,8 +5,6 @@
 //
 // A start of zeroq-worker costs about a second (loading LibTorch), so the
 // jobs here are tiny: fashion_cnn, a few distillation iterations, 1 thread.
-#include "server/worker_supervisor.h"
-
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -32,6 +30,7 @@
 #include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/worker_supervisor.h"
 
 namespace zeroq::server {
 namespace {
@@ -52,7 +51,8 @@ std::string ModelPath(const std::string& file) {
 class TempDir {
  public:
   TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "zeroq_supervisor_XXXXXX").string();
+    std::string tmpl =
+        (fs::temp_directory_path() / "zeroq_supervisor_XXXXXX").string();
     if (char* p = ::mkdtemp(tmpl.data())) path_ = p;
   }
   ~TempDir() {
@@ -69,19 +69,24 @@ class TempDir {
 
 std::string Kinds(Kind k) {
   switch (k) {
-    case Kind::kSucceeded: return "kSucceeded";
-    case Kind::kFailed: return "kFailed";
-    case Kind::kCancelled: return "kCancelled";
-    case Kind::kTimedOut: return "kTimedOut";
-    case Kind::kCrashed: return "kCrashed";
+    case Kind::kSucceeded:
+      return "kSucceeded";
+    case Kind::kFailed:
+      return "kFailed";
+    case Kind::kCancelled:
+      return "kCancelled";
+    case Kind::kTimedOut:
+      return "kTimedOut";
+    case Kind::kCrashed:
+      return "kCrashed";
   }
   return "?";
 }
 
 std::string Describe(const WorkerOutcome& o) {
-  return absl::StrCat(Kinds(o.kind), " code ", o.error.code(), ": ", o.error.message(),
-                      " (exit ", o.exit_code, ", signal ", o.term_signal,
-                      ")\nworker.log ends:\n", o.log_tail);
+  return absl::StrCat(Kinds(o.kind), " code ", o.error.code(), ": ",
+                      o.error.message(), " (exit ", o.exit_code, ", signal ",
+                      o.term_signal, ")\nworker.log ends:\n", o.log_tail);
 }
 
 // What one worker reported, gathered from its callbacks.
@@ -150,7 +155,8 @@ class Recorder {
   int exits_ = 0;
 };
 
-WorkerLaunch InspectLaunch(const std::string& work_dir, const std::string& model,
+WorkerLaunch InspectLaunch(const std::string& work_dir,
+                           const std::string& model,
                            std::vector<int64_t> shape) {
   WorkerLaunch launch;
   launch.worker_path = ZEROQ_WORKER;
@@ -162,7 +168,8 @@ WorkerLaunch InspectLaunch(const std::string& work_dir, const std::string& model
 }
 
 // fashion_cnn, W8A8, one thread; artifacts go to work_dir/out.
-WorkerLaunch RunLaunch(const std::string& work_dir, int iterations, int batch = 8) {
+WorkerLaunch RunLaunch(const std::string& work_dir, int iterations,
+                       int batch = 8) {
   WorkerLaunch launch;
   launch.worker_path = ZEROQ_WORKER;
   launch.work_dir = work_dir;
@@ -212,7 +219,8 @@ TEST(WorkerSupervisor, InspectsAModel) {
   ASSERT_EQ(o.kind, Kind::kSucceeded) << Describe(o);
   std::cout << "[ info     ] start + inspect fashion_cnn: "
             << absl::ToDoubleMilliseconds(o.elapsed) << " ms\n";
-  RecordProperty("inspect_ms", std::to_string(absl::ToDoubleMilliseconds(o.elapsed)));
+  RecordProperty("inspect_ms",
+                 std::to_string(absl::ToDoubleMilliseconds(o.elapsed)));
   EXPECT_EQ(o.exit_code, 0);
   EXPECT_EQ(o.term_signal, 0);
   EXPECT_FALSE(o.result.has_value());
@@ -246,8 +254,9 @@ TEST(WorkerSupervisor, InspectingRandomBytesFails) {
     for (int i = 0; i < 10000; ++i) out.put(static_cast<char>(gen()));
   }
   Recorder rec;
-  auto worker = WorkerProcess::Start(InspectLaunch(dir.path(), model, {1, 28, 28}),
-                                     rec.OnEvent(), rec.OnExit());
+  auto worker =
+      WorkerProcess::Start(InspectLaunch(dir.path(), model, {1, 28, 28}),
+                           rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   WorkerOutcome o = rec.Outcome();
   ASSERT_EQ(o.kind, Kind::kFailed) << Describe(o);
@@ -292,7 +301,7 @@ TEST(WorkerSupervisor, RunsASmallJob) {
       last_distill_step = e.step();
     }
   }
-  EXPECT_GE(distill, 2);   // at least the first and the last
+  EXPECT_GE(distill, 2);  // at least the first and the last
   EXPECT_LE(distill, 20);
   EXPECT_EQ(last_distill_step, 20);
 
@@ -313,39 +322,42 @@ TEST(WorkerSupervisor, RunsASmallJob) {
   EXPECT_GT(r.distill_initial_loss(), r.distill_final_loss());
   std::set<v1::Stage> stages;
   for (const v1::StageTime& t : r.stage_seconds()) stages.insert(t.stage());
-  EXPECT_THAT(stages, UnorderedElementsAre(v1::STAGE_INSPECT, v1::STAGE_DISTILL,
-                                           v1::STAGE_CALIBRATE, v1::STAGE_EXPORT));
+  EXPECT_THAT(stages,
+              UnorderedElementsAre(v1::STAGE_INSPECT, v1::STAGE_DISTILL,
+                                   v1::STAGE_CALIBRATE, v1::STAGE_EXPORT));
   std::vector<std::string> names;
   for (const v1::Artifact& a : r.artifacts()) {
     names.push_back(a.name());
     const std::string path = dir.path() + "/out/" + a.name();
     ASSERT_TRUE(fs::exists(path)) << path;
-    EXPECT_EQ(static_cast<int64_t>(fs::file_size(path)), a.size_bytes()) << a.name();
+    EXPECT_EQ(static_cast<int64_t>(fs::file_size(path)), a.size_bytes())
+        << a.name();
     EXPECT_GT(a.size_bytes(), 0);
     EXPECT_TRUE(a.sha256().empty());
   }
-  EXPECT_THAT(names, ElementsAre("model.zeroq.pt", "recipe.json", "distilled.pt",
-                                 "report.json"));
+  EXPECT_THAT(names, ElementsAre("model.zeroq.pt", "recipe.json",
+                                 "distilled.pt", "report.json"));
   EXPECT_THAT(o.log_tail, HasSubstr("DISTILL"));
 }
 
 TEST(WorkerSupervisor, CancelStopsTheWorkerQuickly) {
   TempDir dir;
   Recorder rec;
-  auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000), rec.OnEvent(),
-                                     rec.OnExit());
+  auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000),
+                                     rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   ASSERT_TRUE(rec.WaitForEvent(IsDistill)) << Describe(rec.Outcome());
 
   const absl::Time t0 = absl::Now();
   // Thread-safe and idempotent: several callers at once.
   std::vector<std::thread> cancellers;
-  for (int i = 0; i < 4; ++i) cancellers.emplace_back([&] { (*worker)->Cancel(); });
+  for (int i = 0; i < 4; ++i)
+    cancellers.emplace_back([&] { (*worker)->Cancel(); });
   for (std::thread& t : cancellers) t.join();
   WorkerOutcome o = rec.Outcome();
   const absl::Duration took = rec.exit_time() - t0;
-  std::cout << "[ info     ] Cancel() to on_exit: " << absl::ToDoubleMilliseconds(took)
-            << " ms\n";
+  std::cout << "[ info     ] Cancel() to on_exit: "
+            << absl::ToDoubleMilliseconds(took) << " ms\n";
   RecordProperty("cancel_ms", std::to_string(absl::ToDoubleMilliseconds(took)));
   ASSERT_EQ(o.kind, Kind::kCancelled) << Describe(o);
   EXPECT_LT(took, absl::Seconds(2));
@@ -377,8 +389,8 @@ TEST(WorkerSupervisor, TimeLimit) {
 TEST(WorkerSupervisor, KilledWorkerIsACrash) {
   TempDir dir;
   Recorder rec;
-  auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000), rec.OnEvent(),
-                                     rec.OnExit());
+  auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000),
+                                     rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   ASSERT_TRUE(rec.WaitForEvent(IsDistill)) << Describe(rec.Outcome());
   const pid_t pid = (*worker)->pid();
@@ -398,17 +410,21 @@ TEST(WorkerSupervisor, KilledWorkerIsACrash) {
 TEST(WorkerSupervisor, BadWorkerPathFailsToStart) {
   TempDir dir;
   Recorder rec;
-  WorkerLaunch launch = InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
+  WorkerLaunch launch =
+      InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
   launch.worker_path = dir.path() + "/no-such-worker";
   auto worker = WorkerProcess::Start(launch, rec.OnEvent(), rec.OnExit());
   ASSERT_FALSE(worker.ok());
   EXPECT_EQ(worker.status().code(), absl::StatusCode::kInternal);
-  EXPECT_THAT(std::string(worker.status().message()), HasSubstr("no-such-worker"));
-  EXPECT_THAT(std::string(worker.status().message()), HasSubstr("No such file"));
+  EXPECT_THAT(std::string(worker.status().message()),
+              HasSubstr("no-such-worker"));
+  EXPECT_THAT(std::string(worker.status().message()),
+              HasSubstr("No such file"));
   EXPECT_EQ(rec.exits(), 0);
 
   // A work_dir that does not exist: the request cannot be written.
-  launch = InspectLaunch(dir.path() + "/missing", ModelPath("fashion_cnn.pt"), {1, 28, 28});
+  launch = InspectLaunch(dir.path() + "/missing", ModelPath("fashion_cnn.pt"),
+                         {1, 28, 28});
   worker = WorkerProcess::Start(launch, rec.OnEvent(), rec.OnExit());
   ASSERT_FALSE(worker.ok());
   EXPECT_EQ(worker.status().code(), absl::StatusCode::kInternal);
@@ -418,8 +434,8 @@ TEST(WorkerSupervisor, BadWorkerPathFailsToStart) {
 TEST(WorkerSupervisor, DestructorCancelsAndWaits) {
   TempDir dir;
   Recorder rec;
-  auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000), rec.OnEvent(),
-                                     rec.OnExit());
+  auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000),
+                                     rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   ASSERT_TRUE(rec.WaitForEvent(IsDistill)) << Describe(rec.Outcome());
   const pid_t pid = (*worker)->pid();
@@ -464,11 +480,14 @@ TEST(WorkerSupervisor, CancelFromTheEventCallback) {
 TEST(WorkerSupervisor, ExitWithoutResultIsACrash) {
   TempDir dir;
   Recorder rec;
-  WorkerLaunch launch = InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
-  launch.worker_path = WriteScript(
-      dir.path(),
-      "echo \"args: $*\"\necho \"env: ZEROQ_TEST_ENV=$ZEROQ_TEST_ENV\"\nexit 3\n");
-  launch.env = {{"ZEROQ_TEST_ENV", "hello"}, {"PATH", getenv("PATH") ? getenv("PATH") : ""}};
+  WorkerLaunch launch =
+      InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
+  launch.worker_path =
+      WriteScript(dir.path(),
+                  "echo \"args: $*\"\necho \"env: "
+                  "ZEROQ_TEST_ENV=$ZEROQ_TEST_ENV\"\nexit 3\n");
+  launch.env = {{"ZEROQ_TEST_ENV", "hello"},
+                {"PATH", getenv("PATH") ? getenv("PATH") : ""}};
   auto worker = WorkerProcess::Start(launch, rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   WorkerOutcome o = rec.Outcome();
@@ -491,10 +510,11 @@ TEST(WorkerSupervisor, ExitWithoutResultIsACrash) {
 TEST(WorkerSupervisor, AbsurdMessageLengthIsACrash) {
   TempDir dir;
   Recorder rec;
-  WorkerLaunch launch = InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
+  WorkerLaunch launch =
+      InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
   // A length of 2^32 - 1, then silence: the supervisor must not wait for it.
-  launch.worker_path =
-      WriteScript(dir.path(), "printf '\\377\\377\\377\\377\\017' >&3\nexec sleep 30\n");
+  launch.worker_path = WriteScript(
+      dir.path(), "printf '\\377\\377\\377\\377\\017' >&3\nexec sleep 30\n");
   auto worker = WorkerProcess::Start(launch, rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   WorkerOutcome o = rec.Outcome(absl::Seconds(20));
@@ -508,8 +528,10 @@ TEST(WorkerSupervisor, LogIsAppended) {
   TempDir dir;
   std::ofstream(dir.path() + "/worker.log") << "earlier attempt\n";
   Recorder rec;
-  WorkerLaunch launch = InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
-  launch.worker_path = WriteScript(dir.path(), "echo second attempt >&2\nexit 0\n");
+  WorkerLaunch launch =
+      InspectLaunch(dir.path(), ModelPath("fashion_cnn.pt"), {1, 28, 28});
+  launch.worker_path =
+      WriteScript(dir.path(), "echo second attempt >&2\nexit 0\n");
   auto worker = WorkerProcess::Start(launch, rec.OnEvent(), rec.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   WorkerOutcome o = rec.Outcome();
@@ -524,7 +546,8 @@ bool Running(pid_t pid) {
   std::string stat;
   if (!std::getline(in, stat)) return false;
   const size_t paren = stat.rfind(')');
-  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] != 'Z';
+  return paren != std::string::npos && paren + 2 < stat.size() &&
+         stat[paren + 2] != 'Z';
 }
 
 // A server process that dies takes its workers with it (PR_SET_PDEATHSIG).
@@ -539,8 +562,8 @@ TEST(WorkerSupervisor, WorkerDiesWithTheServer) {
     // once the worker is distilling.
     ::close(fds[0]);
     Recorder rec;
-    auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000), rec.OnEvent(),
-                                       rec.OnExit());
+    auto worker = WorkerProcess::Start(RunLaunch(dir.path(), 100000),
+                                       rec.OnEvent(), rec.OnExit());
     pid_t pid = worker.ok() ? (*worker)->pid() : 0;
     if (pid > 0) rec.WaitForEvent(IsDistill);
     (void)!::write(fds[1], &pid, sizeof(pid));
@@ -548,7 +571,8 @@ TEST(WorkerSupervisor, WorkerDiesWithTheServer) {
   }
   ::close(fds[1]);
   pid_t worker = 0;
-  ASSERT_EQ(::read(fds[0], &worker, sizeof(worker)), static_cast<ssize_t>(sizeof(worker)));
+  ASSERT_EQ(::read(fds[0], &worker, sizeof(worker)),
+            static_cast<ssize_t>(sizeof(worker)));
   ::close(fds[0]);
   int status = 0;
   ASSERT_EQ(::waitpid(server, &status, 0), server);
@@ -557,7 +581,8 @@ TEST(WorkerSupervisor, WorkerDiesWithTheServer) {
   while (Running(worker) && absl::Now() - t0 < absl::Seconds(10)) {
     absl::SleepFor(absl::Milliseconds(10));
   }
-  EXPECT_FALSE(Running(worker)) << "worker " << worker << " outlived its server";
+  EXPECT_FALSE(Running(worker))
+      << "worker " << worker << " outlived its server";
 }
 
 TEST(Worker, InvalidConfigNamesTheField) {
@@ -634,8 +659,10 @@ TEST(Worker, MixedPrecisionThenReplan) {
   Recorder rec2;
   launch = RunLaunch(second, 20);
   launch.request.mutable_run()->mutable_config()->set_budget("MP6");
-  launch.request.mutable_run()->set_sensitivity_report_path(first + "/out/report.json");
-  launch.request.mutable_run()->set_calibration_data_path(first + "/out/distilled.pt");
+  launch.request.mutable_run()->set_sensitivity_report_path(first +
+                                                            "/out/report.json");
+  launch.request.mutable_run()->set_calibration_data_path(first +
+                                                          "/out/distilled.pt");
   worker = WorkerProcess::Start(launch, rec2.OnEvent(), rec2.OnExit());
   ASSERT_TRUE(worker.ok()) << worker.status();
   WorkerOutcome o2 = rec2.Outcome();
@@ -655,8 +682,8 @@ TEST(Worker, MixedPrecisionThenReplan) {
   EXPECT_GE(r2.chosen().size_bits(), r.chosen().size_bits());
   std::vector<std::string> names;
   for (const v1::Artifact& a : r2.artifacts()) names.push_back(a.name());
-  EXPECT_THAT(names, ElementsAre("model.zeroq.pt", "recipe.json", "calibration.pt",
-                                 "report.json"));
+  EXPECT_THAT(names, ElementsAre("model.zeroq.pt", "recipe.json",
+                                 "calibration.pt", "report.json"));
 }
 
 int RunShell(const std::string& command) {
@@ -666,9 +693,12 @@ int RunShell(const std::string& command) {
 
 TEST(Worker, BadUsageExitsWith2) {
   const std::string worker = ZEROQ_WORKER;
-  EXPECT_EQ(RunShell(worker + " > /dev/null 2>&1"), 2);                       // no --request
-  EXPECT_EQ(RunShell(worker + " --request=x stray > /dev/null 2>&1"), 2);     // an argument
-  EXPECT_EQ(RunShell(worker + " --request=x --progress_fd=9 > /dev/null 2>&1 9>&-"), 2);
+  EXPECT_EQ(RunShell(worker + " > /dev/null 2>&1"), 2);  // no --request
+  EXPECT_EQ(RunShell(worker + " --request=x stray > /dev/null 2>&1"),
+            2);  // an argument
+  EXPECT_EQ(
+      RunShell(worker + " --request=x --progress_fd=9 > /dev/null 2>&1 9>&-"),
+      2);
 }
 
 // Started by a process that is not its --parent_pid: it exits at once, 1.

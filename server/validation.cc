@@ -22,7 +22,8 @@ absl::Status Invalid(absl::string_view field, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
 }
 
-absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo, int64_t hi) {
+absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo,
+                        int64_t hi) {
   if (v < lo || v > hi) {
     return Invalid(field, absl::StrCat(v, " is outside ", lo, "..", hi));
   }
@@ -44,8 +45,10 @@ std::vector<int> CandidateBits(const v1::QuantizationConfig& config) {
 
 }  // namespace
 
-absl::Status ValidateModelMetadata(const v1::ModelMetadata& m, int64_t max_model_bytes) {
-  if (m.name().size() > 256) return Invalid("metadata.name", "longer than 256 bytes");
+absl::Status ValidateModelMetadata(const v1::ModelMetadata& m,
+                                   int64_t max_model_bytes) {
+  if (m.name().size() > 256)
+    return Invalid("metadata.name", "longer than 256 bytes");
   if (m.input_shape().empty() || m.input_shape_size() > 5) {
     return Invalid("metadata.input_shape",
                    "give the shape of one sample without the batch dimension, "
@@ -57,41 +60,51 @@ absl::Status ValidateModelMetadata(const v1::ModelMetadata& m, int64_t max_model
                                   m.input_shape(i), 1, 1 << 16));
     elements *= m.input_shape(i);
     if (elements > (int64_t{1} << 26)) {
-      return Invalid("metadata.input_shape", "more than 2^26 elements per sample");
+      return Invalid("metadata.input_shape",
+                     "more than 2^26 elements per sample");
     }
   }
   if (m.size_bytes() <= 0) {
-    return Invalid("metadata.size_bytes", "give the exact size of the archive in bytes");
+    return Invalid("metadata.size_bytes",
+                   "give the exact size of the archive in bytes");
   }
   if (m.size_bytes() > max_model_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "metadata.size_bytes: ", m.size_bytes(), " bytes is over the server's limit of ",
-        max_model_bytes, " bytes per model"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("metadata.size_bytes: ", m.size_bytes(),
+                     " bytes is over the server's limit of ", max_model_bytes,
+                     " bytes per model"));
   }
   if (!IsSha256Hex(m.sha256())) {
-    return Invalid("metadata.sha256", "give the SHA-256 of the archive as 64 lowercase hex digits");
+    return Invalid(
+        "metadata.sha256",
+        "give the SHA-256 of the archive as 64 lowercase hex digits");
   }
   return absl::OkStatus();
 }
 
 absl::Status ValidateSubmitJob(const v1::SubmitJobRequest& r) {
   if (r.model_id().empty()) return Invalid("model_id", "required");
-  if (r.request_id().size() > 128) return Invalid("request_id", "longer than 128 bytes");
+  if (r.request_id().size() > 128)
+    return Invalid("request_id", "longer than 128 bytes");
   ZQ_RETURN_IF_ERROR(CheckRange("priority", r.priority(), -100, 100));
   if (!v1::DeviceKind_IsValid(r.device())) {
     return Invalid("device", absl::StrCat(r.device(), " is not a DeviceKind"));
   }
   if (!std::isfinite(r.time_limit_seconds()) || r.time_limit_seconds() < 0) {
-    return Invalid("time_limit_seconds", "must be >= 0 (0: the server's default)");
+    return Invalid("time_limit_seconds",
+                   "must be >= 0 (0: the server's default)");
   }
   const v1::QuantizationConfig& c = r.config();
-  if (c.has_weight_bits()) ZQ_RETURN_IF_ERROR(CheckBits("config.weight_bits", c.weight_bits(), 8));
+  if (c.has_weight_bits())
+    ZQ_RETURN_IF_ERROR(CheckBits("config.weight_bits", c.weight_bits(), 8));
   if (c.has_activation_bits()) {
-    ZQ_RETURN_IF_ERROR(CheckBits("config.activation_bits", c.activation_bits(), 16));
+    ZQ_RETURN_IF_ERROR(
+        CheckBits("config.activation_bits", c.activation_bits(), 16));
   }
   for (const auto& [name, bits] : c.layer_bits()) {
     if (name.empty()) return Invalid("config.layer_bits", "empty layer name");
-    ZQ_RETURN_IF_ERROR(CheckBits(absl::StrCat("config.layer_bits[\"", name, "\"]"), bits, 8));
+    ZQ_RETURN_IF_ERROR(
+        CheckBits(absl::StrCat("config.layer_bits[\"", name, "\"]"), bits, 8));
   }
   if (!c.budget().empty()) {
     absl::StatusOr<core::Budget> b = core::ParseBudget(c.budget());
@@ -106,32 +119,45 @@ absl::Status ValidateSubmitJob(const v1::SubmitJobRequest& r) {
     }
   }
   if (c.candidate_bits_size() > 0 && c.budget().empty()) {
-    return Invalid("config.candidate_bits", "only used with a budget (mixed precision)");
+    return Invalid("config.candidate_bits",
+                   "only used with a budget (mixed precision)");
   }
   if (c.has_activation_percentile() &&
       !(c.activation_percentile() >= 50 && c.activation_percentile() <= 100)) {
-    return Invalid("config.activation_percentile",
-                   absl::StrFormat("%g is outside 50..100", c.activation_percentile()));
+    return Invalid(
+        "config.activation_percentile",
+        absl::StrFormat("%g is outside 50..100", c.activation_percentile()));
   }
   const v1::DistillationConfig& d = c.distillation();
-  if (d.has_batch_size()) ZQ_RETURN_IF_ERROR(CheckRange("config.distillation.batch_size", d.batch_size(), 1, 1024));
-  if (d.has_num_batches()) ZQ_RETURN_IF_ERROR(CheckRange("config.distillation.num_batches", d.num_batches(), 1, 64));
-  if (d.has_iterations()) ZQ_RETURN_IF_ERROR(CheckRange("config.distillation.iterations", d.iterations(), 0, 100000));
+  if (d.has_batch_size())
+    ZQ_RETURN_IF_ERROR(
+        CheckRange("config.distillation.batch_size", d.batch_size(), 1, 1024));
+  if (d.has_num_batches())
+    ZQ_RETURN_IF_ERROR(
+        CheckRange("config.distillation.num_batches", d.num_batches(), 1, 64));
+  if (d.has_iterations())
+    ZQ_RETURN_IF_ERROR(CheckRange("config.distillation.iterations",
+                                  d.iterations(), 0, 100000));
   if (d.has_lr() && !(std::isfinite(d.lr()) && d.lr() > 0 && d.lr() <= 100)) {
-    return Invalid("config.distillation.lr", absl::StrFormat("%g is outside (0, 100]", d.lr()));
+    return Invalid("config.distillation.lr",
+                   absl::StrFormat("%g is outside (0, 100]", d.lr()));
   }
   if (!v1::CalibrationSource_IsValid(c.calibration())) {
-    return Invalid("config.calibration", absl::StrCat(c.calibration(), " is not a CalibrationSource"));
+    return Invalid(
+        "config.calibration",
+        absl::StrCat(c.calibration(), " is not a CalibrationSource"));
   }
   if (!c.sensitivity_from_job().empty() && c.budget().empty()) {
     return Invalid("config.sensitivity_from_job",
                    "re-planning needs a budget: set config.budget");
   }
-  if (c.has_threads()) ZQ_RETURN_IF_ERROR(CheckRange("config.threads", c.threads(), 1, 256));
+  if (c.has_threads())
+    ZQ_RETURN_IF_ERROR(CheckRange("config.threads", c.threads(), 1, 256));
   return absl::OkStatus();
 }
 
-absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c, const v1::Model& model) {
+absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c,
+                                    const v1::Model& model) {
   const v1::ModelSummary& s = model.summary();
   std::set<std::string> names;
   for (const v1::QuantizableLayer& l : s.layers()) names.insert(l.name());
@@ -139,14 +165,16 @@ absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c, const v1::M
     if (names.count(name) == 0) {
       std::vector<std::string> some(names.begin(), names.end());
       if (some.size() > 12) some.resize(12), some.push_back("...");
-      return Invalid(absl::StrCat("config.layer_bits[\"", name, "\"]"),
-                     absl::StrCat("the model has no quantizable layer of that name; it has: ",
-                                  absl::StrJoin(some, ", ")));
+      return Invalid(
+          absl::StrCat("config.layer_bits[\"", name, "\"]"),
+          absl::StrCat(
+              "the model has no quantizable layer of that name; it has: ",
+              absl::StrJoin(some, ", ")));
     }
   }
   if (s.layers().empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("model ", model.id(), " has no conv or linear layers to quantize"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model ", model.id(), " has no conv or linear layers to quantize"));
   }
   if (c.budget().empty()) return absl::OkStatus();
   ZQ_ASSIGN_OR_RETURN(core::Budget budget, core::ParseBudget(c.budget()));
@@ -161,18 +189,21 @@ absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c, const v1::M
     cost.sensitivity.assign(candidates.size(), 0.0);
     int lowest = *std::min_element(candidates.begin(), candidates.end());
     auto pin = c.layer_bits().find(l.name());
-    if (pin != c.layer_bits().end()) lowest = pin->second == 0 ? 32 : pin->second;
+    if (pin != c.layer_bits().end())
+      lowest = pin->second == 0 ? 32 : pin->second;
     smallest += l.params() * lowest;
     layers.push_back(std::move(cost));
   }
   absl::StatusOr<int64_t> bits = core::BudgetToBits(budget, layers);
   if (!bits.ok()) return Invalid("config.budget", bits.status().message());
   if (*bits < smallest) {
-    return Invalid("config.budget",
-                   absl::StrFormat("\"%s\" is %d weight bytes, below the smallest size the "
-                                   "candidate widths reach (%d bytes, %.2f bits per weight)",
-                                   c.budget(), *bits / 8, smallest / 8,
-                                   static_cast<double>(smallest) / s.quantizable_params()));
+    return Invalid(
+        "config.budget",
+        absl::StrFormat(
+            "\"%s\" is %d weight bytes, below the smallest size the "
+            "candidate widths reach (%d bytes, %.2f bits per weight)",
+            c.budget(), *bits / 8, smallest / 8,
+            static_cast<double>(smallest) / s.quantizable_params()));
   }
   return absl::OkStatus();
 }

@@ -54,10 +54,13 @@ TEST(Validation, MetadataNamesTheBadField) {
   ExpectInvalid(ValidateModelMetadata(m, 1 << 20), "metadata.sha256");
   m = GoodMetadata();
   m.set_size_bytes(2 << 20);
-  EXPECT_EQ(ValidateModelMetadata(m, 1 << 20).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(ValidateModelMetadata(m, 1 << 20).code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
-TEST(Validation, SubmitDefaultsAreValid) { EXPECT_TRUE(ValidateSubmitJob(GoodRequest()).ok()); }
+TEST(Validation, SubmitDefaultsAreValid) {
+  EXPECT_TRUE(ValidateSubmitJob(GoodRequest()).ok());
+}
 
 TEST(Validation, SubmitNamesTheBadField) {
   struct Case {
@@ -68,31 +71,41 @@ TEST(Validation, SubmitNamesTheBadField) {
       {[](auto* r) { r->clear_model_id(); }, "model_id"},
       {[](auto* r) { r->set_priority(101); }, "priority"},
       {[](auto* r) { r->set_time_limit_seconds(-1); }, "time_limit_seconds"},
-      {[](auto* r) { r->mutable_config()->set_weight_bits(9); }, "config.weight_bits"},
-      {[](auto* r) { r->mutable_config()->set_weight_bits(1); }, "config.weight_bits"},
-      {[](auto* r) { r->mutable_config()->set_activation_bits(17); }, "config.activation_bits"},
+      {[](auto* r) { r->mutable_config()->set_weight_bits(9); },
+       "config.weight_bits"},
+      {[](auto* r) { r->mutable_config()->set_weight_bits(1); },
+       "config.weight_bits"},
+      {[](auto* r) { r->mutable_config()->set_activation_bits(17); },
+       "config.activation_bits"},
       {[](auto* r) { (*r->mutable_config()->mutable_layer_bits())["fc"] = 12; },
        "config.layer_bits[\"fc\"]"},
-      {[](auto* r) { r->mutable_config()->set_budget("lots"); }, "config.budget"},
+      {[](auto* r) { r->mutable_config()->set_budget("lots"); },
+       "config.budget"},
       {[](auto* r) {
          r->mutable_config()->set_budget("MP4");
          r->mutable_config()->add_candidate_bits(4);
          r->mutable_config()->add_candidate_bits(4);
        },
        "config.candidate_bits[1]"},
-      {[](auto* r) { r->mutable_config()->add_candidate_bits(4); }, "config.candidate_bits"},
+      {[](auto* r) { r->mutable_config()->add_candidate_bits(4); },
+       "config.candidate_bits"},
       {[](auto* r) { r->mutable_config()->set_activation_percentile(20); },
        "config.activation_percentile"},
-      {[](auto* r) { r->mutable_config()->mutable_distillation()->set_batch_size(0); },
+      {[](auto* r) {
+         r->mutable_config()->mutable_distillation()->set_batch_size(0);
+       },
        "config.distillation.batch_size"},
-      {[](auto* r) { r->mutable_config()->mutable_distillation()->set_iterations(-1); },
+      {[](auto* r) {
+         r->mutable_config()->mutable_distillation()->set_iterations(-1);
+       },
        "config.distillation.iterations"},
       {[](auto* r) { r->mutable_config()->mutable_distillation()->set_lr(0); },
        "config.distillation.lr"},
       {[](auto* r) { r->mutable_config()->set_sensitivity_from_job("j-1"); },
        "config.sensitivity_from_job"},
       {[](auto* r) { r->mutable_config()->set_threads(0); }, "config.threads"},
-      {[](auto* r) { r->set_device(static_cast<v1::DeviceKind>(7)); }, "device"},
+      {[](auto* r) { r->set_device(static_cast<v1::DeviceKind>(7)); },
+       "device"},
   };
   for (const Case& c : cases) {
     v1::SubmitJobRequest r = GoodRequest();
@@ -121,7 +134,8 @@ TEST(Validation, ConfigForModelChecksLayerNamesAndBudget) {
   (*c.mutable_layer_bits())["nope"] = 4;
   absl::Status s = ValidateConfigForModel(c, ReadyModel());
   ExpectInvalid(s, "config.layer_bits[\"nope\"]");
-  EXPECT_THAT(std::string(s.message()), HasSubstr("conv"));  // lists what exists
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("conv"));  // lists what exists
 
   c.clear_layer_bits();
   c.set_budget("MP4");
@@ -130,7 +144,8 @@ TEST(Validation, ConfigForModelChecksLayerNamesAndBudget) {
   ExpectInvalid(ValidateConfigForModel(c, ReadyModel()), "config.budget");
   c.set_budget("MP2");
   EXPECT_TRUE(ValidateConfigForModel(c, ReadyModel()).ok());
-  (*c.mutable_layer_bits())["fc"] = 8;  // pinned: 1000*2 + 3000*8 > 2 bits average
+  (*c.mutable_layer_bits())["fc"] =
+      8;  // pinned: 1000*2 + 3000*8 > 2 bits average
   ExpectInvalid(ValidateConfigForModel(c, ReadyModel()), "config.budget");
 }
 

@@ -82,7 +82,8 @@ std::string LogTail(const std::string& path) {
   std::string tail;
   const off_t size = ::lseek(fd, 0, SEEK_END);
   if (size > 0) {
-    const off_t from = std::max<off_t>(0, size - static_cast<off_t>(kLogTailBytes));
+    const off_t from =
+        std::max<off_t>(0, size - static_cast<off_t>(kLogTailBytes));
     tail.resize(static_cast<size_t>(size - from));
     ssize_t n;
     do {
@@ -100,14 +101,16 @@ std::string LogTail(const std::string& path) {
 
 std::string SignalName(int sig) {
   const char* abbrev = sigabbrev_np(sig);
-  return abbrev != nullptr ? absl::StrCat("SIG", abbrev) : absl::StrCat("signal ", sig);
+  return abbrev != nullptr ? absl::StrCat("SIG", abbrev)
+                           : absl::StrCat("signal ", sig);
 }
 
 // Milliseconds until `t` for poll(), rounded up; -1 for the infinite future.
 int PollTimeout(absl::Time now, absl::Time t) {
   if (t == absl::InfiniteFuture()) return -1;
   if (t <= now) return 0;
-  const int64_t ms = absl::ToInt64Milliseconds(absl::Ceil(t - now, absl::Milliseconds(1)));
+  const int64_t ms =
+      absl::ToInt64Milliseconds(absl::Ceil(t - now, absl::Milliseconds(1)));
   return static_cast<int>(std::min<int64_t>(ms, 60 * 1000));
 }
 
@@ -161,8 +164,8 @@ absl::Status WorkerProcess::State::Spawn() {
     CloseFd(pipe_read);
     return absl::InternalError(absl::StrCat("pipe: ", ErrnoText(err)));
   }
-  int log_fd = AboveStdio(::open(log_path.c_str(),
-                                 O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+  int log_fd = AboveStdio(::open(
+      log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
   if (log_fd < 0) {
     const int err = errno;
     CloseFd(pipe_write);
@@ -184,11 +187,14 @@ absl::Status WorkerProcess::State::Spawn() {
   std::vector<std::string> env;
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     const std::string entry = *e;
-    if (overridden.count(entry.substr(0, entry.find('='))) == 0) env.push_back(entry);
+    if (overridden.count(entry.substr(0, entry.find('='))) == 0)
+      env.push_back(entry);
   }
-  for (const auto& [key, value] : launch.env) env.push_back(absl::StrCat(key, "=", value));
+  for (const auto& [key, value] : launch.env)
+    env.push_back(absl::StrCat(key, "=", value));
   std::vector<char*> argv, envp;
-  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  for (const std::string& a : args)
+    argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   for (const std::string& e : env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
@@ -209,9 +215,11 @@ absl::Status WorkerProcess::State::Spawn() {
   sigemptyset(&none);
   posix_spawnattr_setsigmask(&attr, &none);
   sigemptyset(&defaults);
-  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD}) sigaddset(&defaults, sig);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD})
+    sigaddset(&defaults, sig);
   posix_spawnattr_setsigdefault(&attr, &defaults);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP |
+                                      POSIX_SPAWN_SETSIGMASK |
                                       POSIX_SPAWN_SETSIGDEF);
 
   pid_t pid_out = 0;
@@ -224,8 +232,8 @@ absl::Status WorkerProcess::State::Spawn() {
   CloseFd(log_fd);
   if (rc != 0) {
     CloseFd(pipe_read);
-    return absl::InternalError(absl::StrCat("cannot start the worker ",
-                                            launch.worker_path, ": ", ErrnoText(rc)));
+    return absl::InternalError(absl::StrCat(
+        "cannot start the worker ", launch.worker_path, ": ", ErrnoText(rc)));
   }
   child = pid_out;
   absl::MutexLock lock(&mu);
@@ -249,7 +257,8 @@ void WorkerProcess::State::Supervise() {
   const absl::Time deadline = launch.time_limit == absl::InfiniteDuration()
                                   ? absl::InfiniteFuture()
                                   : started + launch.time_limit;
-  const absl::Duration grace = std::max(launch.kill_grace, absl::ZeroDuration());
+  const absl::Duration grace =
+      std::max(launch.kill_grace, absl::ZeroDuration());
 
   absl::Time term_sent = absl::InfiniteFuture();  // when SIGTERM went out
   bool killed = false, cancelled = false, timed_out = false, eof = false;
@@ -300,7 +309,8 @@ void WorkerProcess::State::Supervise() {
       }
       if (buffer.size() - i < length) break;
       v1::WorkerMessage message;
-      if (!message.ParseFromArray(buffer.data() + i, static_cast<int>(length))) {
+      if (!message.ParseFromArray(buffer.data() + i,
+                                  static_cast<int>(length))) {
         broken_stream("the worker sent a message that does not parse");
         break;
       }
@@ -331,7 +341,8 @@ void WorkerProcess::State::Supervise() {
       timed_out = true;
       terminate(now);
     }
-    if (!killed && term_sent != absl::InfiniteFuture() && now >= term_sent + grace) {
+    if (!killed && term_sent != absl::InfiniteFuture() &&
+        now >= term_sent + grace) {
       signal_group(SIGKILL);
       killed = true;
     }
@@ -380,8 +391,9 @@ void WorkerProcess::State::Supervise() {
     stream_error = "the worker's last message was cut short";
   }
 
-  WorkerOutcome outcome = Classify(wait_status, status_known, cancelled, timed_out,
-                                   stream_error, std::move(final_message));
+  WorkerOutcome outcome =
+      Classify(wait_status, status_known, cancelled, timed_out, stream_error,
+               std::move(final_message));
   outcome.elapsed = absl::Now() - started;
   outcome.log_tail = LogTail(log_path);
   if (on_exit) on_exit(std::move(outcome));
@@ -391,7 +403,8 @@ void WorkerProcess::State::Supervise() {
 
 WorkerOutcome WorkerProcess::State::Classify(
     int wait_status, bool status_known, bool cancelled, bool timed_out,
-    const std::string& stream_error, std::optional<v1::WorkerMessage> final_message) {
+    const std::string& stream_error,
+    std::optional<v1::WorkerMessage> final_message) {
   using Kind = WorkerOutcome::Kind;
   WorkerOutcome out;
   bool exited_zero = !status_known;  // unknown: trust the final message
@@ -407,9 +420,9 @@ WorkerOutcome WorkerProcess::State::Classify(
                        SignalName(out.term_signal), ")");
   }
   const bool has_error = final_message && final_message->has_error();
-  const bool succeeded = final_message && !has_error && exited_zero &&
-                         stream_error.empty() &&
-                         (final_message->has_result() || final_message->has_inspection());
+  const bool succeeded =
+      final_message && !has_error && exited_zero && stream_error.empty() &&
+      (final_message->has_result() || final_message->has_inspection());
 
   // A result that was complete before a late Cancel() or deadline still
   // counts: the work is done.
@@ -450,7 +463,8 @@ WorkerOutcome WorkerProcess::State::Classify(
   if (!stream_error.empty()) {
     out.error.set_message(absl::StrCat(stream_error, "; worker ", how));
   } else if (final_message) {
-    out.error.set_message(absl::StrCat("worker ", how, " after its final message"));
+    out.error.set_message(
+        absl::StrCat("worker ", how, " after its final message"));
   } else {
     out.error.set_message(absl::StrCat("worker ", how, " without a result"));
   }
@@ -497,7 +511,8 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(
   return std::unique_ptr<WorkerProcess>(new WorkerProcess(std::move(state)));
 }
 
-WorkerProcess::WorkerProcess(std::shared_ptr<State> state) : state_(std::move(state)) {}
+WorkerProcess::WorkerProcess(std::shared_ptr<State> state)
+    : state_(std::move(state)) {}
 
 WorkerProcess::~WorkerProcess() {
   Cancel();

@@ -45,9 +45,9 @@ namespace zeroq::server {
 namespace v1 = ::zeroq::v1;
 
 struct WorkerLaunch {
-  std::string worker_path;             // the zeroq-worker executable
+  std::string worker_path;  // the zeroq-worker executable
   v1::WorkerRequest request;
-  std::string work_dir;                // exists; request.pb and worker.log go here
+  std::string work_dir;  // exists; request.pb and worker.log go here
   std::vector<std::pair<std::string, std::string>> env;  // added / overridden
   absl::Duration time_limit = absl::InfiniteDuration();
   absl::Duration kill_grace = absl::Seconds(1);  // SIGTERM -> SIGKILL
@@ -64,10 +64,10 @@ struct WorkerOutcome {
   Kind kind = Kind::kCrashed;
   std::optional<v1::ModelSummary> inspection;
   std::optional<v1::JobResult> result;
-  v1::JobError error;        // kFailed: the worker's; otherwise a description
-  int exit_code = -1;        // when it exited
-  int term_signal = 0;       // when a signal ended it
-  std::string log_tail;      // last lines of worker.log (at most 2 KiB)
+  v1::JobError error;    // kFailed: the worker's; otherwise a description
+  int exit_code = -1;    // when it exited
+  int term_signal = 0;   // when a signal ended it
+  std::string log_tail;  // last lines of worker.log (at most 2 KiB)
   absl::Duration elapsed;
 };
 
@@ -77,9 +77,8 @@ class WorkerProcess {
   using ExitFn = std::function<void(WorkerOutcome)>;
 
   // INTERNAL when the request cannot be written or the process not started.
-  static absl::StatusOr<std::unique_ptr<WorkerProcess>> Start(WorkerLaunch launch,
-                                                              EventFn on_event,
-                                                              ExitFn on_exit);
+  static absl::StatusOr<std::unique_ptr<WorkerProcess>> Start(
+      WorkerLaunch launch, EventFn on_event, ExitFn on_exit);
   ~WorkerProcess();
   WorkerProcess(const WorkerProcess&) = delete;
   WorkerProcess& operator=(const WorkerProcess&) = delete;

@@ -31,13 +31,15 @@ class ServerProcess {
  public:
   explicit ServerProcess(std::vector<std::string> extra_flags = {})
       : flags_(std::move(extra_flags)) {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "zeroq_e2e_XXXXXX").string();
+    std::string tmpl =
+        (std::filesystem::temp_directory_path() / "zeroq_e2e_XXXXXX").string();
     if (char* p = mkdtemp(tmpl.data())) dir_ = p;
   }
   ~ServerProcess() {
     Kill();
     std::error_code ec;
-    if (!dir_.empty() && getenv("ZEROQ_KEEP_TEST_DATA") == nullptr) std::filesystem::remove_all(dir_, ec);
+    if (!dir_.empty() && getenv("ZEROQ_KEEP_TEST_DATA") == nullptr)
+      std::filesystem::remove_all(dir_, ec);
   }
 
   // Starts the server and waits until it serves. False on failure (the
@@ -45,8 +47,11 @@ class ServerProcess {
   bool Start() {
     std::string port_file = dir_ + "/port";
     std::filesystem::remove(port_file);
-    std::vector<std::string> args = {ZEROQ_SERVER, "--listen=127.0.0.1:0", "--port_file=" + port_file,
-                                     "--data_dir=" + dir_ + "/data", "--worker=" ZEROQ_WORKER,
+    std::vector<std::string> args = {ZEROQ_SERVER,
+                                     "--listen=127.0.0.1:0",
+                                     "--port_file=" + port_file,
+                                     "--data_dir=" + dir_ + "/data",
+                                     "--worker=" ZEROQ_WORKER,
                                      "--threads_per_job=1"};
     args.insert(args.end(), flags_.begin(), flags_.end());
     pid_ = fork();
@@ -90,7 +95,8 @@ class ServerProcess {
     pid_ = -1;
   }
 
-  std::unique_ptr<client::Client> NewClient(client::ClientOptions options = {}) {
+  std::unique_ptr<client::Client> NewClient(
+      client::ClientOptions options = {}) {
     return std::move(*client::Client::Connect(address(), options));
   }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
@@ -100,7 +106,8 @@ class ServerProcess {
   std::string log_path() const { return dir_ + "/server.log"; }
   std::string Log() const {
     std::ifstream in(log_path());
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return std::string((std::istreambuf_iterator<char>(in)),
+                       std::istreambuf_iterator<char>());
   }
 
  private:
@@ -116,7 +123,8 @@ inline pid_t FindWorkerPid(const std::string& job_id) {
     std::string name = e.path().filename().string();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
     std::ifstream in(e.path() / "cmdline");
-    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string cmd((std::istreambuf_iterator<char>(in)),
+                    std::istreambuf_iterator<char>());
     if (cmd.find("zeroq-worker") != std::string::npos &&
         cmd.find("/jobs/" + job_id + "/") != std::string::npos) {
       return std::stoi(name);

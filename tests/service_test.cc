@@ -13,8 +13,8 @@
 #include <thread>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -29,15 +29,19 @@ namespace v1 = ::zeroq::v1;
 using ::testing::HasSubstr;
 using testing::ServerProcess;
 
-std::string ModelPath(const std::string& name) { return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + name; }
+std::string ModelPath(const std::string& name) {
+  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + name;
+}
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return std::string((std::istreambuf_iterator<char>(in)),
+                     std::istreambuf_iterator<char>());
 }
 
 // A quick job on the example model: few distillation steps, small batch.
-v1::SubmitJobRequest QuickJob(const std::string& model_id, int iterations = 20) {
+v1::SubmitJobRequest QuickJob(const std::string& model_id,
+                              int iterations = 20) {
   v1::SubmitJobRequest r;
   r.set_model_id(model_id);
   v1::QuantizationConfig* c = r.mutable_config();
@@ -57,17 +61,21 @@ class ServiceTest : public ::testing::Test {
     client_ = server_->NewClient();
   }
 
-  v1::Model UploadReady(const std::string& file, std::vector<int64_t> shape = {1, 28, 28}) {
-    absl::StatusOr<v1::Model> m = client_->UploadModel(ModelPath(file), file, shape);
+  v1::Model UploadReady(const std::string& file,
+                        std::vector<int64_t> shape = {1, 28, 28}) {
+    absl::StatusOr<v1::Model> m =
+        client_->UploadModel(ModelPath(file), file, shape);
     EXPECT_TRUE(m.ok()) << m.status();
     if (!m.ok()) return {};
-    absl::StatusOr<v1::Model> ready = client_->WaitForModel(m->id(), absl::Minutes(2));
+    absl::StatusOr<v1::Model> ready =
+        client_->WaitForModel(m->id(), absl::Minutes(2));
     EXPECT_TRUE(ready.ok()) << ready.status();
     return ready.ok() ? *ready : v1::Model();
   }
 
   // Polls until the job is in `state` (or finished); the job as last seen.
-  v1::Job WaitFor(const std::string& id, std::function<bool(const v1::Job&)> done,
+  v1::Job WaitFor(const std::string& id,
+                  std::function<bool(const v1::Job&)> done,
                   absl::Duration timeout = absl::Minutes(3)) {
     absl::Time deadline = absl::Now() + timeout;
     v1::Job job;
@@ -79,12 +87,14 @@ class ServiceTest : public ::testing::Test {
       }
       absl::SleepFor(absl::Milliseconds(20));
     }
-    ADD_FAILURE() << "timed out waiting on job " << id << ": " << job.DebugString();
+    ADD_FAILURE() << "timed out waiting on job " << id << ": "
+                  << job.DebugString();
     return job;
   }
 
   void TearDown() override {
-    if (HasFailure() && server_) std::cerr << "---- server log\n" << server_->Log() << std::endl;
+    if (HasFailure() && server_)
+      std::cerr << "---- server log\n" << server_->Log() << std::endl;
   }
 
   std::unique_ptr<ServerProcess> server_;
@@ -92,7 +102,8 @@ class ServiceTest : public ::testing::Test {
 };
 
 bool Finished(const v1::Job& j) {
-  return j.state() == v1::JOB_SUCCEEDED || j.state() == v1::JOB_FAILED || j.state() == v1::JOB_CANCELLED;
+  return j.state() == v1::JOB_SUCCEEDED || j.state() == v1::JOB_FAILED ||
+         j.state() == v1::JOB_CANCELLED;
 }
 
 TEST_F(ServiceTest, UploadInspectSubmitWatchDownloadMatchesOfflineRun) {
@@ -110,21 +121,25 @@ TEST_F(ServiceTest, UploadInspectSubmitWatchDownloadMatchesOfflineRun) {
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->state(), v1::JOB_QUEUED);
   std::vector<v1::JobEvent> events;
-  absl::StatusOr<v1::Job> done = client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-    if (e.type() != v1::EVENT_HEARTBEAT) events.push_back(e);
-    return true;
-  });
+  absl::StatusOr<v1::Job> done =
+      client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+        if (e.type() != v1::EVENT_HEARTBEAT) events.push_back(e);
+        return true;
+      });
   ASSERT_TRUE(done.ok()) << done.status();
   ASSERT_EQ(done->state(), v1::JOB_SUCCEEDED) << done->error().message();
   // Every event, in order, once; the last is the terminal state.
   ASSERT_FALSE(events.empty());
-  for (size_t i = 0; i < events.size(); ++i) EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
+  for (size_t i = 0; i < events.size(); ++i)
+    EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
   EXPECT_EQ(events.back().type(), v1::EVENT_STATE);
   EXPECT_EQ(events.back().state(), v1::JOB_SUCCEEDED);
   EXPECT_EQ(done->last_seq(), events.back().seq());
-  bool saw_distill = std::any_of(events.begin(), events.end(), [](const v1::JobEvent& e) {
-    return e.type() == v1::EVENT_PROGRESS && e.stage() == v1::STAGE_DISTILL && e.loss() > 0;
-  });
+  bool saw_distill =
+      std::any_of(events.begin(), events.end(), [](const v1::JobEvent& e) {
+        return e.type() == v1::EVENT_PROGRESS &&
+               e.stage() == v1::STAGE_DISTILL && e.loss() > 0;
+      });
   EXPECT_TRUE(saw_distill);
   EXPECT_EQ(done->attempts(), 1);
   EXPECT_GT(done->result().layers_size(), 0);
@@ -135,35 +150,44 @@ TEST_F(ServiceTest, UploadInspectSubmitWatchDownloadMatchesOfflineRun) {
   fs::create_directories(out);
   std::set<std::string> names;
   for (const v1::Artifact& a : done->result().artifacts()) {
-    absl::StatusOr<v1::Artifact> got =
-        client_->DownloadArtifact(job->id(), a.name(), (out / a.name()).string());
+    absl::StatusOr<v1::Artifact> got = client_->DownloadArtifact(
+        job->id(), a.name(), (out / a.name()).string());
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_EQ(got->sha256(), a.sha256());
     EXPECT_EQ(*server::Sha256File((out / a.name()).string()), a.sha256());
     names.insert(a.name());
   }
-  EXPECT_THAT(names, ::testing::IsSupersetOf({"model.zeroq.pt", "recipe.json", "report.json"}));
+  EXPECT_THAT(names, ::testing::IsSupersetOf(
+                         {"model.zeroq.pt", "recipe.json", "report.json"}));
 
   // The offline command with the same settings computes the same recipe.
   fs::path offline = fs::path(server_->dir()) / "offline";
   std::string cmd = absl::StrCat(
-      ZEROQ_QUANTIZE, " --model=", ModelPath("fashion_cnn.pt"), " --input_shape=1,28,28 --out=",
-      offline.string(), " --weight_bits=4 --batch_size=8 --iterations=20 --seed=7 --threads=1",
+      ZEROQ_QUANTIZE, " --model=", ModelPath("fashion_cnn.pt"),
+      " --input_shape=1,28,28 --out=", offline.string(),
+      " --weight_bits=4 --batch_size=8 --iterations=20 --seed=7 --threads=1",
       " --progress=none > ", offline.string(), ".log 2>&1");
   ASSERT_EQ(std::system(cmd.c_str()), 0) << ReadFile(offline.string() + ".log");
-  EXPECT_EQ(ReadFile((out / "recipe.json").string()), ReadFile((offline / "recipe.json").string()));
+  EXPECT_EQ(ReadFile((out / "recipe.json").string()),
+            ReadFile((offline / "recipe.json").string()));
   // And the quantized model loads in Python and gives the same outputs.
-  std::string py = absl::StrCat(
-      ZEROQ_PYTHON, " -c \"import torch,sys; a=torch.jit.load(sys.argv[1]); b=torch.jit.load(sys.argv[2]);",
-      " x=torch.randn(4,1,28,28); assert torch.equal(a(x), b(x)), 'outputs differ'\" ",
-      (out / "model.zeroq.pt").string(), " ", (offline / "model.zeroq.pt").string());
+  std::string py =
+      absl::StrCat(ZEROQ_PYTHON,
+                   " -c \"import torch,sys; a=torch.jit.load(sys.argv[1]); "
+                   "b=torch.jit.load(sys.argv[2]);",
+                   " x=torch.randn(4,1,28,28); assert torch.equal(a(x), b(x)), "
+                   "'outputs differ'\" ",
+                   (out / "model.zeroq.pt").string(), " ",
+                   (offline / "model.zeroq.pt").string());
   EXPECT_EQ(std::system(py.c_str()), 0);
 }
 
 TEST_F(ServiceTest, SecondUploadOfTheSameBytesDeduplicates) {
   StartServer();
-  absl::StatusOr<v1::Model> a = client_->UploadModel(ModelPath("fashion_cnn.pt"), "a", {1, 28, 28});
-  absl::StatusOr<v1::Model> b = client_->UploadModel(ModelPath("fashion_cnn.pt"), "b", {1, 28, 28});
+  absl::StatusOr<v1::Model> a =
+      client_->UploadModel(ModelPath("fashion_cnn.pt"), "a", {1, 28, 28});
+  absl::StatusOr<v1::Model> b =
+      client_->UploadModel(ModelPath("fashion_cnn.pt"), "b", {1, 28, 28});
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->id(), b->id());
   EXPECT_FALSE(a->deduplicated());
@@ -173,7 +197,8 @@ TEST_F(ServiceTest, SecondUploadOfTheSameBytesDeduplicates) {
   EXPECT_EQ(list->models_size(), 1);
   // Stored once.
   int blobs = 0;
-  for (const auto& e : fs::recursive_directory_iterator(server_->data_dir() + "/blobs")) {
+  for (const auto& e :
+       fs::recursive_directory_iterator(server_->data_dir() + "/blobs")) {
     blobs += e.is_regular_file();
   }
   EXPECT_EQ(blobs, 1);
@@ -188,10 +213,12 @@ TEST_F(ServiceTest, SizeAndHashMismatchesAreDataLossAndLeaveNothing) {
   m.add_input_shape(28);
   m.add_input_shape(28);
   m.set_sha256(server::Sha256Hex(bytes));
-  m.set_size_bytes(static_cast<int64_t>(bytes.size()) + 10);  // more announced than sent
+  m.set_size_bytes(static_cast<int64_t>(bytes.size()) +
+                   10);  // more announced than sent
   absl::Status s = client_->UploadBytes(m, bytes).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
-  m.set_size_bytes(static_cast<int64_t>(bytes.size()) - 10);  // more sent than announced
+  m.set_size_bytes(static_cast<int64_t>(bytes.size()) -
+                   10);  // more sent than announced
   s = client_->UploadBytes(m, bytes).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
   m.set_size_bytes(static_cast<int64_t>(bytes.size()));
@@ -202,7 +229,8 @@ TEST_F(ServiceTest, SizeAndHashMismatchesAreDataLossAndLeaveNothing) {
   // No model, no blob, no temp file.
   EXPECT_EQ(client_->ListModels()->models_size(), 0);
   int files = 0;
-  for (const auto& e : fs::recursive_directory_iterator(server_->data_dir() + "/blobs")) {
+  for (const auto& e :
+       fs::recursive_directory_iterator(server_->data_dir() + "/blobs")) {
     files += e.is_regular_file();
   }
   EXPECT_EQ(files, 0);
@@ -215,7 +243,8 @@ TEST_F(ServiceTest, SizeAndHashMismatchesAreDataLossAndLeaveNothing) {
 TEST_F(ServiceTest, RandomBytesBecomeAnInvalidModel) {
   StartServer();
   std::string junk(5000, '\0');
-  for (size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<char>((i * 7919 + 13) % 251);
+  for (size_t i = 0; i < junk.size(); ++i)
+    junk[i] = static_cast<char>((i * 7919 + 13) % 251);
   v1::ModelMetadata m;
   m.set_name("junk");
   m.add_input_shape(1);
@@ -225,7 +254,8 @@ TEST_F(ServiceTest, RandomBytesBecomeAnInvalidModel) {
   m.set_size_bytes(static_cast<int64_t>(junk.size()));
   absl::StatusOr<v1::Model> model = client_->UploadBytes(m, junk);
   ASSERT_TRUE(model.ok()) << model.status();
-  absl::StatusOr<v1::Model> done = client_->WaitForModel(model->id(), absl::Minutes(1));
+  absl::StatusOr<v1::Model> done =
+      client_->WaitForModel(model->id(), absl::Minutes(1));
   ASSERT_TRUE(done.ok());
   EXPECT_EQ(done->state(), v1::MODEL_INVALID);
   EXPECT_FALSE(done->state_reason().empty());
@@ -241,7 +271,8 @@ TEST_F(ServiceTest, ModelWithoutBatchNormIsRefused) {
   ASSERT_EQ(model.state(), v1::MODEL_READY) << model.state_reason();
   EXPECT_EQ(model.summary().bn_layers_size(), 0);
   EXPECT_GT(model.summary().layers_size(), 0);
-  for (v1::CalibrationSource source : {v1::CALIBRATION_DISTILLED, v1::CALIBRATION_GAUSSIAN}) {
+  for (v1::CalibrationSource source :
+       {v1::CALIBRATION_DISTILLED, v1::CALIBRATION_GAUSSIAN}) {
     v1::SubmitJobRequest r = QuickJob(model.id());
     r.mutable_config()->set_calibration(source);
     absl::Status s = client_->SubmitJob(r).status();
@@ -260,19 +291,23 @@ TEST_F(ServiceTest, BadRequestsGetTheRightCodes) {
     std::string text;
   };
   std::vector<Case> cases = {
-      {[](auto* r) { r->set_model_id("m-nope"); }, absl::StatusCode::kNotFound, "m-nope"},
-      {[](auto* r) { r->mutable_config()->set_weight_bits(9); }, absl::StatusCode::kInvalidArgument,
-       "config.weight_bits"},
-      {[](auto* r) { r->mutable_config()->set_budget("MP1"); }, absl::StatusCode::kInvalidArgument,
-       "config.budget"},
-      {[](auto* r) { (*r->mutable_config()->mutable_layer_bits())["nope"] = 4; },
+      {[](auto* r) { r->set_model_id("m-nope"); }, absl::StatusCode::kNotFound,
+       "m-nope"},
+      {[](auto* r) { r->mutable_config()->set_weight_bits(9); },
+       absl::StatusCode::kInvalidArgument, "config.weight_bits"},
+      {[](auto* r) { r->mutable_config()->set_budget("MP1"); },
+       absl::StatusCode::kInvalidArgument, "config.budget"},
+      {[](auto* r) {
+         (*r->mutable_config()->mutable_layer_bits())["nope"] = 4;
+       },
        absl::StatusCode::kInvalidArgument, "config.layer_bits"},
       {[](auto* r) {
          r->mutable_config()->set_budget("MP4");
          r->mutable_config()->set_sensitivity_from_job("j-nope");
        },
        absl::StatusCode::kNotFound, "sensitivity_from_job"},
-      {[](auto* r) { r->set_device(v1::DEVICE_CUDA); }, absl::StatusCode::kFailedPrecondition, "CUDA"},
+      {[](auto* r) { r->set_device(v1::DEVICE_CUDA); },
+       absl::StatusCode::kFailedPrecondition, "CUDA"},
   };
   for (const Case& c : cases) {
     v1::SubmitJobRequest r = QuickJob(model.id());
@@ -281,14 +316,22 @@ TEST_F(ServiceTest, BadRequestsGetTheRightCodes) {
     EXPECT_EQ(s.code(), c.code) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr(c.text));
   }
-  EXPECT_EQ(client_->GetJob("j-nope").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(client_->GetModel("m-nope").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(client_->CancelJob("j-nope").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(client_->WatchJob("j-nope", 0, nullptr).status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(client_->DownloadArtifact("j-nope", "recipe.json", server_->dir() + "/x").status().code(),
+  EXPECT_EQ(client_->GetJob("j-nope").status().code(),
             absl::StatusCode::kNotFound);
-  EXPECT_EQ(client_->ListJobs(v1::JOB_STATE_UNSPECIFIED, "", -1).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(client_->GetModel("m-nope").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->CancelJob("j-nope").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->WatchJob("j-nope", 0, nullptr).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(
+      client_->DownloadArtifact("j-nope", "recipe.json", server_->dir() + "/x")
+          .status()
+          .code(),
+      absl::StatusCode::kNotFound);
+  EXPECT_EQ(
+      client_->ListJobs(v1::JOB_STATE_UNSPECIFIED, "", -1).status().code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(ServiceTest, SubmitIsIdempotentOnRequestId) {
@@ -302,10 +345,12 @@ TEST_F(ServiceTest, SubmitIsIdempotentOnRequestId) {
   EXPECT_EQ(a->id(), b->id());
   EXPECT_EQ(client_->ListJobs()->jobs_size(), 1);
   // The model is in use: it cannot be deleted until the job is done.
-  EXPECT_EQ(client_->DeleteModel(model.id()).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(client_->DeleteModel(model.id()).code(),
+            absl::StatusCode::kFailedPrecondition);
   WaitFor(a->id(), Finished);
   EXPECT_TRUE(client_->DeleteModel(model.id()).ok());
-  EXPECT_EQ(client_->GetModel(model.id()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->GetModel(model.id()).status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 TEST_F(ServiceTest, TwoJobsRunAtOnceOnTwoSlots) {
@@ -334,20 +379,25 @@ TEST_F(ServiceTest, TwoJobsRunAtOnceOnTwoSlots) {
 TEST_F(ServiceTest, CancelInTheMiddleOfDistillationFreesTheSlot) {
   StartServer({"--devices=cpu:1"});
   v1::Model model = UploadReady("fashion_cnn.pt");
-  absl::StatusOr<v1::Job> job = client_->SubmitJob(QuickJob(model.id(), 100000));
+  absl::StatusOr<v1::Job> job =
+      client_->SubmitJob(QuickJob(model.id(), 100000));
   ASSERT_TRUE(job.ok());
-  absl::StatusOr<v1::Job> queued = client_->SubmitJob(QuickJob(model.id()));  // waits for the slot
+  absl::StatusOr<v1::Job> queued =
+      client_->SubmitJob(QuickJob(model.id()));  // waits for the slot
   ASSERT_TRUE(queued.ok());
   // Cancel once distillation is under way.
-  absl::StatusOr<v1::Job> seen = client_->WatchJob(job->id(), 0, [](const v1::JobEvent& e) {
-    return !(e.type() == v1::EVENT_PROGRESS && e.stage() == v1::STAGE_DISTILL && e.step() > 0);
-  });
+  absl::StatusOr<v1::Job> seen =
+      client_->WatchJob(job->id(), 0, [](const v1::JobEvent& e) {
+        return !(e.type() == v1::EVENT_PROGRESS &&
+                 e.stage() == v1::STAGE_DISTILL && e.step() > 0);
+      });
   ASSERT_TRUE(seen.ok());
   ASSERT_EQ(seen->state(), v1::JOB_RUNNING);
   ASSERT_TRUE(client_->CancelJob(job->id()).ok());
   v1::Job cancelled = WaitFor(job->id(), Finished, absl::Seconds(30));
   EXPECT_EQ(cancelled.state(), v1::JOB_CANCELLED);
-  EXPECT_EQ(cancelled.error().code(), static_cast<int>(absl::StatusCode::kCancelled));
+  EXPECT_EQ(cancelled.error().code(),
+            static_cast<int>(absl::StatusCode::kCancelled));
   // The freed slot runs the queued job.
   EXPECT_EQ(WaitFor(queued->id(), Finished).state(), v1::JOB_SUCCEEDED);
   // Cancelling a finished job changes nothing.
@@ -363,9 +413,12 @@ TEST_F(ServiceTest, CancelInTheMiddleOfDistillationFreesTheSlot) {
 TEST_F(ServiceTest, KilledWorkerFailsItsJobAndTheServerCarriesOn) {
   StartServer();
   v1::Model model = UploadReady("fashion_cnn.pt");
-  absl::StatusOr<v1::Job> job = client_->SubmitJob(QuickJob(model.id(), 100000));
+  absl::StatusOr<v1::Job> job =
+      client_->SubmitJob(QuickJob(model.id(), 100000));
   ASSERT_TRUE(job.ok());
-  WaitFor(job->id(), [](const v1::Job& j) { return j.stage() == v1::STAGE_DISTILL || Finished(j); });
+  WaitFor(job->id(), [](const v1::Job& j) {
+    return j.stage() == v1::STAGE_DISTILL || Finished(j);
+  });
   pid_t worker = testing::FindWorkerPid(job->id());
   ASSERT_GT(worker, 0);
   kill(worker, SIGKILL);
@@ -387,7 +440,8 @@ TEST_F(ServiceTest, TimeLimitStopsAJob) {
   ASSERT_TRUE(job.ok());
   v1::Job done = WaitFor(job->id(), Finished);
   EXPECT_EQ(done.state(), v1::JOB_FAILED);
-  EXPECT_EQ(done.error().code(), static_cast<int>(absl::StatusCode::kDeadlineExceeded));
+  EXPECT_EQ(done.error().code(),
+            static_cast<int>(absl::StatusCode::kDeadlineExceeded));
   EXPECT_THAT(done.error().message(), HasSubstr("time limit"));
 }
 
@@ -396,32 +450,41 @@ TEST_F(ServiceTest, ServerKilledMidJobRequeuesItOnRestart) {
   v1::Model model = UploadReady("fashion_cnn.pt");
   absl::StatusOr<v1::Job> job = client_->SubmitJob(QuickJob(model.id(), 300));
   ASSERT_TRUE(job.ok());
-  WaitFor(job->id(), [](const v1::Job& j) { return (j.stage() == v1::STAGE_DISTILL && j.step() > 0) || Finished(j); });
+  WaitFor(job->id(), [](const v1::Job& j) {
+    return (j.stage() == v1::STAGE_DISTILL && j.step() > 0) || Finished(j);
+  });
   ASSERT_EQ(client_->GetJob(job->id())->state(), v1::JOB_RUNNING);
   pid_t worker = testing::FindWorkerPid(job->id());
   server_->Kill();
   // The worker dies with its server.
-  for (int i = 0; i < 200 && worker > 0 && kill(worker, 0) == 0; ++i) absl::SleepFor(absl::Milliseconds(10));
-  EXPECT_TRUE(worker <= 0 || kill(worker, 0) != 0) << "the orphaned worker is still running";
+  for (int i = 0; i < 200 && worker > 0 && kill(worker, 0) == 0; ++i)
+    absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_TRUE(worker <= 0 || kill(worker, 0) != 0)
+      << "the orphaned worker is still running";
 
   ASSERT_TRUE(server_->Start()) << server_->Log();
   client_ = server_->NewClient();
   std::vector<v1::JobEvent> events;
-  absl::StatusOr<v1::Job> done = client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-    if (e.type() != v1::EVENT_HEARTBEAT) events.push_back(e);
-    return true;
-  });
+  absl::StatusOr<v1::Job> done =
+      client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+        if (e.type() != v1::EVENT_HEARTBEAT) events.push_back(e);
+        return true;
+      });
   ASSERT_TRUE(done.ok()) << done.status();
   EXPECT_EQ(done->state(), v1::JOB_SUCCEEDED) << done->error().message();
   EXPECT_EQ(done->attempts(), 2);
-  bool requeued = std::any_of(events.begin(), events.end(), [](const v1::JobEvent& e) {
-    return absl::StrContains(e.message(), "re-queued after a server restart");
-  });
+  bool requeued =
+      std::any_of(events.begin(), events.end(), [](const v1::JobEvent& e) {
+        return absl::StrContains(e.message(),
+                                 "re-queued after a server restart");
+      });
   EXPECT_TRUE(requeued);
-  for (size_t i = 0; i < events.size(); ++i) EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
+  for (size_t i = 0; i < events.size(); ++i)
+    EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
   // Nothing partial is left in the job folders.
   int leftovers = 0;
-  for (const auto& e : fs::directory_iterator(server_->data_dir() + "/jobs")) leftovers += 1 + 0 * e.is_directory();
+  for (const auto& e : fs::directory_iterator(server_->data_dir() + "/jobs"))
+    leftovers += 1 + 0 * e.is_directory();
   EXPECT_EQ(leftovers, 0);
 }
 
@@ -478,7 +541,8 @@ TEST_F(ServiceTest, LateAndReconnectingWatchersMissNothing) {
     rest.push_back(e.seq());
     return true;
   });
-  EXPECT_EQ(rest, (std::vector<int64_t>{done.last_seq() - 2, done.last_seq() - 1, done.last_seq()}));
+  EXPECT_EQ(rest, (std::vector<int64_t>{done.last_seq() - 2,
+                                        done.last_seq() - 1, done.last_seq()}));
 }
 
 TEST_F(ServiceTest, ReplanFromAFinishedJobSkipsTheSweep) {
@@ -505,12 +569,15 @@ TEST_F(ServiceTest, ReplanFromAFinishedJobSkipsTheSweep) {
   // No distillation and no sweep: the table and the data are reused.
   for (const auto& e : events) {
     EXPECT_NE(e.type(), v1::EVENT_SENSITIVITY);
-    EXPECT_FALSE(e.type() == v1::EVENT_PROGRESS && e.stage() == v1::STAGE_DISTILL);
+    EXPECT_FALSE(e.type() == v1::EVENT_PROGRESS &&
+                 e.stage() == v1::STAGE_DISTILL);
   }
   ASSERT_EQ(a.result().layers_size(), b.result().layers_size());
   for (int i = 0; i < a.result().layers_size(); ++i) {
-    EXPECT_EQ(std::vector<double>(a.result().layers(i).sensitivity().begin(), a.result().layers(i).sensitivity().end()),
-              std::vector<double>(b.result().layers(i).sensitivity().begin(), b.result().layers(i).sensitivity().end()));
+    EXPECT_EQ(std::vector<double>(a.result().layers(i).sensitivity().begin(),
+                                  a.result().layers(i).sensitivity().end()),
+              std::vector<double>(b.result().layers(i).sensitivity().begin(),
+                                  b.result().layers(i).sensitivity().end()));
   }
   EXPECT_LT(b.result().weight_bytes(), a.result().weight_bytes());
   // Re-planning from a job of another model is refused.
@@ -526,12 +593,15 @@ TEST_F(ServiceTest, DownloadResumesFromAnOffset) {
   v1::Job done = WaitFor(job->id(), Finished);
   ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED);
   std::string whole = (fs::path(server_->dir()) / "whole.pt").string();
-  ASSERT_TRUE(client_->DownloadArtifact(job->id(), "model.zeroq.pt", whole).ok());
+  ASSERT_TRUE(
+      client_->DownloadArtifact(job->id(), "model.zeroq.pt", whole).ok());
   std::string bytes = ReadFile(whole);
   // A partial file from an interrupted download is completed, not restarted.
   std::string resumed = (fs::path(server_->dir()) / "resumed.pt").string();
-  std::ofstream(resumed + ".part", std::ios::binary) << bytes.substr(0, bytes.size() / 3);
-  absl::StatusOr<v1::Artifact> got = client_->DownloadArtifact(job->id(), "model.zeroq.pt", resumed);
+  std::ofstream(resumed + ".part", std::ios::binary)
+      << bytes.substr(0, bytes.size() / 3);
+  absl::StatusOr<v1::Artifact> got =
+      client_->DownloadArtifact(job->id(), "model.zeroq.pt", resumed);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(ReadFile(resumed), bytes);
   // Raw: the first chunk of a resumed download starts at the offset and
@@ -556,8 +626,9 @@ TEST_F(ServiceTest, DownloadResumesFromAnOffset) {
   while (bad->Read(&chunk)) {
   }
   EXPECT_EQ(bad->Finish().error_code(), grpc::StatusCode::OUT_OF_RANGE);
-  EXPECT_EQ(client_->DownloadArtifact(job->id(), "nope", whole + "2").status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(
+      client_->DownloadArtifact(job->id(), "nope", whole + "2").status().code(),
+      absl::StatusCode::kNotFound);
 }
 
 TEST_F(ServiceTest, ListJobsPagesAndFilters) {
@@ -574,7 +645,8 @@ TEST_F(ServiceTest, ListJobsPagesAndFilters) {
   std::string token;
   int pages = 0;
   do {
-    absl::StatusOr<v1::ListJobsResponse> page = client_->ListJobs(v1::JOB_CANCELLED, model.id(), 2, token);
+    absl::StatusOr<v1::ListJobsResponse> page =
+        client_->ListJobs(v1::JOB_CANCELLED, model.id(), 2, token);
     ASSERT_TRUE(page.ok()) << page.status();
     for (const auto& j : page->jobs()) EXPECT_TRUE(seen.insert(j.id()).second);
     token = page->next_page_token();
@@ -590,13 +662,71 @@ TEST_F(ServiceTest, GracefulStopRequeuesTheRunningJob) {
   v1::Model model = UploadReady("fashion_cnn.pt");
   absl::StatusOr<v1::Job> job = client_->SubmitJob(QuickJob(model.id(), 300));
   ASSERT_TRUE(job.ok());
-  WaitFor(job->id(), [](const v1::Job& j) { return j.stage() == v1::STAGE_DISTILL || Finished(j); });
+  WaitFor(job->id(), [](const v1::Job& j) {
+    return j.stage() == v1::STAGE_DISTILL || Finished(j);
+  });
   EXPECT_EQ(server_->Stop(), 0);
   ASSERT_TRUE(server_->Start());
   client_ = server_->NewClient();
   v1::Job done = WaitFor(job->id(), Finished);
   EXPECT_EQ(done.state(), v1::JOB_SUCCEEDED) << done.error().message();
   EXPECT_EQ(done.attempts(), 1);  // a graceful stop does not use up an attempt
+}
+
+TEST_F(ServiceTest, HigherPriorityRunsFirst) {
+  StartServer({"--devices=cpu:1"});
+  v1::Model model = UploadReady("fashion_cnn.pt");
+  absl::StatusOr<v1::Job> blocker =
+      client_->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(blocker.ok());
+  WaitFor(blocker->id(), [](const v1::Job& j) {
+    return j.state() == v1::JOB_RUNNING || Finished(j);
+  });
+  v1::SubmitJobRequest low = QuickJob(model.id());
+  v1::SubmitJobRequest high = QuickJob(model.id());
+  high.set_priority(10);
+  absl::StatusOr<v1::Job> a = client_->SubmitJob(low);
+  absl::StatusOr<v1::Job> b = client_->SubmitJob(high);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(client_->CancelJob(blocker->id()).ok());
+  v1::Job done_a = WaitFor(a->id(), Finished);
+  v1::Job done_b = WaitFor(b->id(), Finished);
+  ASSERT_EQ(done_a.state(), v1::JOB_SUCCEEDED);
+  ASSERT_EQ(done_b.state(), v1::JOB_SUCCEEDED);
+  // One slot: the later, higher-priority job ran first and ended before the
+  // other started.
+  auto nanos = [](const google::protobuf::Timestamp& t) {
+    return t.seconds() * 1000000000 + t.nanos();
+  };
+  EXPECT_LE(nanos(done_b.end_time()), nanos(done_a.start_time()));
+}
+
+TEST_F(ServiceTest, JobInterruptedTooOftenFails) {
+  StartServer({"--max_attempts=1"});
+  v1::Model model = UploadReady("fashion_cnn.pt");
+  absl::StatusOr<v1::Job> job =
+      client_->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(job.ok());
+  WaitFor(job->id(), [](const v1::Job& j) {
+    return j.stage() == v1::STAGE_DISTILL || Finished(j);
+  });
+  server_->Kill();
+  // Leftovers of the crash: a partial upload and a job folder.
+  fs::create_directories(server_->data_dir() + "/blobs/tmp");
+  std::ofstream(server_->data_dir() + "/blobs/tmp/upload-partial")
+      << "half a model";
+  ASSERT_TRUE(fs::exists(server_->data_dir() + "/jobs/" + job->id()));
+  ASSERT_TRUE(server_->Start());
+  client_ = server_->NewClient();
+  v1::Job failed = WaitFor(job->id(), Finished);
+  EXPECT_EQ(failed.state(), v1::JOB_FAILED);
+  EXPECT_EQ(failed.error().code(),
+            static_cast<int>(absl::StatusCode::kAborted));
+  EXPECT_THAT(failed.error().message(), HasSubstr("server restarts"));
+  EXPECT_FALSE(fs::exists(server_->data_dir() + "/blobs/tmp/upload-partial"));
+  EXPECT_FALSE(fs::exists(server_->data_dir() + "/jobs/" + job->id()));
+  // The model survived the crash and still serves jobs.
+  EXPECT_EQ(client_->GetModel(model.id())->state(), v1::MODEL_READY);
 }
 
 }  // namespace

@@ -48,19 +48,22 @@ absl::StatusOr<std::string> ReadWholeFile(absl::string_view field,
 
 }  // namespace
 
-absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& request) {
+absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
+    const v1::RunRequest& request) {
   core::JobSpec spec;
   if (request.model_path().empty()) return Invalid("model_path", "is required");
   spec.model_path = request.model_path();
   if (request.input_shape().empty()) {
-    return Invalid("input_shape",
-                   "is required: one sample without the batch, e.g. [3, 224, 224]");
+    return Invalid(
+        "input_shape",
+        "is required: one sample without the batch, e.g. [3, 224, 224]");
   }
   for (int64_t d : request.input_shape()) {
     if (d <= 0) {
-      return Invalid("input_shape",
-                     absl::StrCat("[", absl::StrJoin(request.input_shape(), ","),
-                                  "] must have positive sizes"));
+      return Invalid(
+          "input_shape",
+          absl::StrCat("[", absl::StrJoin(request.input_shape(), ","),
+                       "] must have positive sizes"));
     }
     spec.input_shape.push_back(d);
   }
@@ -70,7 +73,8 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& reques
   const v1::QuantizationConfig& config = request.config();
   core::QuantOptions& q = spec.quant;
   if (config.has_weight_bits()) {
-    if (absl::Status s = CheckRange("config.weight_bits", config.weight_bits(), 2, 8);
+    if (absl::Status s =
+            CheckRange("config.weight_bits", config.weight_bits(), 2, 8);
         !s.ok()) {
       return s;
     }
@@ -87,8 +91,10 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& reques
   }
   for (const auto& [name, bits] : config.layer_bits()) {
     const std::string field = absl::StrCat("config.layer_bits[\"", name, "\"]");
-    if (name.empty()) return Invalid("config.layer_bits", "a layer name is empty");
-    if (absl::Status s = CheckRange(field, bits, 2, 8, /*zero_ok=*/true); !s.ok()) {
+    if (name.empty())
+      return Invalid("config.layer_bits", "a layer name is empty");
+    if (absl::Status s = CheckRange(field, bits, 2, 8, /*zero_ok=*/true);
+        !s.ok()) {
       return s;
     }
     q.layer_bits[name] = bits;
@@ -106,18 +112,21 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& reques
 
   if (!config.budget().empty()) {
     absl::StatusOr<core::Budget> budget = core::ParseBudget(config.budget());
-    if (!budget.ok()) return Invalid("config.budget", budget.status().message());
+    if (!budget.ok())
+      return Invalid("config.budget", budget.status().message());
     spec.budget = *budget;
   }
   if (!config.candidate_bits().empty()) {
     std::set<int> seen;
     spec.sensitivity.bits.clear();
     for (int k : config.candidate_bits()) {
-      if (absl::Status s = CheckRange("config.candidate_bits", k, 2, 8); !s.ok()) {
+      if (absl::Status s = CheckRange("config.candidate_bits", k, 2, 8);
+          !s.ok()) {
         return s;
       }
       if (!seen.insert(k).second) {
-        return Invalid("config.candidate_bits", absl::StrCat(k, " is repeated"));
+        return Invalid("config.candidate_bits",
+                       absl::StrCat(k, " is repeated"));
       }
       spec.sensitivity.bits.push_back(k);
     }
@@ -203,9 +212,10 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& reques
     return Invalid("threads", absl::StrCat(request.threads(), " is negative"));
   }
   if (config.has_threads() && config.threads() < 0) {
-    return Invalid("config.threads", absl::StrCat(config.threads(), " is negative"));
+    return Invalid("config.threads",
+                   absl::StrCat(config.threads(), " is negative"));
   }
-  spec.threads = request.threads() > 0 ? request.threads()
+  spec.threads = request.threads() > 0  ? request.threads()
                  : config.has_threads() ? config.threads()
                                         : 0;
   spec.device = request.device().empty() ? "cpu" : request.device();
@@ -214,20 +224,26 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& reques
 
 v1::Stage StageToProto(core::Stage stage) {
   switch (stage) {
-    case core::Stage::kInspect: return v1::STAGE_INSPECT;
-    case core::Stage::kDistill: return v1::STAGE_DISTILL;
-    case core::Stage::kSensitivity: return v1::STAGE_SENSITIVITY;
-    case core::Stage::kPareto: return v1::STAGE_PARETO;
-    case core::Stage::kCalibrate: return v1::STAGE_CALIBRATE;
-    case core::Stage::kExport: return v1::STAGE_EXPORT;
+    case core::Stage::kInspect:
+      return v1::STAGE_INSPECT;
+    case core::Stage::kDistill:
+      return v1::STAGE_DISTILL;
+    case core::Stage::kSensitivity:
+      return v1::STAGE_SENSITIVITY;
+    case core::Stage::kPareto:
+      return v1::STAGE_PARETO;
+    case core::Stage::kCalibrate:
+      return v1::STAGE_CALIBRATE;
+    case core::Stage::kExport:
+      return v1::STAGE_EXPORT;
   }
   return v1::STAGE_UNSPECIFIED;
 }
 
 v1::Stage StageFromName(const std::string& name) {
-  for (core::Stage s : {core::Stage::kInspect, core::Stage::kDistill,
-                        core::Stage::kSensitivity, core::Stage::kPareto,
-                        core::Stage::kCalibrate, core::Stage::kExport}) {
+  for (core::Stage s :
+       {core::Stage::kInspect, core::Stage::kDistill, core::Stage::kSensitivity,
+        core::Stage::kPareto, core::Stage::kCalibrate, core::Stage::kExport}) {
     if (name == core::StageName(s)) return StageToProto(s);
   }
   return v1::STAGE_UNSPECIFIED;
@@ -316,13 +332,15 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
   }
   out.set_threads(r.threads);
   out.set_device(r.device);
-  out.set_calibration(r.calibration == "distilled" || r.calibration == "gaussian"
+  out.set_calibration(r.calibration == "distilled" ||
+                              r.calibration == "gaussian"
                           ? r.calibration
                           : Basename(r.calibration));
   for (const std::string* path : {&r.model_artifact, &r.recipe_artifact,
                                   &r.data_artifact, &r.report_artifact}) {
     struct stat st;
-    if (path->empty() || ::stat(path->c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    if (path->empty() || ::stat(path->c_str(), &st) != 0 ||
+        !S_ISREG(st.st_mode)) {
       continue;
     }
     v1::Artifact* a = out.add_artifacts();
@@ -332,7 +350,9 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
   return out;
 }
 
-int RpcCode(const absl::Status& status) { return static_cast<int>(status.code()); }
+int RpcCode(const absl::Status& status) {
+  return static_cast<int>(status.code());
+}
 
 v1::JobError ErrorFromStatus(const absl::Status& status) {
   v1::JobError error;

@@ -31,7 +31,8 @@ namespace v1 = ::zeroq::v1;
 // INVALID_ARGUMENT naming the field, e.g. "config.weight_bits: 9 is outside
 // 2..8", for values outside the ranges zeroq.proto documents and for report
 // files that cannot be read or hold no sensitivity table.
-absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(const v1::RunRequest& request);
+absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
+    const v1::RunRequest& request);
 
 // A progress event as the protocol's JobEvent (seq and time unset):
 //  - SENSITIVITY stage with a layer: EVENT_SENSITIVITY (layer, bits, omega);

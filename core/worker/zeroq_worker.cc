@@ -24,9 +24,9 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <csignal>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -38,15 +38,18 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "core/cancellation.h"
 #include "core/pipeline.h"
 #include "core/worker/convert.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "zeroq/v1/worker.pb.h"
 
-ABSL_FLAG(std::string, request, "", "serialized zeroq.v1.WorkerRequest (required)");
+ABSL_FLAG(std::string, request, "",
+          "serialized zeroq.v1.WorkerRequest (required)");
 ABSL_FLAG(int, progress_fd, 3, "file descriptor the WorkerMessages go to");
 ABSL_FLAG(int, parent_pid, 0,
           "if > 0: die with this parent process, and exit at once if it is "
@@ -100,8 +103,9 @@ class MessageWriter {
       return false;
     }
     uint8_t header[10];  // a varint32 takes at most 5
-    uint8_t* end = google::protobuf::io::CodedOutputStream::WriteVarint32ToArray(
-        static_cast<uint32_t>(body.size()), header);
+    uint8_t* end =
+        google::protobuf::io::CodedOutputStream::WriteVarint32ToArray(
+            static_cast<uint32_t>(body.size()), header);
     std::string frame(reinterpret_cast<const char*>(header), end - header);
     frame += body;
     const char* p = frame.data();
@@ -144,13 +148,14 @@ class ProgressThrottle {
     stage_ = e.stage();
     const bool distill = e.stage() == v1::STAGE_DISTILL;
     const bool last = e.total() > 0 && e.step() >= e.total();
-    const bool batch_end = distill && e.step() > 0 && e.step() % per_batch_ == 0;
+    const bool batch_end =
+        distill && e.step() > 0 && e.step() % per_batch_ == 0;
     const int64_t span = distill ? per_batch_ : e.total();
     // Unknown totals: every step is "new", so only the 50 ms rule thins.
     const int64_t bucket = span > 0 ? e.step() * 100 / span : e.step();
-    const bool send =
-        new_stage || last || batch_end ||
-        (bucket != last_bucket_ && now - last_sent_ >= std::chrono::milliseconds(50));
+    const bool send = new_stage || last || batch_end ||
+                      (bucket != last_bucket_ &&
+                       now - last_sent_ >= std::chrono::milliseconds(50));
     if (send) {
       last_bucket_ = bucket;
       last_sent_ = now;
@@ -229,6 +234,11 @@ int Run(const v1::RunRequest& request, MessageWriter& out) {
   v1::Stage logged_stage = v1::STAGE_UNSPECIFIED;
   auto on_progress = [&](const core::ProgressEvent& progress) {
     v1::JobEvent e = EventFromProgress(progress);
+    // Clients see artifact names, never the server's folders.
+    const std::string prefix = request.output_dir() + "/";
+    if (absl::StrContains(e.message(), prefix)) {
+      e.set_message(absl::StrReplaceAll(e.message(), {{prefix, ""}}));
+    }
     if (e.stage() != logged_stage) {
       logged_stage = e.stage();
       Log("stage %s", core::StageName(progress.stage));
@@ -267,7 +277,8 @@ int Run(const v1::RunRequest& request, MessageWriter& out) {
 
 int Main(int argc, char** argv) {
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (rest.size() > 1) return Usage(absl::StrCat("unexpected argument ", rest[1]));
+  if (rest.size() > 1)
+    return Usage(absl::StrCat("unexpected argument ", rest[1]));
 
   const int parent = absl::GetFlag(FLAGS_parent_pid);
   if (parent > 0) {
@@ -298,7 +309,8 @@ int Main(int argc, char** argv) {
   if (request_path.empty()) return Usage("--request is required");
   const int fd = absl::GetFlag(FLAGS_progress_fd);
   if (fd < 0 || ::fcntl(fd, F_GETFD) < 0) {
-    return Usage(absl::StrCat("--progress_fd=", fd, " is not an open descriptor"));
+    return Usage(
+        absl::StrCat("--progress_fd=", fd, " is not an open descriptor"));
   }
   MessageWriter out(fd);
 
@@ -320,8 +332,8 @@ int Main(int argc, char** argv) {
     case v1::WorkerRequest::KIND_NOT_SET:
       break;
   }
-  return Fail(out, absl::InvalidArgumentError(
-                       absl::StrCat(request_path, " holds an empty WorkerRequest")));
+  return Fail(out, absl::InvalidArgumentError(absl::StrCat(
+                       request_path, " holds an empty WorkerRequest")));
 }
 
 }  // namespace
