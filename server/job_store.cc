@@ -180,6 +180,23 @@ absl::Status ParseRecord(absl::string_view bytes, absl::string_view what,
   return absl::OkStatus();
 }
 
+// The record of the one row `query` selects by id: NOT_FOUND when none.
+template <typename T>
+absl::StatusOr<T> ReadRecordById(sqlite3* db, Statement& query,
+                                 absl::string_view what,
+                                 const std::string& id) {
+  const int rc = query.Step();
+  if (rc == SQLITE_DONE) {
+    return absl::NotFoundError(absl::StrCat(what, " ", id, " not found"));
+  }
+  if (rc != SQLITE_ROW) {
+    return SqliteError(db, rc, absl::StrCat("get ", what, " ", id));
+  }
+  T record;
+  ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), what, &record));
+  return record;
+}
+
 template <typename Message>
 absl::StatusOr<std::string> Serialize(const Message& message,
                                       absl::string_view what) {
@@ -532,14 +549,7 @@ absl::StatusOr<v1::Model> SqliteJobStore::GetModel(const std::string& id) {
   ZQ_ASSIGN_OR_RETURN(Statement query,
                       impl_->Query("SELECT record FROM models WHERE id = ?1"));
   query.BindText(1, id);
-  const int rc = query.Step();
-  if (rc == SQLITE_DONE)
-    return absl::NotFoundError(absl::StrCat("model ", id, " not found"));
-  if (rc != SQLITE_ROW)
-    return SqliteError(impl_->db, rc, absl::StrCat("get model ", id));
-  v1::Model model;
-  ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), "model", &model));
-  return model;
+  return ReadRecordById<v1::Model>(impl_->db, query, "model", id);
 }
 
 absl::StatusOr<Page<v1::Model>> SqliteJobStore::ListModels(
@@ -626,14 +636,7 @@ absl::StatusOr<v1::Job> SqliteJobStore::GetJob(const std::string& id) {
   ZQ_ASSIGN_OR_RETURN(Statement query,
                       impl_->Query("SELECT record FROM jobs WHERE id = ?1"));
   query.BindText(1, id);
-  const int rc = query.Step();
-  if (rc == SQLITE_DONE)
-    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
-  if (rc != SQLITE_ROW)
-    return SqliteError(impl_->db, rc, absl::StrCat("get job ", id));
-  v1::Job job;
-  ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), "job", &job));
-  return job;
+  return ReadRecordById<v1::Job>(impl_->db, query, "job", id);
 }
 
 absl::StatusOr<Page<v1::Job>> SqliteJobStore::ListJobs(
