@@ -42,8 +42,30 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     return absl::InvalidArgumentError("no server address given");
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(8 << 20);
-  auto channel = grpc::CreateCustomChannel(
-      target, grpc::InsecureChannelCredentials(), args);
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      grpc::InsecureChannelCredentials();
+  if (!options.tls_ca_file.empty()) {
+    auto read = [](const std::string& path, std::string* out) {
+      std::ifstream in(path, std::ios::binary);
+      if (!in) return false;
+      out->assign(std::istreambuf_iterator<char>(in),
+                  std::istreambuf_iterator<char>());
+      return true;
+    };
+    grpc::SslCredentialsOptions ssl;
+    if (!read(options.tls_ca_file, &ssl.pem_root_certs)) {
+      return absl::NotFoundError(
+          absl::StrCat("cannot read ", options.tls_ca_file));
+    }
+    if (!options.tls_cert_file.empty() &&
+        (!read(options.tls_cert_file, &ssl.pem_cert_chain) ||
+         !read(options.tls_key_file, &ssl.pem_private_key))) {
+      return absl::NotFoundError(absl::StrCat(
+          "cannot read ", options.tls_cert_file, " or ", options.tls_key_file));
+    }
+    credentials = grpc::SslCredentials(ssl);
+  }
+  auto channel = grpc::CreateCustomChannel(target, credentials, args);
   return std::make_unique<Client>(std::move(channel), std::move(options));
 }
 

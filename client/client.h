@@ -35,6 +35,10 @@ namespace v1 = ::zeroq::v1;
 
 struct ClientOptions {
   std::string api_key;  // sent as "authorization: Bearer KEY"
+  // TLS: on when tls_ca_file is set (the CA that signed the server's
+  // certificate); tls_cert_file and tls_key_file add a client certificate.
+  std::string tls_ca_file;
+  std::string tls_cert_file, tls_key_file;
   absl::Duration rpc_timeout = absl::Seconds(60);  // unary calls
   int upload_chunk_bytes = 1 << 20;
   // Watch and download: reconnect attempts after a stream breaks

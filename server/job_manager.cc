@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "server/log.h"
 #include "server/scheduler.h"
 #include "server/sha256.h"
 #include "server/validation.h"
@@ -31,6 +32,7 @@ struct JobManager::JobRuntime {
   bool cancel_requested = false;  // by the client
   bool stop_requested = false;    // by Stop(): re-queue, not cancel
   int64_t queue_order = 0;
+  absl::Time enqueued_at;
 };
 
 namespace {
@@ -87,7 +89,16 @@ bool IsTerminal(v1::JobState s) {
          s == v1::JOB_CANCELLED;
 }
 
-void Log(absl::string_view line) { std::cerr << line << std::endl; }
+std::string StageLabel(v1::Stage stage) {
+  return absl::AsciiStrToLower(
+      v1::Stage_Name(stage).substr(6));  // drop "STAGE_"
+}
+
+double SecondsBetween(const google::protobuf::Timestamp& a,
+                      const google::protobuf::Timestamp& b) {
+  return static_cast<double>(b.seconds() - a.seconds()) +
+         (b.nanos() - a.nanos()) * 1e-9;
+}
 
 }  // namespace
 
@@ -128,7 +139,7 @@ std::string JobManager::JobDir(const std::string& job_id) const {
 absl::Status JobManager::Start() {
   ZQ_ASSIGN_OR_RETURN(int temporaries, blobs_->RemoveTemporaries());
   if (temporaries > 0)
-    Log(absl::StrCat("removed ", temporaries, " partial uploads"));
+    LogInfo({}, absl::StrCat("removed ", temporaries, " partial uploads"));
   // Everything under jobs/ is a previous run's unfinished work: artifacts are
   // only ever read from the blob store.
   std::error_code ec;
@@ -173,13 +184,31 @@ absl::Status JobManager::Start() {
                            rt->job.attempts(), " of ", options_.max_attempts,
                            " was interrupted)"))},
           false);
-      Log(absl::StrCat("job ", rt->job.id(), ": re-queued after restart"));
+      LogInfo({rt->job.tenant(), rt->job.id(), rt->job.model_id()},
+              "re-queued after a server restart");
+      if (options_.metrics) options_.metrics->WorkerRestarted();
     } else if (rt->job.last_seq() == 0) {
       AppendLocked(*rt, {StateEvent(rt->job, "queued")}, false);
     }
     EnqueueLocked(rt);
   }
   for (const v1::Model& m : inspecting) pending_inspections_.push_back(m.id());
+  // What each tenant holds, for the stored_bytes quota and the gauge.
+  for (v1::ModelState state :
+       {v1::MODEL_INSPECTING, v1::MODEL_READY, v1::MODEL_INVALID}) {
+    ZQ_ASSIGN_OR_RETURN(std::vector<v1::Model> models,
+                        store_->ModelsInState(state));
+    for (const v1::Model& m : models)
+      AddStoredBytesLocked(m.tenant(), m.size_bytes());
+  }
+  ZQ_ASSIGN_OR_RETURN(std::vector<v1::Job> succeeded,
+                      store_->JobsInStates({v1::JOB_SUCCEEDED}));
+  for (const v1::Job& j : succeeded) {
+    for (const v1::Artifact& a : j.result().artifacts()) {
+      AddStoredBytesLocked(j.tenant(), a.size_bytes());
+    }
+  }
+  UpdateGaugesLocked();
   scheduler_ = std::thread([this] { SchedulerLoop(); });
   return absl::OkStatus();
 }
@@ -230,8 +259,42 @@ struct PendingStart {
 
 void JobManager::EnqueueLocked(std::shared_ptr<JobRuntime> rt) {
   rt->queue_order = next_queue_order_++;
+  rt->enqueued_at = absl::Now();
+  queued_per_tenant_[rt->job.tenant()]++;
   queue_.push_back(std::move(rt));
+  UpdateGaugesLocked();
   wake_scheduler_.Signal();
+}
+
+void JobManager::RemoveFromQueueLocked(const std::shared_ptr<JobRuntime>& rt) {
+  auto q = std::find(queue_.begin(), queue_.end(), rt);
+  if (q == queue_.end()) return;
+  queue_.erase(q);
+  queued_per_tenant_[rt->job.tenant()]--;
+  UpdateGaugesLocked();
+}
+
+const Quotas* JobManager::QuotasOf(const std::string& tenant) const {
+  if (options_.tenants == nullptr) return nullptr;
+  const Tenant* t = options_.tenants->Find(tenant);
+  return t == nullptr ? nullptr : &t->quotas;
+}
+
+void JobManager::AddStoredBytesLocked(const std::string& tenant,
+                                      int64_t delta) {
+  int64_t& bytes = stored_bytes_[tenant];
+  bytes = std::max<int64_t>(0, bytes + delta);
+  if (options_.metrics) options_.metrics->SetStoredBytes(tenant, bytes);
+}
+
+void JobManager::UpdateGaugesLocked() {
+  if (options_.metrics == nullptr) return;
+  options_.metrics->SetQueueDepth(static_cast<int64_t>(queue_.size()));
+  for (const DeviceInfo& d : pool_.devices()) {
+    int64_t busy = std::count(d.busy.begin(), d.busy.end(), true);
+    // A job holds exactly one slot, so running jobs on a device = busy slots.
+    options_.metrics->SetDevice(d.name, busy, busy, d.slots);
+  }
 }
 
 void JobManager::SchedulerLoop() {
@@ -255,6 +318,11 @@ void JobManager::SchedulerLoop() {
           std::shared_ptr<JobRuntime> picked;
           std::optional<Slot> slot;
           for (const auto& rt : order) {
+            const Quotas* quotas = QuotasOf(rt->job.tenant());
+            if (quotas != nullptr && quotas->running_jobs > 0 &&
+                running_per_tenant_[rt->job.tenant()] >= quotas->running_jobs) {
+              continue;  // the tenant's running_jobs quota; others may go
+            }
             slot = pool_.Acquire(rt->job.device_preference());
             if (slot) {
               picked = rt;
@@ -262,7 +330,7 @@ void JobManager::SchedulerLoop() {
             }
           }
           if (!picked) break;
-          queue_.erase(std::find(queue_.begin(), queue_.end(), picked));
+          RemoveFromQueueLocked(picked);
           StartJobLocked(picked, *slot);
           if (picked->job.state() != v1::JOB_RUNNING)
             continue;  // failed to prepare
@@ -394,6 +462,10 @@ void JobManager::StartJobLocked(const std::shared_ptr<JobRuntime>& rt,
   SetNow(job.mutable_start_time());
   rt->slot = slot;
   rt->exited = false;
+  if (options_.metrics) {
+    options_.metrics->JobStarted(
+        absl::ToDoubleSeconds(absl::Now() - rt->enqueued_at));
+  }
   running_per_tenant_[job.tenant()]++;
   std::string dir = JobDir(job.id());
   std::error_code ec;
@@ -519,6 +591,9 @@ void JobManager::OnWorkerExit(const std::string& job_id,
         return;
       }
       *rt->job.mutable_result() = *std::move(outcome.result);
+      for (const v1::Artifact& a : rt->job.result().artifacts()) {
+        AddStoredBytesLocked(rt->job.tenant(), a.size_bytes());
+      }
       FinishLocked(rt, v1::JOB_SUCCEEDED, absl::OkStatus());
       return;
     case Kind::kFailed:
@@ -550,6 +625,7 @@ void JobManager::OnWorkerExit(const std::string& job_id,
               " and was stopped; submit it with a larger time_limit_seconds")));
       return;
     case Kind::kCrashed: {
+      if (options_.metrics) options_.metrics->WorkerCrashed();
       std::string message = outcome.error.message().empty()
                                 ? "the worker crashed"
                                 : outcome.error.message();
@@ -602,12 +678,13 @@ void JobManager::OnInspectionExit(const std::string& model_id,
     }
   }
   absl::Status s = store_->PutModel(*model);
+  LogIds ids{model->tenant(), "", model_id};
   if (!s.ok())
-    Log(absl::StrCat("model ", model_id,
-                     ": storing inspection: ", s.ToString()));
-  Log(absl::StrCat("model ", model_id, ": ",
-                   v1::ModelState_Name(model->state()), " ",
-                   model->state_reason()));
+    LogError(ids, absl::StrCat("storing the inspection: ", s.ToString()));
+  LogInfo(ids, absl::StrCat("inspected: ", v1::ModelState_Name(model->state()),
+                            " ", model->state_reason()));
+  if (options_.metrics)
+    options_.metrics->InspectionFinished(model->state() == v1::MODEL_READY);
 }
 
 // ---------------------------------------------------------------- events
@@ -621,8 +698,10 @@ void JobManager::AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events,
   }
   rt.job.set_last_seq(seq);
   absl::Status s = store_->UpdateJob(rt.job, events);
-  if (!s.ok())
-    Log(absl::StrCat("job ", rt.job.id(), ": storing events: ", s.ToString()));
+  if (!s.ok()) {
+    LogError({rt.job.tenant(), rt.job.id(), rt.job.model_id()},
+             absl::StrCat("storing events: ", s.ToString()));
+  }
   rt.log->Append(events, terminal);
 }
 
@@ -638,10 +717,63 @@ void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt,
   std::string message = absl::AsciiStrToLower(StateName(state));
   if (!error.ok()) absl::StrAppend(&message, ": ", error.message());
   AppendLocked(*rt, {StateEvent(job, message)}, true);
-  Log(absl::StrCat("job ", job.id(), ": ", message));
-  auto q = std::find(queue_.begin(), queue_.end(), rt);
-  if (q != queue_.end()) queue_.erase(q);
+  LogIds ids{job.tenant(), job.id(), job.model_id()};
+  if (state == v1::JOB_FAILED) {
+    LogWarning(ids, message);
+  } else {
+    LogInfo(ids, message);
+  }
+  if (options_.metrics != nullptr) {
+    double seconds = job.has_start_time() && state != v1::JOB_QUEUED
+                         ? SecondsBetween(job.start_time(), job.end_time())
+                         : 0;
+    options_.metrics->JobFinished(absl::AsciiStrToLower(StateName(state)),
+                                  seconds);
+    if (state == v1::JOB_SUCCEEDED) {
+      for (const v1::StageTime& t : job.result().stage_seconds()) {
+        options_.metrics->StageFinished(StageLabel(t.stage()), t.seconds());
+      }
+    }
+  }
+  RemoveFromQueueLocked(rt);
   active_.erase(job.id());
+  UpdateGaugesLocked();
+}
+
+// ---------------------------------------------------------------- quotas
+
+absl::Status JobManager::CheckUploadQuota(const std::string& tenant,
+                                          int64_t size_bytes) {
+  const Quotas* quotas = QuotasOf(tenant);
+  if (quotas == nullptr) return absl::OkStatus();
+  if (quotas->model_bytes > 0 && size_bytes > quotas->model_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota model_bytes: the model is ", size_bytes, " bytes, tenant ",
+        tenant, "'s limit is ", quotas->model_bytes, " bytes per model"));
+  }
+  absl::MutexLock lock(&mu_);
+  int64_t held = stored_bytes_[tenant];
+  if (quotas->stored_bytes > 0 && held + size_bytes > quotas->stored_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota stored_bytes: tenant ", tenant, " holds ", held, " bytes; ",
+        size_bytes, " more would pass its limit of ", quotas->stored_bytes,
+        " bytes. Delete models you no longer need"));
+  }
+  return absl::OkStatus();
+}
+
+int64_t JobManager::StoredBytes(const std::string& tenant) {
+  absl::MutexLock lock(&mu_);
+  return stored_bytes_[tenant];
+}
+
+bool JobManager::IsRetryLocked(const std::string& tenant,
+                               const std::string& request_id) {
+  for (const auto& [id, rt] : active_) {
+    if (rt->job.tenant() == tenant && rt->job.request_id() == request_id)
+      return true;
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------- models
@@ -676,6 +808,10 @@ absl::StatusOr<v1::Model> JobManager::RegisterModel(
   model.set_state(v1::MODEL_INSPECTING);
   SetNow(model.mutable_create_time());
   ZQ_RETURN_IF_ERROR(store_->PutModel(model));
+  AddStoredBytesLocked(tenant, model.size_bytes());
+  LogInfo({tenant, "", id},
+          absl::StrCat("uploaded \"", model.name(), "\", ", model.size_bytes(),
+                       " bytes; inspecting"));
   pending_inspections_.push_back(id);
   wake_scheduler_.Signal();
   return model;
@@ -713,6 +849,8 @@ absl::Status JobManager::DeleteModel(const std::string& tenant,
                      "; cancel them or wait for them to finish"));
   }
   ZQ_RETURN_IF_ERROR(store_->DeleteModel(id));
+  AddStoredBytesLocked(tenant, -model.size_bytes());
+  LogInfo({tenant, "", id}, "deleted");
   ZQ_ASSIGN_OR_RETURN(int64_t users,
                       store_->CountModelsWithSha(model.sha256()));
   if (users == 0) ZQ_RETURN_IF_ERROR(blobs_->Delete(model.sha256()));
@@ -792,6 +930,17 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
         "device: this server has no ", v1::DeviceKind_Name(r.device()),
         " devices (it has ", pool_.Describe(), ")"));
   }
+  const Quotas* quotas = QuotasOf(tenant);
+  if (quotas != nullptr && quotas->queued_jobs > 0 &&
+      queued_per_tenant_[tenant] >= quotas->queued_jobs) {
+    // A retry of an accepted request is not a new job: let it through.
+    if (r.request_id().empty() || !IsRetryLocked(tenant, r.request_id())) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "quota queued_jobs: tenant ", tenant, " already has ",
+          queued_per_tenant_[tenant], " queued jobs, the limit is ",
+          quotas->queued_jobs, "; wait for some to start or cancel them"));
+    }
+  }
   ZQ_ASSIGN_OR_RETURN(CreateJobResult created, store_->CreateJob(job));
   if (!created.created) {
     auto it = active_.find(created.job.id());
@@ -803,6 +952,9 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
   active_[job.id()] = rt;
   AppendLocked(*rt, {StateEvent(rt->job, "queued")}, false);
   EnqueueLocked(rt);
+  LogInfo({tenant, job.id(), job.model_id()},
+          absl::StrCat("submitted (priority ", job.priority(), ")"));
+  if (options_.metrics) options_.metrics->JobSubmitted(tenant);
   return rt->job;
 }
 

@@ -42,6 +42,8 @@
 #include "server/device_pool.h"
 #include "server/event_log.h"
 #include "server/job_store.h"
+#include "server/metrics.h"
+#include "server/tenants.h"
 #include "server/worker_supervisor.h"
 #include "zeroq/v1/zeroq.pb.h"
 
@@ -57,6 +59,10 @@ struct ManagerOptions {
   int max_attempts = 3;  // worker starts per job, restarts included
   int max_concurrent_inspections = 2;
   int64_t max_model_bytes = int64_t{2} << 30;
+  // Quotas per tenant; nullptr: none. Must outlive the manager.
+  const TenantRegistry* tenants = nullptr;
+  // nullptr: no metrics. Must outlive the manager.
+  Metrics* metrics = nullptr;
 };
 
 // Where a finished job's artifact can be read.
@@ -79,6 +85,13 @@ class JobManager {
   // Stops scheduling; running jobs get `grace` to finish, then are stopped
   // and re-queued (they run again at the next Start). Watch logs stay valid.
   void Stop(absl::Duration grace);
+
+  // ---- quotas
+  // Before an upload's bytes are received: RESOURCE_EXHAUSTED naming the
+  // quota and the limit when `size_bytes` is over the tenant's model_bytes
+  // or would take it over stored_bytes.
+  absl::Status CheckUploadQuota(const std::string& tenant, int64_t size_bytes);
+  int64_t StoredBytes(const std::string& tenant);
 
   // ---- models
   // After an upload's bytes are committed to the blob store: the existing
@@ -147,6 +160,8 @@ class JobManager {
                     bool terminal) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FinishLocked(const std::shared_ptr<JobRuntime>& rt, v1::JobState state,
                     absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemoveFromQueueLocked(const std::shared_ptr<JobRuntime>& rt)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EnqueueLocked(std::shared_ptr<JobRuntime> rt)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -156,6 +171,14 @@ class JobManager {
   absl::StatusOr<v1::RunRequest> BuildRunRequest(const v1::Job& job,
                                                  const Slot& slot);
   std::string JobDir(const std::string& job_id) const;
+  const Quotas* QuotasOf(const std::string& tenant) const;
+  // Whether the tenant has a queued or running job with this request id.
+  bool IsRetryLocked(const std::string& tenant, const std::string& request_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AddStoredBytesLocked(const std::string& tenant, int64_t delta)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Queue depth and per-device gauges.
+  void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ManagerOptions options_;
   JobStore* const store_;
@@ -170,6 +193,8 @@ class JobManager {
   std::vector<std::shared_ptr<JobRuntime>> queue_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, int> running_per_tenant_
       ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int> queued_per_tenant_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, int64_t> stored_bytes_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> pending_inspections_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<WorkerProcess>> inspections_
       ABSL_GUARDED_BY(mu_);

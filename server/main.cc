@@ -3,9 +3,10 @@
 //   zeroq-server --data_dir=/var/lib/zeroq --listen=127.0.0.1:50051
 //
 // Flags are parsed here into the option structs of the layers below; see
-// --help. SIGTERM or SIGINT stops it gracefully: watch streams end with
-// UNAVAILABLE, new work is refused, running jobs get --shutdown_grace to
-// finish and are otherwise stopped and re-queued for the next start.
+// --help. SIGTERM or SIGINT stops it gracefully: health turns NOT_SERVING,
+// watch streams end with UNAVAILABLE, new work is refused with UNAVAILABLE,
+// running jobs get --shutdown_grace to finish and are otherwise stopped and
+// re-queued for the next start; the exit status is 0.
 #include <signal.h>
 #include <unistd.h>
 
@@ -20,14 +21,22 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/status_macros.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "server/blob_store.h"
 #include "server/device_pool.h"
 #include "server/job_manager.h"
 #include "server/job_store.h"
+#include "server/log.h"
+#include "server/metrics.h"
 #include "server/service.h"
+#include "server/sha256.h"
+#include "server/tenants.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "address:port to serve on (port 0: any free port)");
@@ -57,8 +66,27 @@ ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(10),
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
           "time running jobs get to finish at shutdown");
 ABSL_FLAG(int64_t, max_model_mb, 2048, "largest model upload, MiB");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "address:port of the Prometheus /metrics endpoint (empty: none)");
+ABSL_FLAG(std::string, tenants_file, "",
+          "tenants, API key hashes and quotas (JSON, see README); empty: one "
+          "open tenant");
+ABSL_FLAG(bool, insecure_open, false,
+          "allow --listen on a non-loopback address without --tenants_file");
+ABSL_FLAG(std::string, tls_cert, "",
+          "server certificate chain (PEM); enables TLS");
+ABSL_FLAG(std::string, tls_key, "", "server private key (PEM)");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "CA (PEM) that client certificates must chain to; when set, clients "
+          "without a valid certificate are refused");
+ABSL_FLAG(std::string, log_format, "text",
+          "text or json (one JSON object per line)");
+ABSL_FLAG(std::string, hash_api_key, "",
+          "print the SHA-256 of this API key (for a tenants file) and exit");
 
 namespace {
+
+namespace zs = ::zeroq::server;
 
 std::string DefaultWorker() {
   char self[PATH_MAX];
@@ -77,8 +105,52 @@ std::string DefaultWorker() {
 }
 
 int Fail(const absl::Status& s) {
-  std::cerr << "zeroq-server: " << s.message() << std::endl;
+  zs::LogError({}, absl::StrCat("zeroq-server: ", s.message()));
   return 1;
+}
+
+absl::StatusOr<std::string> ReadPem(const std::string& path, const char* flag) {
+  std::ifstream in(path);
+  if (!in)
+    return absl::NotFoundError(
+        absl::StrCat("--", flag, ": cannot read ", path));
+  return std::string((std::istreambuf_iterator<char>(in)),
+                     std::istreambuf_iterator<char>());
+}
+
+bool IsLoopback(const std::string& listen) {
+  for (const char* prefix : {"127.", "localhost:", "[::1]:", "unix:"}) {
+    if (absl::StartsWith(listen, prefix)) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials() {
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert);
+  const std::string key = absl::GetFlag(FLAGS_tls_key);
+  const std::string client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  if (cert.empty() != key.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  }
+  if (cert.empty()) {
+    if (!client_ca.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls_client_ca needs --tls_cert and --tls_key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  grpc::SslServerCredentialsOptions ssl;
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  ZQ_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(cert, "tls_cert"));
+  ZQ_ASSIGN_OR_RETURN(pair.private_key, ReadPem(key, "tls_key"));
+  ssl.pem_key_cert_pairs.push_back(pair);
+  if (!client_ca.empty()) {
+    ZQ_ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                        ReadPem(client_ca, "tls_client_ca"));
+    ssl.client_certificate_request =
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
 }
 
 }  // namespace
@@ -88,6 +160,16 @@ int main(int argc, char** argv) {
       "zeroq-server: the ZeroQ quantization service.\n"
       "  zeroq-server --data_dir=DIR [--listen=127.0.0.1:50051]");
   absl::ParseCommandLine(argc, argv);
+  if (!absl::GetFlag(FLAGS_hash_api_key).empty()) {
+    std::cout << zs::Sha256Hex(absl::GetFlag(FLAGS_hash_api_key)) << std::endl;
+    return 0;
+  }
+  if (absl::GetFlag(FLAGS_log_format) == "json") {
+    zs::SetLogFormat(zs::LogFormat::kJson);
+  } else if (absl::GetFlag(FLAGS_log_format) != "text") {
+    return Fail(
+        absl::InvalidArgumentError("--log_format must be text or json"));
+  }
 
   // Block the stop signals in every thread; this one waits for them.
   sigset_t stop_signals;
@@ -98,25 +180,44 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   namespace fs = std::filesystem;
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  zs::TenantRegistry tenants = zs::TenantRegistry::Open();
+  if (!absl::GetFlag(FLAGS_tenants_file).empty()) {
+    auto loaded =
+        zs::TenantRegistry::LoadFile(absl::GetFlag(FLAGS_tenants_file));
+    if (!loaded.ok()) return Fail(loaded.status());
+    tenants = *std::move(loaded);
+  } else if (!IsLoopback(listen) && !absl::GetFlag(FLAGS_insecure_open)) {
+    return Fail(absl::FailedPreconditionError(absl::StrCat(
+        "refusing to listen on ", listen,
+        " without --tenants_file: anyone who can reach it could use the "
+        "service. "
+        "Give a tenants file, listen on 127.0.0.1, or pass --insecure_open")));
+  }
+  auto credentials = Credentials();
+  if (!credentials.ok()) return Fail(credentials.status());
+
   const std::string data_dir = absl::GetFlag(FLAGS_data_dir);
   std::error_code ec;
   fs::create_directories(data_dir, ec);
-  if (ec)
+  if (ec) {
     return Fail(absl::InternalError(
         absl::StrCat("creating ", data_dir, ": ", ec.message())));
-
-  auto store = zeroq::server::SqliteJobStore::Open(
-      (fs::path(data_dir) / "zeroq.db").string());
+  }
+  auto store =
+      zs::SqliteJobStore::Open((fs::path(data_dir) / "zeroq.db").string());
   if (!store.ok()) return Fail(store.status());
-  auto blobs = zeroq::server::FileBlobStore::Create(
-      (fs::path(data_dir) / "blobs").string());
+  auto blobs =
+      zs::FileBlobStore::Create((fs::path(data_dir) / "blobs").string());
   if (!blobs.ok()) return Fail(blobs.status());
-  auto pool = zeroq::server::DevicePool::Parse(absl::GetFlag(FLAGS_devices),
-                                               absl::GetFlag(FLAGS_cpu_slots),
-                                               absl::GetFlag(FLAGS_cuda_slots));
+  auto pool = zs::DevicePool::Parse(absl::GetFlag(FLAGS_devices),
+                                    absl::GetFlag(FLAGS_cpu_slots),
+                                    absl::GetFlag(FLAGS_cuda_slots));
   if (!pool.ok()) return Fail(pool.status());
+  auto metrics = zs::Metrics::Create(absl::GetFlag(FLAGS_metrics_listen));
+  if (!metrics.ok()) return Fail(metrics.status());
 
-  zeroq::server::ManagerOptions options;
+  zs::ManagerOptions options;
   options.data_dir = data_dir;
   options.worker_path = absl::GetFlag(FLAGS_worker).empty()
                             ? DefaultWorker()
@@ -135,30 +236,47 @@ int main(int argc, char** argv) {
   options.default_time_limit = absl::GetFlag(FLAGS_job_time_limit);
   options.kill_grace = absl::GetFlag(FLAGS_kill_grace);
   options.max_model_bytes = absl::GetFlag(FLAGS_max_model_mb) << 20;
+  options.tenants = &tenants;
+  options.metrics = metrics->get();
   std::string pool_text = pool->Describe();
-  auto manager = zeroq::server::JobManager::Create(
-      options, store->get(), blobs->get(), *std::move(pool));
+  auto manager = zs::JobManager::Create(options, store->get(), blobs->get(),
+                                        *std::move(pool));
   if (!manager.ok()) return Fail(manager.status());
   if (absl::Status s = (*manager)->Start(); !s.ok()) return Fail(s);
 
-  zeroq::server::ServiceOptions service_options;
+  zs::ServiceOptions service_options;
   service_options.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
-  zeroq::server::ZeroQService service(manager->get(), service_options);
+  service_options.tenants = &tenants;
+  service_options.metrics = metrics->get();
+  zs::ZeroQService service(manager->get(), service_options);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen),
-                           grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *credentials, &port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(4 << 20);
+  builder.experimental().SetInterceptorCreators((*metrics)->RpcInterceptors());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    return Fail(absl::UnavailableError(
-        absl::StrCat("cannot listen on ", absl::GetFlag(FLAGS_listen))));
+    return Fail(
+        absl::UnavailableError(absl::StrCat("cannot listen on ", listen)));
   }
-  std::cerr << "zeroq-server: serving on port " << port << ", data in "
-            << data_dir << ", devices " << pool_text << ", "
-            << options.cpu_threads_per_job << " threads per CPU job, worker "
-            << options.worker_path << std::endl;
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  health->SetServingStatus(zeroq::v1::ZeroQ::service_full_name(), true);
+  zs::LogInfo(
+      {}, absl::StrCat(
+              "serving on port ", port,
+              absl::GetFlag(FLAGS_tls_cert).empty() ? "" : " (TLS)",
+              ", data in ", data_dir, ", devices ", pool_text, ", ",
+              options.cpu_threads_per_job, " threads per CPU job, ",
+              tenants.open() ? std::string("one open tenant")
+                             : absl::StrCat(tenants.names().size(), " tenants"),
+              ", metrics on ",
+              (*metrics)->port() > 0 ? absl::StrCat("port ", (*metrics)->port())
+                                     : "none",
+              ", worker ", options.worker_path));
   if (!absl::GetFlag(FLAGS_port_file).empty()) {
     std::string tmp = absl::GetFlag(FLAGS_port_file) + ".tmp";
     std::ofstream(tmp) << port << "\n";
@@ -167,11 +285,11 @@ int main(int argc, char** argv) {
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
-  std::cerr << "zeroq-server: signal " << signal_number << ", shutting down"
-            << std::endl;
+  zs::LogInfo({}, absl::StrCat("signal ", signal_number, ": draining"));
+  health->SetServingStatus(false);
   service.Shutdown();
   (*manager)->Stop(absl::GetFlag(FLAGS_shutdown_grace));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  std::cerr << "zeroq-server: stopped" << std::endl;
+  zs::LogInfo({}, "stopped");
   return 0;
 }

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/status_util.h"
+#include "server/upload_assembler.h"
 #include "server/validation.h"
 
 namespace zeroq::server {
@@ -40,8 +41,16 @@ grpc::Status Unavailable() {
 
 class UploadReactor : public grpc::ServerReadReactor<v1::UploadModelRequest> {
  public:
-  UploadReactor(JobManager* manager, std::string tenant, v1::Model* response)
-      : manager_(manager), tenant_(std::move(tenant)), response_(response) {
+  UploadReactor(JobManager* manager, Metrics* metrics, std::string tenant,
+                v1::Model* response)
+      : manager_(manager),
+        metrics_(metrics),
+        tenant_(std::move(tenant)),
+        response_(response),
+        upload_(manager->blobs(), manager->options().max_model_bytes,
+                [this](const v1::ModelMetadata& m) {
+                  return manager_->CheckUploadQuota(tenant_, m.size_bytes());
+                }) {
     StartRead(&request_);
   }
 
@@ -50,9 +59,8 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadModelRequest> {
       Finish(ToGrpcStatus(Complete()));
       return;
     }
-    absl::Status s = Consume();
+    absl::Status s = upload_.Add(request_);
     if (!s.ok()) {
-      writer_.reset();  // removes the partial bytes
       Finish(ToGrpcStatus(s));
       return;
     }
@@ -62,55 +70,20 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadModelRequest> {
   void OnDone() override { delete this; }
 
  private:
-  absl::Status Consume() {
-    if (request_.has_metadata()) {
-      if (writer_)
-        return absl::InvalidArgumentError(
-            "metadata: sent twice; send it once, first");
-      ZQ_RETURN_IF_ERROR(ValidateModelMetadata(
-          request_.metadata(), manager_->options().max_model_bytes));
-      metadata_ = request_.metadata();
-      ZQ_ASSIGN_OR_RETURN(writer_, manager_->blobs()->NewWriter());
-      return absl::OkStatus();
-    }
-    if (!writer_) {
-      return absl::InvalidArgumentError(
-          "the first message must carry metadata (name, input shape, size, "
-          "sha256)");
-    }
-    const std::string& chunk = request_.chunk();
-    if (chunk.empty() || static_cast<int64_t>(chunk.size()) > kMaxChunkBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk: ", chunk.size(), " bytes; chunks hold 1 to ",
-                       kMaxChunkBytes, " bytes"));
-    }
-    if (writer_->bytes_written() + static_cast<int64_t>(chunk.size()) >
-        metadata_.size_bytes()) {
-      return absl::DataLossError(
-          absl::StrCat("received more than the ", metadata_.size_bytes(),
-                       " bytes announced in metadata.size_bytes"));
-    }
-    return writer_->Append(chunk);
-  }
-
   absl::Status Complete() {
-    if (!writer_) {
-      return absl::InvalidArgumentError(
-          "no metadata received: send metadata, then the model in chunks");
-    }
-    ZQ_ASSIGN_OR_RETURN(BlobInfo blob, writer_->Commit(metadata_.size_bytes(),
-                                                       metadata_.sha256()));
+    ZQ_ASSIGN_OR_RETURN(UploadAssembler::Result r, upload_.Finish());
+    if (metrics_) metrics_->Uploaded(tenant_, r.blob.size_bytes);
     ZQ_ASSIGN_OR_RETURN(*response_,
-                        manager_->RegisterModel(tenant_, metadata_, blob));
+                        manager_->RegisterModel(tenant_, r.metadata, r.blob));
     return absl::OkStatus();
   }
 
   JobManager* const manager_;
+  Metrics* const metrics_;
   const std::string tenant_;
   v1::Model* const response_;
   v1::UploadModelRequest request_;
-  v1::ModelMetadata metadata_;
-  std::unique_ptr<BlobWriter> writer_;
+  UploadAssembler upload_;
 };
 
 // ---------------------------------------------------------------- download
@@ -364,6 +337,8 @@ void ZeroQService::HeartbeatLoop() {
           return r == nullptr;
         });
     watches_.erase(end, watches_.end());
+    if (options_.metrics)
+      options_.metrics->SetWatchStreams(static_cast<int64_t>(live.size()));
     mu_.Unlock();
     absl::Time now = absl::Now();
     for (const auto& r : live) r->Heartbeat(now, options_.heartbeat_interval);
@@ -372,31 +347,44 @@ void ZeroQService::HeartbeatLoop() {
   }
 }
 
-std::string ZeroQService::TenantOf(grpc::CallbackServerContext*) {
-  return "default";
+absl::StatusOr<std::string> ZeroQService::TenantOf(
+    grpc::CallbackServerContext* context) {
+  if (options_.tenants == nullptr)
+    return std::string(TenantRegistry::kOpenTenant);
+  std::optional<absl::string_view> authorization;
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it != metadata.end())
+    authorization = absl::string_view(it->second.data(), it->second.size());
+  ZQ_ASSIGN_OR_RETURN(const Tenant* tenant,
+                      options_.tenants->Authenticate(authorization));
+  return tenant->name;
 }
 
 grpc::ServerReadReactor<v1::UploadModelRequest>* ZeroQService::UploadModel(
     grpc::CallbackServerContext* context, v1::Model* response) {
-  {
-    absl::MutexLock lock(&mu_);
-    if (shutdown_) {
-      class Rejected : public grpc::ServerReadReactor<v1::UploadModelRequest> {
-       public:
-        Rejected() { Finish(Unavailable()); }
-        void OnDone() override { delete this; }
-      };
-      return new Rejected();
-    }
-  }
-  return new UploadReactor(manager_, TenantOf(context), response);
+  class Rejected : public grpc::ServerReadReactor<v1::UploadModelRequest> {
+   public:
+    explicit Rejected(const grpc::Status& s) { Finish(s); }
+    void OnDone() override { delete this; }
+  };
+  if (IsShutDown()) return new Rejected(Unavailable());
+  absl::StatusOr<std::string> tenant = TenantOf(context);
+  if (!tenant.ok()) return new Rejected(ToGrpcStatus(tenant.status()));
+  return new UploadReactor(manager_, options_.metrics, *tenant, response);
 }
+
+// The unary handlers: authenticate, call the manager, translate.
+#define ZQ_TENANT_OR_FINISH(tenant, context)                         \
+  absl::StatusOr<std::string> tenant##_or = TenantOf(context);       \
+  if (!tenant##_or.ok()) return Done(context, tenant##_or.status()); \
+  const std::string& tenant = *tenant##_or
 
 grpc::ServerUnaryReactor* ZeroQService::GetModel(
     grpc::CallbackServerContext* context, const v1::GetModelRequest* request,
     v1::Model* response) {
-  absl::StatusOr<v1::Model> m =
-      manager_->GetModel(TenantOf(context), request->model_id());
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<v1::Model> m = manager_->GetModel(tenant, request->model_id());
   if (m.ok()) *response = *std::move(m);
   return Done(context, m.status());
 }
@@ -404,8 +392,9 @@ grpc::ServerUnaryReactor* ZeroQService::GetModel(
 grpc::ServerUnaryReactor* ZeroQService::ListModels(
     grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
     v1::ListModelsResponse* response) {
-  absl::StatusOr<Page<v1::Model>> page = manager_->ListModels(
-      TenantOf(context), request->page_size(), request->page_token());
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<Page<v1::Model>> page =
+      manager_->ListModels(tenant, request->page_size(), request->page_token());
   if (page.ok()) {
     for (v1::Model& m : page->items) *response->add_models() = std::move(m);
     response->set_next_page_token(page->next_page_token);
@@ -416,15 +405,15 @@ grpc::ServerUnaryReactor* ZeroQService::ListModels(
 grpc::ServerUnaryReactor* ZeroQService::DeleteModel(
     grpc::CallbackServerContext* context, const v1::DeleteModelRequest* request,
     v1::DeleteModelResponse*) {
-  return Done(context,
-              manager_->DeleteModel(TenantOf(context), request->model_id()));
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  return Done(context, manager_->DeleteModel(tenant, request->model_id()));
 }
 
 grpc::ServerUnaryReactor* ZeroQService::SubmitJob(
     grpc::CallbackServerContext* context, const v1::SubmitJobRequest* request,
     v1::Job* response) {
-  absl::StatusOr<v1::Job> job =
-      manager_->SubmitJob(TenantOf(context), *request);
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<v1::Job> job = manager_->SubmitJob(tenant, *request);
   if (job.ok()) *response = *std::move(job);
   return Done(context, job.status());
 }
@@ -432,8 +421,8 @@ grpc::ServerUnaryReactor* ZeroQService::SubmitJob(
 grpc::ServerUnaryReactor* ZeroQService::GetJob(
     grpc::CallbackServerContext* context, const v1::GetJobRequest* request,
     v1::Job* response) {
-  absl::StatusOr<v1::Job> job =
-      manager_->GetJob(TenantOf(context), request->job_id());
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<v1::Job> job = manager_->GetJob(tenant, request->job_id());
   if (job.ok()) *response = *std::move(job);
   return Done(context, job.status());
 }
@@ -441,9 +430,10 @@ grpc::ServerUnaryReactor* ZeroQService::GetJob(
 grpc::ServerUnaryReactor* ZeroQService::ListJobs(
     grpc::CallbackServerContext* context, const v1::ListJobsRequest* request,
     v1::ListJobsResponse* response) {
-  absl::StatusOr<Page<v1::Job>> page = manager_->ListJobs(
-      TenantOf(context), request->state(), request->model_id(),
-      request->page_size(), request->page_token());
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<Page<v1::Job>> page =
+      manager_->ListJobs(tenant, request->state(), request->model_id(),
+                         request->page_size(), request->page_token());
   if (page.ok()) {
     for (v1::Job& j : page->items) *response->add_jobs() = std::move(j);
     response->set_next_page_token(page->next_page_token);
@@ -454,27 +444,32 @@ grpc::ServerUnaryReactor* ZeroQService::ListJobs(
 grpc::ServerUnaryReactor* ZeroQService::CancelJob(
     grpc::CallbackServerContext* context, const v1::CancelJobRequest* request,
     v1::Job* response) {
-  absl::StatusOr<v1::Job> job =
-      manager_->CancelJob(TenantOf(context), request->job_id());
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<v1::Job> job = manager_->CancelJob(tenant, request->job_id());
   if (job.ok()) *response = *std::move(job);
   return Done(context, job.status());
 }
 
+#undef ZQ_TENANT_OR_FINISH
+
 grpc::ServerWriteReactor<v1::JobEvent>* ZeroQService::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  using Rejected = RejectedWrite<v1::JobEvent>;
+  if (IsShutDown()) return new Rejected(Unavailable());
+  absl::StatusOr<std::string> tenant = TenantOf(context);
+  if (!tenant.ok()) return new Rejected(ToGrpcStatus(tenant.status()));
   if (request->after_seq() < 0) {
-    return new RejectedWrite<v1::JobEvent>(grpc::Status(
-        grpc::StatusCode::INVALID_ARGUMENT, "after_seq: must be >= 0"));
+    return new Rejected(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                     "after_seq: must be >= 0"));
   }
   absl::StatusOr<std::shared_ptr<EventLog>> log =
-      manager_->Watch(TenantOf(context), request->job_id());
-  if (!log.ok())
-    return new RejectedWrite<v1::JobEvent>(ToGrpcStatus(log.status()));
+      manager_->Watch(*tenant, request->job_id());
+  if (!log.ok()) return new Rejected(ToGrpcStatus(log.status()));
   auto reactor =
       std::make_shared<WatchReactor>(*std::move(log), request->after_seq());
   {
     absl::MutexLock lock(&mu_);
-    if (shutdown_) return new RejectedWrite<v1::JobEvent>(Unavailable());
+    if (shutdown_) return new Rejected(Unavailable());
     watches_.push_back(reactor);
   }
   WatchReactor* raw = reactor.get();
@@ -485,18 +480,26 @@ grpc::ServerWriteReactor<v1::JobEvent>* ZeroQService::WatchJob(
 grpc::ServerWriteReactor<v1::ArtifactChunk>* ZeroQService::DownloadArtifact(
     grpc::CallbackServerContext* context,
     const v1::DownloadArtifactRequest* request) {
-  absl::StatusOr<ArtifactRef> ref = manager_->GetArtifact(
-      TenantOf(context), request->job_id(), request->artifact());
-  if (!ref.ok())
-    return new RejectedWrite<v1::ArtifactChunk>(ToGrpcStatus(ref.status()));
+  using Rejected = RejectedWrite<v1::ArtifactChunk>;
+  if (IsShutDown()) return new Rejected(Unavailable());
+  absl::StatusOr<std::string> tenant = TenantOf(context);
+  if (!tenant.ok()) return new Rejected(ToGrpcStatus(tenant.status()));
+  absl::StatusOr<ArtifactRef> ref =
+      manager_->GetArtifact(*tenant, request->job_id(), request->artifact());
+  if (!ref.ok()) return new Rejected(ToGrpcStatus(ref.status()));
   if (request->offset() < 0 || request->offset() > ref->size_bytes) {
-    return new RejectedWrite<v1::ArtifactChunk>(
+    return new Rejected(
         grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
                      absl::StrCat("offset: ", request->offset(),
                                   " is outside 0..", ref->size_bytes)));
   }
   return new DownloadReactor(*std::move(ref), request->offset(),
                              options_.download_chunk_bytes);
+}
+
+bool ZeroQService::IsShutDown() {
+  absl::MutexLock lock(&mu_);
+  return shutdown_;
 }
 
 }  // namespace zeroq::server

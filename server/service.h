@@ -24,11 +24,18 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/job_manager.h"
+#include "server/metrics.h"
+#include "server/tenants.h"
 #include "zeroq/v1/zeroq.grpc.pb.h"
 
 namespace zeroq::server {
 
 struct ServiceOptions {
+  // Who may call; nullptr: everyone, as the open tenant. Must outlive the
+  // service.
+  const TenantRegistry* tenants = nullptr;
+  Metrics* metrics = nullptr;  // nullptr: none
+
   absl::Duration heartbeat_interval =
       absl::Seconds(10);  // on quiet watch streams
   int download_chunk_bytes = 1 << 20;
@@ -79,8 +86,9 @@ class ZeroQService final : public v1::ZeroQ::CallbackService {
       const v1::DownloadArtifactRequest* request) override;
 
  private:
-  // The caller's tenant. One open tenant until keys are configured.
-  std::string TenantOf(grpc::CallbackServerContext* context);
+  // The caller's tenant from its bearer key; UNAUTHENTICATED without one.
+  absl::StatusOr<std::string> TenantOf(grpc::CallbackServerContext* context);
+  bool IsShutDown();
   void HeartbeatLoop();
 
   JobManager* const manager_;

@@ -33,7 +33,7 @@ with tempfile.TemporaryDirectory() as tmp:
     log = open(os.path.join(tmp, "server.log"), "w")
     server = subprocess.Popen([server_bin, "--listen=127.0.0.1:0", "--port_file=" + port_file,
                                "--data_dir=" + os.path.join(tmp, "data"), "--worker=" + worker_bin,
-                               "--threads_per_job=1"], stdout=log, stderr=subprocess.STDOUT)
+                               "--threads_per_job=1", "--metrics_listen="], stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(500):
             if os.path.exists(port_file):

@@ -52,7 +52,7 @@ class ServerProcess {
                                      "--port_file=" + port_file,
                                      "--data_dir=" + dir_ + "/data",
                                      "--worker=" ZEROQ_WORKER,
-                                     "--threads_per_job=1"};
+                                     "--threads_per_job=1", "--metrics_listen="};
     args.insert(args.end(), flags_.begin(), flags_.end());
     pid_ = fork();
     if (pid_ == 0) {

@@ -1,0 +1,96 @@
+// metrics.h: the server's Prometheus metrics, in one place (prometheus-cpp).
+//
+//   ZQ_ASSIGN_OR_RETURN(auto metrics, Metrics::Create("127.0.0.1:9464"));
+//   metrics->JobSubmitted("acme");
+//   builder.experimental().SetInterceptorCreators(metrics->RpcInterceptors());
+//   // curl http://127.0.0.1:9464/metrics
+//
+// One object owns the registry and every family; label values are few and
+// fixed (tenants, devices, stages, results, methods, codes), and series are
+// created on first use and cached by the families. Names follow the
+// Prometheus guide: base units, `_total` counters, `_seconds`, `_bytes`.
+//
+//   zeroq_jobs_submitted_total{tenant}          counter
+//   zeroq_jobs_finished_total{result}           counter
+//   succeeded|failed|cancelled zeroq_queue_depth gauge    QUEUED jobs
+//   zeroq_queue_wait_seconds                    histogram submit (or re-queue)
+//   -> RUNNING zeroq_job_duration_seconds{result}          histogram RUNNING ->
+//   finished zeroq_stage_duration_seconds{stage}         histogram
+//   inspect|distill|sensitivity|pareto|calibrate|export
+//   zeroq_running_jobs{device}                  gauge    device: cpu, cuda:0,
+//   ... zeroq_busy_slots{device}, zeroq_slots{device} gauges
+//   zeroq_worker_crashes_total                  counter  workers ended by a
+//   signal or without a result zeroq_worker_restarts_total counter  jobs
+//   re-queued after a server restart zeroq_inspections_total{result} counter
+//   ready|invalid zeroq_uploaded_bytes_total{tenant}          counter  bytes of
+//   committed uploads zeroq_stored_bytes{tenant}                  gauge models
+//   and artifacts the tenant holds zeroq_watch_streams gauge    open WatchJob
+//   streams zeroq_rpcs_total{method,code}               counter  method:
+//   "UploadModel", ..., "Health/Check";
+//                                                        "unknown" for
+//                                                        unregistered methods;
+//                                                        code: "OK",
+//                                                        "NOT_FOUND", ...
+//   zeroq_rpc_duration_seconds{method}          histogram
+//
+// Thread-safe.
+#ifndef ZEROQ_SERVER_METRICS_H_
+#define ZEROQ_SERVER_METRICS_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "grpcpp/support/server_interceptor.h"
+
+namespace zeroq::server {
+
+class Metrics {
+ public:
+  // Serves /metrics on `listen` ("host:port"); an empty address serves
+  // nothing (the registry still counts; Scrape() reads it). INTERNAL/
+  // UNAVAILABLE when the port cannot be bound.
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(
+      const std::string& listen);
+  ~Metrics();
+
+  // The text exposition format of everything, as /metrics serves it.
+  std::string Scrape() const;
+  // The bound port of the HTTP endpoint (0 when none).
+  int port() const;
+
+  // Creates a server interceptor factory that counts every RPC by method and
+  // status code and times it. The factories reference this object: it must
+  // outlive the server.
+  std::vector<
+      std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+  RpcInterceptors();
+
+  void JobSubmitted(const std::string& tenant);
+  // result: "succeeded", "failed" or "cancelled"; seconds RUNNING -> end.
+  void JobFinished(const std::string& result, double seconds);
+  void JobStarted(double queue_wait_seconds);
+  void StageFinished(const std::string& stage,
+                     double seconds);  // stage lower case
+  void SetQueueDepth(int64_t queued);
+  // Per device (DeviceInfo::name): running jobs, busy and total slots.
+  void SetDevice(const std::string& device, int64_t running, int64_t busy,
+                 int64_t slots);
+  void WorkerCrashed();
+  void WorkerRestarted();
+  void InspectionFinished(bool ready);
+  void Uploaded(const std::string& tenant, int64_t bytes);
+  void SetStoredBytes(const std::string& tenant, int64_t bytes);
+  void SetWatchStreams(int64_t open);
+
+ private:
+  struct Impl;
+  explicit Metrics(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace zeroq::server
+
+#endif  // ZEROQ_SERVER_METRICS_H_

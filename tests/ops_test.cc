@@ -1,0 +1,564 @@
+// Operations end to end, against a real zeroq-server: tenants and API keys
+// (cross-tenant access tried on every RPC), quotas, TLS with and without
+// client certificates, health, reflection, metrics while jobs run, graceful
+// shutdown, JSON logs.
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/descriptor.pb.h"
+#include "grpc/health_client.grpc.pb.h"
+#include "grpc/reflection_client.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "server/sha256.h"
+#include "tests/server_process.h"
+
+namespace zeroq {
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = ::zeroq::v1;
+using ::testing::HasSubstr;
+using testing::ServerProcess;
+
+std::string ModelPath(const std::string& name) {
+  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + name;
+}
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// GET http://127.0.0.1:port/path, the body.
+std::string HttpGet(int port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (write(fd, req.data(), req.size()) < 0) return "";
+  std::string out;
+  char buf[65536];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, n);
+  close(fd);
+  size_t body = out.find("\r\n\r\n");
+  return body == std::string::npos ? out : out.substr(body + 4);
+}
+
+// Sum of every sample of `name` whose labels contain all of `labels`
+// ("k=\"v\"" strings).
+double Sample(const std::string& text, const std::string& name,
+              const std::vector<std::string>& labels = {}) {
+  double sum = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty() || line[0] == '#') continue;
+    if (!absl::StartsWith(line, name)) continue;
+    absl::string_view rest = line.substr(name.size());
+    if (!rest.empty() && rest[0] != '{' && rest[0] != ' ') continue;
+    bool all = true;
+    for (const auto& l : labels) all = all && absl::StrContains(rest, l);
+    if (!all) continue;
+    double v = 0;
+    if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) sum += v;
+  }
+  return sum;
+}
+
+v1::SubmitJobRequest QuickJob(const std::string& model_id,
+                              int iterations = 20) {
+  v1::SubmitJobRequest r;
+  r.set_model_id(model_id);
+  r.mutable_config()->set_weight_bits(4);
+  r.mutable_config()->mutable_distillation()->set_batch_size(8);
+  r.mutable_config()->mutable_distillation()->set_iterations(iterations);
+  r.mutable_config()->set_threads(1);
+  return r;
+}
+
+bool Finished(const v1::Job& j) {
+  return j.state() == v1::JOB_SUCCEEDED || j.state() == v1::JOB_FAILED ||
+         j.state() == v1::JOB_CANCELLED;
+}
+
+v1::Job WaitFor(client::Client* c, const std::string& id,
+                std::function<bool(const v1::Job&)> done,
+                absl::Duration timeout = absl::Minutes(3)) {
+  absl::Time deadline = absl::Now() + timeout;
+  v1::Job job;
+  while (absl::Now() < deadline) {
+    absl::StatusOr<v1::Job> j = c->GetJob(id);
+    if (j.ok()) {
+      job = *j;
+      if (done(job)) return job;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ADD_FAILURE() << "timed out waiting on job " << id;
+  return job;
+}
+
+constexpr char kKeyA[] = "key-of-acme";
+constexpr char kKeyB[] = "key-of-zeta";
+
+// A tenants file: acme (quotas as given), zeta (none).
+std::string WriteTenants(const std::string& dir,
+                         const std::string& acme_quotas) {
+  std::string path = dir + "/tenants.json";
+  std::ofstream(path) << R"({"tenants": [
+    {"name": "acme", "api_key_sha256": [")"
+                      << server::Sha256Hex(kKeyA) << R"("], "quotas": )"
+                      << acme_quotas << R"(},
+    {"name": "zeta", "api_key_sha256": [")"
+                      << server::Sha256Hex(kKeyB) << R"("]}]})";
+  return path;
+}
+
+std::string TempDir() {
+  std::string tmpl = (fs::temp_directory_path() / "zeroq_ops_XXXXXX").string();
+  return mkdtemp(tmpl.data());
+}
+
+class OpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { dir_ = TempDir(); }
+  void TearDown() override {
+    if (HasFailure() && server_)
+      std::cerr << "---- server log\n" << server_->Log() << std::endl;
+    server_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  void Start(std::vector<std::string> flags) {
+    server_ = std::make_unique<ServerProcess>(std::move(flags));
+    ASSERT_TRUE(server_->Start()) << server_->Log();
+  }
+  std::unique_ptr<client::Client> As(const std::string& key) {
+    client::ClientOptions o;
+    o.api_key = key;
+    return server_->NewClient(o);
+  }
+  v1::Model Upload(client::Client* c,
+                   const std::string& file = "fashion_cnn.pt") {
+    absl::StatusOr<v1::Model> m =
+        c->UploadModel(ModelPath(file), file, {1, 28, 28});
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (!m.ok()) return {};
+    absl::StatusOr<v1::Model> ready =
+        c->WaitForModel(m->id(), absl::Minutes(2));
+    EXPECT_TRUE(ready.ok()) << ready.status();
+    return ready.ok() ? *ready : *m;
+  }
+
+  std::string dir_;
+  std::unique_ptr<ServerProcess> server_;
+};
+
+TEST_F(OpsTest, EveryRpcNeedsAValidKey) {
+  Start({"--tenants_file=" + WriteTenants(dir_, "{}")});
+  for (const std::string& key : {std::string(), std::string("wrong-key")}) {
+    auto c = As(key);
+    auto code = [](const absl::Status& s) { return s.code(); };
+    const auto kUnauth = absl::StatusCode::kUnauthenticated;
+    EXPECT_EQ(code(c->UploadModel(ModelPath("fashion_cnn.pt"), "x", {1, 28, 28})
+                       .status()),
+              kUnauth);
+    EXPECT_EQ(code(c->GetModel("m-1").status()), kUnauth);
+    EXPECT_EQ(code(c->ListModels().status()), kUnauth);
+    EXPECT_EQ(code(c->DeleteModel("m-1")), kUnauth);
+    EXPECT_EQ(code(c->SubmitJob(QuickJob("m-1")).status()), kUnauth);
+    EXPECT_EQ(code(c->GetJob("j-1").status()), kUnauth);
+    EXPECT_EQ(code(c->ListJobs().status()), kUnauth);
+    EXPECT_EQ(code(c->CancelJob("j-1").status()), kUnauth);
+    EXPECT_EQ(code(c->WatchJob("j-1", 0, nullptr).status()), kUnauth);
+    EXPECT_EQ(
+        code(c->DownloadArtifact("j-1", "recipe.json", dir_ + "/x").status()),
+        kUnauth);
+  }
+}
+
+TEST_F(OpsTest, AnotherTenantsIdsAreNotFoundEverywhere) {
+  Start({"--tenants_file=" + WriteTenants(dir_, "{}")});
+  auto a = As(kKeyA);
+  auto b = As(kKeyB);
+  v1::Model model = Upload(a.get());
+  ASSERT_EQ(model.state(), v1::MODEL_READY);
+  EXPECT_EQ(model.tenant(), "acme");
+  v1::SubmitJobRequest r = QuickJob(model.id());
+  r.mutable_config()->set_budget("MP4");
+  absl::StatusOr<v1::Job> job = a->SubmitJob(r);
+  ASSERT_TRUE(job.ok()) << job.status();
+  v1::Job done = WaitFor(a.get(), job->id(), Finished);
+  ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED);
+
+  const auto kNotFound = absl::StatusCode::kNotFound;
+  EXPECT_EQ(b->GetModel(model.id()).status().code(), kNotFound);
+  EXPECT_EQ(b->DeleteModel(model.id()).code(), kNotFound);
+  EXPECT_EQ(b->SubmitJob(QuickJob(model.id())).status().code(), kNotFound);
+  EXPECT_EQ(b->GetJob(job->id()).status().code(), kNotFound);
+  EXPECT_EQ(b->CancelJob(job->id()).status().code(), kNotFound);
+  EXPECT_EQ(b->WatchJob(job->id(), 0, nullptr).status().code(), kNotFound);
+  EXPECT_EQ(b->DownloadArtifact(job->id(), "recipe.json", dir_ + "/r")
+                .status()
+                .code(),
+            kNotFound);
+  EXPECT_EQ(b->ListModels()->models_size(), 0);
+  EXPECT_EQ(b->ListJobs()->jobs_size(), 0);
+  EXPECT_EQ(b->ListJobs(v1::JOB_STATE_UNSPECIFIED, model.id())->jobs_size(), 0);
+  // Re-planning from another tenant's job: not found either (on B's own
+  // copy of the model).
+  v1::Model mine = Upload(b.get());
+  EXPECT_NE(mine.id(), model.id());  // the same bytes are B's own model
+  EXPECT_FALSE(mine.deduplicated());
+  v1::SubmitJobRequest replan = QuickJob(mine.id());
+  replan.mutable_config()->set_budget("MP3");
+  replan.mutable_config()->set_sensitivity_from_job(job->id());
+  EXPECT_EQ(b->SubmitJob(replan).status().code(), kNotFound);
+  // And A still sees all of its own.
+  EXPECT_TRUE(a->GetJob(job->id()).ok());
+  EXPECT_TRUE(a->DownloadArtifact(job->id(), "recipe.json", dir_ + "/r").ok());
+}
+
+TEST_F(OpsTest, QuotasAreResourceExhaustedNamingQuotaAndLimit) {
+  int64_t size =
+      static_cast<int64_t>(fs::file_size(ModelPath("fashion_cnn.pt")));
+  Start({"--devices=cpu:2",
+         "--tenants_file=" +
+             WriteTenants(
+                 dir_, absl::StrCat(R"({"running_jobs": 1, "queued_jobs": 1, )",
+                                    R"("stored_bytes": )", size + 20000,
+                                    R"(, "model_bytes": )", size + 10, "}"))});
+  auto a = As(kKeyA);
+  auto b = As(kKeyB);
+  // model_bytes: a larger upload is refused before its bytes are sent.
+  std::string big(size + 11, 'x');
+  v1::ModelMetadata meta;
+  meta.set_name("big");
+  meta.add_input_shape(1);
+  meta.set_size_bytes(static_cast<int64_t>(big.size()));
+  meta.set_sha256(server::Sha256Hex(big));
+  absl::Status s = a->UploadBytes(meta, big).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model_bytes"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr(std::to_string(size + 10)));
+  // stored_bytes: the first model fits, a second (other shape) would not.
+  v1::Model model = Upload(a.get());
+  ASSERT_EQ(model.state(), v1::MODEL_READY);
+  s = a->UploadModel(ModelPath("fashion_cnn.pt"), "again", {1, 28, 29})
+          .status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("stored_bytes"));
+  // running_jobs 1 and queued_jobs 1: one runs, one waits, a third is refused.
+  absl::StatusOr<v1::Job> j1 = a->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(j1.ok());
+  WaitFor(a.get(), j1->id(),
+          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+  absl::StatusOr<v1::Job> j2 = a->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(j2.ok()) << j2.status();
+  s = a->SubmitJob(QuickJob(model.id())).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("queued_jobs"));
+  // The second slot is free, but acme's second job waits for its quota;
+  // zeta's job takes the slot.
+  v1::Model zmodel = Upload(b.get());
+  absl::StatusOr<v1::Job> z = b->SubmitJob(QuickJob(zmodel.id()));
+  ASSERT_TRUE(z.ok());
+  EXPECT_EQ(WaitFor(b.get(), z->id(), Finished).state(), v1::JOB_SUCCEEDED);
+  EXPECT_EQ(a->GetJob(j2->id())->state(), v1::JOB_QUEUED);
+  ASSERT_TRUE(a->CancelJob(j1->id()).ok());
+  WaitFor(a.get(), j2->id(),
+          [](const v1::Job& j) { return j.state() != v1::JOB_QUEUED; });
+  ASSERT_TRUE(a->CancelJob(j2->id()).ok());
+}
+
+TEST_F(OpsTest, OpenOnlyOnLoopbackUnlessInsecure) {
+  ServerProcess refused({"--listen=0.0.0.0:0"});
+  EXPECT_FALSE(refused.Start());
+  EXPECT_THAT(refused.Log(), HasSubstr("--tenants_file"));
+  ServerProcess allowed({"--listen=0.0.0.0:0", "--insecure_open"});
+  EXPECT_TRUE(allowed.Start()) << allowed.Log();
+  ServerProcess keyed(
+      {"--listen=0.0.0.0:0", "--tenants_file=" + WriteTenants(dir_, "{}")});
+  EXPECT_TRUE(keyed.Start()) << keyed.Log();
+}
+
+// A CA, a server certificate for 127.0.0.1 and a client certificate, made
+// with openssl.
+void MakeCertificates(const std::string& d) {
+  std::string cmd = absl::StrCat(
+      "cd ", d, " && set -e && ",
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "
+      "/CN=zeroq-test-ca "
+      "-keyout ca.key -out ca.pem 2>/dev/null && ",
+      "openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "
+      "server.key "
+      "-out server.csr 2>/dev/null && ",
+      "printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext && ",
+      "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key "
+      "-CAcreateserial -days 2 "
+      "-extfile san.ext -out server.pem 2>/dev/null && ",
+      "openssl req -newkey rsa:2048 -nodes -subj /CN=client -keyout client.key "
+      "-out client.csr 2>/dev/null && ",
+      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key "
+      "-CAcreateserial -days 2 "
+      "-out client.pem 2>/dev/null");
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+}
+
+TEST_F(OpsTest, TlsWithAndWithoutClientCertificates) {
+  MakeCertificates(dir_);
+  Start({"--tls_cert=" + dir_ + "/server.pem",
+         "--tls_key=" + dir_ + "/server.key"});
+  client::ClientOptions tls;
+  tls.tls_ca_file = dir_ + "/ca.pem";
+  tls.rpc_timeout = absl::Seconds(10);
+  auto good = *client::Client::Connect(server_->address(), tls);
+  EXPECT_TRUE(good->ListModels().ok()) << good->ListModels().status();
+  client::ClientOptions plain;
+  plain.rpc_timeout = absl::Seconds(3);
+  auto insecure = *client::Client::Connect(server_->address(), plain);
+  EXPECT_EQ(insecure->ListModels().status().code(),
+            absl::StatusCode::kUnavailable);
+  server_.reset();
+
+  Start({"--tls_cert=" + dir_ + "/server.pem",
+         "--tls_key=" + dir_ + "/server.key",
+         "--tls_client_ca=" + dir_ + "/ca.pem"});
+  auto no_cert = *client::Client::Connect(server_->address(), tls);
+  EXPECT_FALSE(no_cert->ListModels().ok());
+  client::ClientOptions mutual = tls;
+  mutual.tls_cert_file = dir_ + "/client.pem";
+  mutual.tls_key_file = dir_ + "/client.key";
+  auto with_cert = *client::Client::Connect(server_->address(), mutual);
+  EXPECT_TRUE(with_cert->ListModels().ok()) << with_cert->ListModels().status();
+}
+
+TEST_F(OpsTest, HealthAndReflection) {
+  Start({});
+  auto channel = grpc::CreateChannel(server_->address(),
+                                     grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  for (const std::string& service :
+       {std::string(), std::string("zeroq.v1.ZeroQ")}) {
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(service);
+    grpc::health::v1::HealthCheckResponse resp;
+    ASSERT_TRUE(health->Check(&ctx, req, &resp).ok()) << service;
+    EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING)
+        << service;
+  }
+  {
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service("no.such.Service");
+    grpc::health::v1::HealthCheckResponse resp;
+    EXPECT_EQ(health->Check(&ctx, req, &resp).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
+
+  // Reflection: the service is listed and its descriptor names every method.
+  auto reflection =
+      grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext ctx;
+  auto stream = reflection->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest req;
+  req.set_list_services("");
+  ASSERT_TRUE(stream->Write(req));
+  grpc::reflection::v1alpha::ServerReflectionResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  std::vector<std::string> services;
+  for (const auto& s : resp.list_services_response().service())
+    services.push_back(s.name());
+  EXPECT_THAT(services, ::testing::IsSupersetOf(
+                            {"zeroq.v1.ZeroQ", "grpc.health.v1.Health"}));
+  req.set_file_containing_symbol("zeroq.v1.ZeroQ");
+  ASSERT_TRUE(stream->Write(req));
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_GT(resp.file_descriptor_response().file_descriptor_proto_size(), 0);
+  google::protobuf::FileDescriptorProto file;
+  bool found = false;
+  for (const std::string& bytes :
+       resp.file_descriptor_response().file_descriptor_proto()) {
+    ASSERT_TRUE(file.ParseFromString(bytes));
+    for (const auto& service : file.service()) {
+      if (service.name() != "ZeroQ") continue;
+      found = true;
+      EXPECT_EQ(service.method_size(), 10);
+    }
+  }
+  EXPECT_TRUE(found);
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(OpsTest, MetricsMoveWhileJobsRun) {
+  int port = FreePort();
+  Start({"--metrics_listen=127.0.0.1:" + std::to_string(port),
+         "--devices=cpu:1"});
+  auto c = server_->NewClient();
+  std::string before = HttpGet(port, "/metrics");
+  ASSERT_THAT(before, HasSubstr("zeroq_queue_depth"));
+  EXPECT_THAT(before, HasSubstr("zeroq_slots{device=\"cpu\"} 1"));
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> long_job = c->SubmitJob(QuickJob(model.id(), 100000));
+  absl::StatusOr<v1::Job> quick = c->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(long_job.ok() && quick.ok());
+  WaitFor(c.get(), long_job->id(),
+          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+  std::string during = HttpGet(port, "/metrics");
+  EXPECT_EQ(Sample(during, "zeroq_busy_slots", {"device=\"cpu\""}), 1);
+  EXPECT_EQ(Sample(during, "zeroq_running_jobs", {"device=\"cpu\""}), 1);
+  EXPECT_EQ(Sample(during, "zeroq_queue_depth"), 1);
+  EXPECT_EQ(
+      Sample(during, "zeroq_jobs_submitted_total", {"tenant=\"default\""}), 2);
+  EXPECT_EQ(
+      Sample(during, "zeroq_uploaded_bytes_total", {"tenant=\"default\""}),
+      static_cast<double>(fs::file_size(ModelPath("fashion_cnn.pt"))));
+  EXPECT_EQ(Sample(during, "zeroq_inspections_total", {"result=\"ready\""}), 1);
+  ASSERT_TRUE(c->CancelJob(long_job->id()).ok());
+  ASSERT_EQ(WaitFor(c.get(), quick->id(), Finished).state(), v1::JOB_SUCCEEDED);
+  EXPECT_FALSE(c->GetJob("j-missing").ok());
+  std::string after = HttpGet(port, "/metrics");
+  EXPECT_EQ(
+      Sample(after, "zeroq_jobs_finished_total", {"result=\"cancelled\""}), 1);
+  EXPECT_EQ(
+      Sample(after, "zeroq_jobs_finished_total", {"result=\"succeeded\""}), 1);
+  EXPECT_EQ(Sample(after, "zeroq_queue_depth"), 0);
+  EXPECT_EQ(Sample(after, "zeroq_busy_slots", {"device=\"cpu\""}), 0);
+  EXPECT_EQ(Sample(after, "zeroq_queue_wait_seconds_count"), 2);
+  EXPECT_EQ(Sample(after, "zeroq_stage_duration_seconds_count",
+                   {"stage=\"distill\""}),
+            1);
+  EXPECT_EQ(Sample(after, "zeroq_job_duration_seconds_count",
+                   {"result=\"succeeded\""}),
+            1);
+  EXPECT_GT(Sample(after, "zeroq_stored_bytes", {"tenant=\"default\""}),
+            Sample(during, "zeroq_stored_bytes", {"tenant=\"default\""}));
+  EXPECT_EQ(Sample(after, "zeroq_rpcs_total",
+                   {"method=\"SubmitJob\"", "code=\"OK\""}),
+            2);
+  EXPECT_EQ(Sample(after, "zeroq_rpcs_total",
+                   {"method=\"GetJob\"", "code=\"NOT_FOUND\""}),
+            1);
+  EXPECT_GT(
+      Sample(after, "zeroq_rpc_duration_seconds_count", {"method=\"GetJob\""}),
+      1);
+  // A crashed worker is counted.
+  absl::StatusOr<v1::Job> doomed = c->SubmitJob(QuickJob(model.id(), 100000));
+  WaitFor(c.get(), doomed->id(),
+          [](const v1::Job& j) { return j.stage() == v1::STAGE_DISTILL; });
+  kill(testing::FindWorkerPid(doomed->id()), SIGKILL);
+  WaitFor(c.get(), doomed->id(), Finished);
+  EXPECT_EQ(Sample(HttpGet(port, "/metrics"), "zeroq_worker_crashes_total"), 1);
+}
+
+TEST_F(OpsTest, GracefulShutdownDrainsAndLosesNothing) {
+  Start({"--shutdown_grace=2s", "--heartbeat_interval=1s"});
+  auto c = server_->NewClient();
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> job = c->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(job.ok());
+  WaitFor(c.get(), job->id(),
+          [](const v1::Job& j) { return j.stage() == v1::STAGE_DISTILL; });
+  // A health watcher and a job watcher are open when SIGTERM comes.
+  auto channel = grpc::CreateChannel(server_->address(),
+                                     grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext health_ctx;
+  grpc::health::v1::HealthCheckRequest hreq;
+  auto health_stream = health->Watch(&health_ctx, hreq);
+  grpc::health::v1::HealthCheckResponse hresp;
+  ASSERT_TRUE(health_stream->Read(&hresp));
+  EXPECT_EQ(hresp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  grpc::ClientContext watch_ctx;
+  v1::WatchJobRequest wreq;
+  wreq.set_job_id(job->id());
+  auto watch = c->stub()->WatchJob(&watch_ctx, wreq);
+  v1::JobEvent e;
+  ASSERT_TRUE(watch->Read(&e));
+
+  kill(server_->pid(), SIGTERM);
+  ASSERT_TRUE(health_stream->Read(&hresp));
+  EXPECT_EQ(hresp.status(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  // During the grace period new work is refused.
+  absl::Status submit = c->SubmitJob(QuickJob(model.id())).status();
+  EXPECT_EQ(submit.code(), absl::StatusCode::kUnavailable) << submit;
+  while (watch->Read(&e)) {
+  }
+  grpc::Status ended = watch->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << ended.error_message();
+  health_ctx.TryCancel();
+  EXPECT_EQ(server_->Stop(), 0);  // exit status 0 after SIGTERM
+
+  ASSERT_TRUE(server_->Start());
+  c = server_->NewClient();
+  v1::Job again = *c->GetJob(job->id());
+  EXPECT_TRUE(again.state() == v1::JOB_QUEUED ||
+              again.state() == v1::JOB_RUNNING)
+      << v1::JobState_Name(again.state());
+  EXPECT_LE(again.attempts(), 1);  // the stopped attempt does not count
+  ASSERT_TRUE(c->CancelJob(job->id()).ok());
+}
+
+TEST_F(OpsTest, JsonLogLinesCarryIds) {
+  Start({"--log_format=json"});
+  auto c = server_->NewClient();
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> job = c->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(job.ok());
+  ASSERT_EQ(WaitFor(c.get(), job->id(), Finished).state(), v1::JOB_SUCCEEDED);
+  ASSERT_EQ(server_->Stop(), 0);
+  int lines = 0, with_job = 0, with_model = 0;
+  for (absl::string_view line :
+       absl::StrSplit(server_->Log(), '\n', absl::SkipEmpty())) {
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << line;
+    EXPECT_TRUE(j.contains("time") && j.contains("level") && j.contains("msg"))
+        << line;
+    ++lines;
+    if (j.value("job", "") == job->id()) {
+      ++with_job;
+      EXPECT_EQ(j.value("tenant", ""), "default");
+      EXPECT_EQ(j.value("model", ""), model.id());
+    }
+    with_model += j.value("model", "") == model.id();
+  }
+  EXPECT_GT(lines, 3);
+  EXPECT_GE(with_job, 2);  // submitted, succeeded
+  EXPECT_GE(with_model, 3);
+}
+
+}  // namespace
+}  // namespace zeroq
