@@ -69,9 +69,9 @@ std::string FlagLines(const std::vector<FlagSpec>& flags) {
   std::string out;
   for (const FlagSpec& f : flags) {
     std::string head = absl::StrCat(
-        "  ", f.short_name ? absl::StrCat("-", std::string(1, f.short_name),
-                                          ", ")
-                           : "",
+        "  ",
+        f.short_name ? absl::StrCat("-", std::string(1, f.short_name), ", ")
+                     : "",
         "--", f.name, f.value_name.empty() ? "" : " ", f.value_name);
     constexpr size_t kColumn = 30;
     if (head.size() < kColumn - 1) {
@@ -194,7 +194,8 @@ absl::StatusOr<ParsedArgs> ParseArgs(const CommandSpec& command,
       absl::string_view body = absl::string_view(arg).substr(2);
       size_t eq = body.find('=');
       name = std::string(body.substr(0, eq));
-      if (eq != absl::string_view::npos) value = std::string(body.substr(eq + 1));
+      if (eq != absl::string_view::npos)
+        value = std::string(body.substr(eq + 1));
       flag = FindFlag(flags, name);
     } else if (arg.size() == 2) {
       flag = FindShort(flags, arg[1]);
@@ -208,7 +209,8 @@ absl::StatusOr<ParsedArgs> ParseArgs(const CommandSpec& command,
         int d = Distance(name, f->name);
         if (d < best_distance) best = f, best_distance = d;
       }
-      if (best != nullptr) absl::StrAppend(&message, " (did you mean --", best->name, "?)");
+      if (best != nullptr)
+        absl::StrAppend(&message, " (did you mean --", best->name, "?)");
       return UsageError(message);
     }
     if (flag->value_name.empty()) {
@@ -242,20 +244,19 @@ absl::StatusOr<ParsedArgs> ParseArgs(const CommandSpec& command,
                                    where, " ", command.synopsis, ")"));
   }
   if (command.max_args >= 0 && n > command.max_args) {
-    return UsageError(absl::StrCat(where, ": unexpected argument \"",
-                                   out.args[command.max_args], "\" (usage: ",
-                                   where, " ", command.synopsis, ")"));
+    return UsageError(absl::StrCat(
+        where, ": unexpected argument \"", out.args[command.max_args],
+        "\" (usage: ", where, " ", command.synopsis, ")"));
   }
   return out;
 }
 
 std::string CommandHelp(const CommandSpec& command,
                         const std::vector<FlagSpec>& globals) {
-  std::string out = absl::StrCat("usage: zeroq ", command.name,
-                                 command.synopsis.empty() ? "" : " ",
-                                 command.synopsis,
-                                 command.flags.empty() ? "" : " [options]",
-                                 "\n\n", command.summary, "\n");
+  std::string out = absl::StrCat(
+      "usage: zeroq ", command.name, command.synopsis.empty() ? "" : " ",
+      command.synopsis, command.flags.empty() ? "" : " [options]", "\n\n",
+      command.summary, "\n");
   if (!command.description.empty()) {
     absl::StrAppend(&out, "\n", command.description, "\n");
   }
@@ -307,17 +308,16 @@ absl::StatusOr<std::vector<int64_t>> ParseShape(absl::string_view flag,
   return shape;
 }
 
-absl::StatusOr<int64_t> ParseInt(absl::string_view flag,
-                                 absl::string_view text, int64_t lo,
-                                 int64_t hi) {
+absl::StatusOr<int64_t> ParseInt(absl::string_view flag, absl::string_view text,
+                                 int64_t lo, int64_t hi) {
   int64_t v = 0;
   if (!absl::SimpleAtoi(text, &v)) {
     return UsageError(
         absl::StrCat("--", flag, ": \"", text, "\" is not an integer"));
   }
   if (v < lo || v > hi) {
-    return UsageError(absl::StrCat("--", flag, ": ", v, " is out of range ",
-                                   lo, "..", hi));
+    return UsageError(
+        absl::StrCat("--", flag, ": ", v, " is out of range ", lo, "..", hi));
   }
   return v;
 }
@@ -346,8 +346,7 @@ absl::StatusOr<v1::DeviceKind> ParseDevice(absl::string_view text) {
 absl::StatusOr<v1::JobState> ParseJobState(absl::string_view text) {
   std::string upper = absl::StrCat("JOB_", absl::AsciiStrToUpper(text));
   v1::JobState state;
-  if (v1::JobState_Parse(upper, &state) &&
-      state != v1::JOB_STATE_UNSPECIFIED) {
+  if (v1::JobState_Parse(upper, &state) && state != v1::JOB_STATE_UNSPECIFIED) {
     return state;
   }
   return UsageError(absl::StrCat("--state: \"", text,
@@ -386,27 +385,23 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
       !(s = int_flag("activation_bits", 0, 16,
                      [&](int64_t v) { c->set_activation_bits(v); }))
            .ok() ||
-      !(s = int_flag("iterations", 0, 1000000,
-                     [&](int64_t v) {
-                       c->mutable_distillation()->set_iterations(v);
-                     }))
+      !(s = int_flag(
+            "iterations", 0, 1000000,
+            [&](int64_t v) { c->mutable_distillation()->set_iterations(v); }))
            .ok() ||
-      !(s = int_flag("batch_size", 1, 100000,
-                     [&](int64_t v) {
-                       c->mutable_distillation()->set_batch_size(v);
-                     }))
+      !(s = int_flag(
+            "batch_size", 1, 100000,
+            [&](int64_t v) { c->mutable_distillation()->set_batch_size(v); }))
            .ok() ||
-      !(s = int_flag("seed", 0, std::numeric_limits<int64_t>::max(),
-                     [&](int64_t v) {
-                       c->mutable_distillation()->set_seed(v);
-                     }))
+      !(s = int_flag(
+            "seed", 0, std::numeric_limits<int64_t>::max(),
+            [&](int64_t v) { c->mutable_distillation()->set_seed(v); }))
            .ok() ||
-      !(s = int_flag("threads", 1, 4096,
-                     [&](int64_t v) { c->set_threads(v); }))
+      !(s = int_flag("threads", 1, 4096, [&](int64_t v) { c->set_threads(v); }))
            .ok() ||
-      !(s = int_flag("priority", -100, 100,
-                     [&](int64_t v) { r.set_priority(v); }))
-           .ok()) {
+      !(s = int_flag("priority", -100, 100, [&](int64_t v) {
+          r.set_priority(v);
+        })).ok()) {
     return s;
   }
   if (p.Has("candidate_bits")) {
@@ -470,9 +465,9 @@ std::string FormatTimestamp(const google::protobuf::Timestamp& t) {
 }
 
 std::string ModelsTable(const std::vector<v1::Model>& models) {
-  std::string out = absl::StrFormat("%-22s  %-10s  %-10s  %10s  %-19s  %s\n",
-                                    "ID", "STATE", "INPUT", "SIZE", "CREATED",
-                                    "NAME");
+  std::string out =
+      absl::StrFormat("%-22s  %-10s  %-10s  %10s  %-19s  %s\n", "ID", "STATE",
+                      "INPUT", "SIZE", "CREATED", "NAME");
   for (const v1::Model& m : models) {
     absl::StrAppendFormat(&out, "%-22s  %-10s  %-10s  %10s  %-19s  %s\n",
                           m.id(), ModelStateName(m.state()),
@@ -484,10 +479,9 @@ std::string ModelsTable(const std::vector<v1::Model>& models) {
 }
 
 std::string JobsTable(const std::vector<v1::Job>& jobs) {
-  std::string out =
-      absl::StrFormat("%-22s  %-22s  %-9s  %-11s  %8s  %-10s  %s\n", "ID",
-                      "MODEL", "STATE", "STAGE", "PROGRESS", "DEVICE",
-                      "CREATED");
+  std::string out = absl::StrFormat(
+      "%-22s  %-22s  %-9s  %-11s  %8s  %-10s  %s\n", "ID", "MODEL", "STATE",
+      "STAGE", "PROGRESS", "DEVICE", "CREATED");
   for (const v1::Job& j : jobs) {
     std::string progress =
         j.total() > 0 ? absl::StrFormat("%.0f%%", 100.0 * j.step() / j.total())
@@ -537,12 +531,12 @@ std::string DescribeJob(const v1::Job& j) {
     absl::StrAppendFormat(&out, "  error     %s: %s\n",
                           CodeName(j.error().code()), j.error().message());
   }
-  absl::StrAppendFormat(&out, "  device    %s (wanted %s), attempts %d\n",
-                        j.device().empty() ? "-" : j.device(),
-                        absl::AsciiStrToLower(absl::StripPrefix(
-                            v1::DeviceKind_Name(j.device_preference()),
-                            "DEVICE_")),
-                        j.attempts());
+  absl::StrAppendFormat(
+      &out, "  device    %s (wanted %s), attempts %d\n",
+      j.device().empty() ? "-" : j.device(),
+      absl::AsciiStrToLower(absl::StripPrefix(
+          v1::DeviceKind_Name(j.device_preference()), "DEVICE_")),
+      j.attempts());
   absl::StrAppendFormat(&out, "  priority  %d%s\n", j.priority(),
                         j.request_id().empty()
                             ? ""
@@ -590,9 +584,9 @@ std::string JobReport(const v1::Job& j) {
                           l.bits() == 0 ? "fp" : absl::StrCat(l.bits()),
                           absl::StrJoin(sens, "  "));
   }
-  const double avg_bits =
-      r.quantizable_params() > 0 ? 8 * r.weight_bytes() / r.quantizable_params()
-                                 : 0;
+  const double avg_bits = r.quantizable_params() > 0
+                              ? 8 * r.weight_bytes() / r.quantizable_params()
+                              : 0;
   absl::StrAppendFormat(&out, "\nweights: %s float -> %s (%.2f bits average",
                         FormatBytes(r.float_weight_bytes()),
                         FormatBytes(r.weight_bytes()), avg_bits);
@@ -611,8 +605,7 @@ std::string JobReport(const v1::Job& j) {
   }
   if (r.frontier_size() > 0) {
     absl::StrAppendFormat(
-        &out,
-        "Pareto frontier: %d points; chosen %s, total sensitivity %.4g\n",
+        &out, "Pareto frontier: %d points; chosen %s, total sensitivity %.4g\n",
         r.frontier_size(), FormatBytes(r.chosen().size_bits() / 8.0),
         r.chosen().sensitivity());
   }
@@ -659,9 +652,9 @@ std::string FrontierTable(const v1::JobResult& r) {
     return "no Pareto frontier: the job was not a mixed-precision job\n";
   }
   const double params = std::max<double>(1, r.quantizable_params());
-  std::string out = absl::StrFormat("%4s  %10s  %8s  %14s  %-6s  %s\n", "#",
-                                    "size KiB", "avg bits", "sensitivity",
-                                    "chosen", "bits per layer");
+  std::string out =
+      absl::StrFormat("%4s  %10s  %8s  %14s  %-6s  %s\n", "#", "size KiB",
+                      "avg bits", "sensitivity", "chosen", "bits per layer");
   for (int i = 0; i < r.frontier_size(); ++i) {
     const v1::ParetoPoint& p = r.frontier(i);
     absl::StrAppendFormat(&out, "%4d  %10.2f  %8.3f  %14.6g  %-6s  %s\n", i,
@@ -671,9 +664,8 @@ std::string FrontierTable(const v1::JobResult& r) {
   }
   absl::StrAppendFormat(&out, "%d points; * marks the chosen one (budget %s)\n",
                         r.frontier_size(),
-                        r.budget_bits() > 0
-                            ? FormatBytes(r.budget_bits() / 8.0)
-                            : std::string("none"));
+                        r.budget_bits() > 0 ? FormatBytes(r.budget_bits() / 8.0)
+                                            : std::string("none"));
   return out;
 }
 
@@ -724,9 +716,9 @@ std::string ProgressView::Finish() {
 
 std::string ProgressView::Bar(const v1::JobEvent& e, absl::Time now) const {
   const double fraction =
-      e.total() > 0 ? std::clamp(static_cast<double>(e.step()) / e.total(),
-                                 0.0, 1.0)
-                    : 0.0;
+      e.total() > 0
+          ? std::clamp(static_cast<double>(e.step()) / e.total(), 0.0, 1.0)
+          : 0.0;
   constexpr int kBarWidth = 20;
   const int filled = static_cast<int>(fraction * kBarWidth);
   std::string bar(filled, '#');
@@ -753,9 +745,9 @@ std::string ProgressView::Bar(const v1::JobEvent& e, absl::Time now) const {
   if (e.total() > 0 && e.step() < e.total() && done > 0 && stage_secs > 0) {
     eta = "  ETA " + FormatClock((e.total() - e.step()) * stage_secs / done);
   }
-  std::string line = absl::StrFormat(
-      "\r%-11s [%s] %3.0f%%  %-28.28s  %s%s", StageName(e.stage()), bar,
-      100 * fraction, detail, clock, eta);
+  std::string line = absl::StrFormat("\r%-11s [%s] %3.0f%%  %-28.28s  %s%s",
+                                     StageName(e.stage()), bar, 100 * fraction,
+                                     detail, clock, eta);
   if (static_cast<int>(line.size()) > width_ + 1) line.resize(width_ + 1);
   return line + "\x1b[K";  // clear what a longer previous line left
 }
@@ -775,9 +767,8 @@ std::string ProgressView::Line(const v1::JobEvent& e) const {
       return line;
     }
     case v1::EVENT_PROGRESS: {
-      std::string line = absl::StrFormat("%s %-11s %d/%d", head,
-                                         StageName(e.stage()), e.step(),
-                                         e.total());
+      std::string line = absl::StrFormat(
+          "%s %-11s %d/%d", head, StageName(e.stage()), e.step(), e.total());
       if (e.loss() != 0) absl::StrAppendFormat(&line, " loss %.4g", e.loss());
       if (e.lr() != 0) absl::StrAppendFormat(&line, " lr %.3g", e.lr());
       if (!e.message().empty()) absl::StrAppend(&line, " ", e.message());

@@ -50,7 +50,7 @@ struct FlagSpec {
   std::string name;        // without dashes, e.g. "budget"
   std::string value_name;  // e.g. "SPEC"; empty for a boolean flag
   std::string help;
-  char short_name = 0;     // e.g. 'o' for -o
+  char short_name = 0;  // e.g. 'o' for -o
 };
 
 struct CommandSpec {
@@ -97,9 +97,8 @@ std::string MainHelp(const std::vector<CommandSpec>& commands,
 absl::StatusOr<std::vector<int64_t>> ParseShape(absl::string_view flag,
                                                 absl::string_view text);
 // An integer in [lo, hi]; the error names the flag.
-absl::StatusOr<int64_t> ParseInt(absl::string_view flag,
-                                 absl::string_view text, int64_t lo,
-                                 int64_t hi);
+absl::StatusOr<int64_t> ParseInt(absl::string_view flag, absl::string_view text,
+                                 int64_t lo, int64_t hi);
 // "2,4,8" -> {2, 4, 8}, each in [lo, hi].
 absl::StatusOr<std::vector<int>> ParseIntList(absl::string_view flag,
                                               absl::string_view text, int lo,

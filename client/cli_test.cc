@@ -22,12 +22,20 @@ const std::vector<FlagSpec>& Globals() {
 }
 
 CommandSpec Download() {
-  return {"download", "JOB [ARTIFACT...]", "download", "",
-          {{"out", "DIR", "folder", 'o'}, {"force", "", "overwrite"}}, 1, -1};
+  return {"download",
+          "JOB [ARTIFACT...]",
+          "download",
+          "",
+          {{"out", "DIR", "folder", 'o'}, {"force", "", "overwrite"}},
+          1,
+          -1};
 }
 
 CommandSpec Submit() {
-  return {"submit", "MODEL_ID", "submit", "",
+  return {"submit",
+          "MODEL_ID",
+          "submit",
+          "",
           {{"budget", "SPEC", ""},
            {"weight_bits", "N", ""},
            {"activation_bits", "N", ""},
@@ -40,14 +48,15 @@ CommandSpec Submit() {
            {"device", "KIND", ""},
            {"sensitivity_from", "JOB", ""},
            {"request_id", "ID", ""}},
-          1, 1};
+          1,
+          1};
 }
 
 TEST(ParseArgsTest, FlagForms) {
   absl::StatusOr<ParsedArgs> p = ParseArgs(
       Download(), Globals(),
-      {"j-1", "--out=/tmp/a", "report.json", "--server", "h:1", "--json",
-       "-o", "/tmp/b", "--force=false", "--", "--odd-name"});
+      {"j-1", "--out=/tmp/a", "report.json", "--server", "h:1", "--json", "-o",
+       "/tmp/b", "--force=false", "--", "--odd-name"});
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_THAT(p->args, ElementsAre("j-1", "report.json", "--odd-name"));
   EXPECT_EQ(p->Get("out"), "/tmp/b");  // the last one wins
@@ -141,12 +150,14 @@ TEST(ValuesTest, IntsDevicesStates) {
 }
 
 TEST(BuildSubmitRequestTest, EveryFlag) {
-  absl::StatusOr<ParsedArgs> p = ParseArgs(
-      Submit(), Globals(),
-      {"m-1", "--budget", "MP4", "--activation_bits", "8", "--candidate_bits",
-       "2,4", "--iterations", "20", "--batch_size", "8", "--seed", "7",
-       "--threads", "1", "--priority", "-3", "--device", "cpu",
-       "--sensitivity_from", "j-0", "--request_id", "r-1"});
+  absl::StatusOr<ParsedArgs> p =
+      ParseArgs(Submit(), Globals(),
+                {"m-1", "--budget",         "MP4", "--activation_bits",
+                 "8",   "--candidate_bits", "2,4", "--iterations",
+                 "20",  "--batch_size",     "8",   "--seed",
+                 "7",   "--threads",        "1",   "--priority",
+                 "-3",  "--device",         "cpu", "--sensitivity_from",
+                 "j-0", "--request_id",     "r-1"});
   ASSERT_TRUE(p.ok()) << p.status();
   absl::StatusOr<v1::SubmitJobRequest> r = BuildSubmitRequest(*p, "m-1");
   ASSERT_TRUE(r.ok()) << r.status();
@@ -178,8 +189,7 @@ TEST(BuildSubmitRequestTest, DefaultsStayUnset) {
 }
 
 TEST(BuildSubmitRequestTest, BadValuesAreUsageErrors) {
-  for (std::vector<std::string> argv :
-       std::vector<std::vector<std::string>>{
+  for (std::vector<std::string> argv : std::vector<std::vector<std::string>>{
            {"m-1", "--budget", "MP4", "--weight_bits", "4"},
            {"m-1", "--weight_bits", "9"},
            {"m-1", "--activation_bits", "x"},
@@ -218,8 +228,7 @@ TEST(ErrorsTest, ExitCodesAndMessages) {
   EXPECT_EQ(FormatError(failed), "UNAVAILABLE: job j-1 FAILED: worker lost");
   job.set_state(v1::JOB_CANCELLED);
   job.clear_error();
-  EXPECT_THAT(FormatError(JobFailedError(job)),
-              HasSubstr("job j-1 CANCELLED"));
+  EXPECT_THAT(FormatError(JobFailedError(job)), HasSubstr("job j-1 CANCELLED"));
 }
 
 TEST(TextTest, Names) {
@@ -285,7 +294,8 @@ TEST(TextTest, ReportAndFrontier) {
   std::string table = FrontierTable(r);
   // Header, three points, the footer.
   EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 5);
-  EXPECT_THAT(table, HasSubstr("   1        0.98     4.000             0.5  *"));
+  EXPECT_THAT(table,
+              HasSubstr("   1        0.98     4.000             0.5  *"));
   EXPECT_THAT(FrontierTable(v1::JobResult()), HasSubstr("no Pareto frontier"));
 }
 
@@ -317,7 +327,8 @@ v1::JobEvent Event(int64_t seq, v1::EventType type, double t) {
   e.set_seq(seq);
   e.set_type(type);
   e.mutable_time()->set_seconds(1000 + static_cast<int64_t>(t));
-  e.mutable_time()->set_nanos(static_cast<int32_t>((t - static_cast<int64_t>(t)) * 1e9));
+  e.mutable_time()->set_nanos(
+      static_cast<int32_t>((t - static_cast<int64_t>(t)) * 1e9));
   return e;
 }
 

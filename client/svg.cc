@@ -93,11 +93,21 @@ std::string XmlEscape(absl::string_view text) {
   out.reserve(text.size());
   for (char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      case '\'': out += "&apos;"; break;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&apos;";
+        break;
       default:
         // Control characters are not allowed in XML 1.0.
         if (static_cast<unsigned char>(c) < 0x20 && c != '\n' && c != '\t') {
@@ -183,10 +193,11 @@ std::string FrontierSvg(const v1::JobResult& result, absl::string_view title) {
   std::string s;
   absl::StrAppend(
       &s, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n",
-      absl::StrFormat("<svg xmlns=\"http://www.w3.org/2000/svg\" "
-                      "width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
-                      "font-family=\"sans-serif\" font-size=\"12\">\n",
-                      kWidth, kHeight, kWidth, kHeight),
+      absl::StrFormat(
+          "<svg xmlns=\"http://www.w3.org/2000/svg\" "
+          "width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
+          "font-family=\"sans-serif\" font-size=\"12\">\n",
+          kWidth, kHeight, kWidth, kHeight),
       "<title>", XmlEscape(title), "</title>\n",
       "<style>\n"
       "  .frontier { fill: #1f77b4; }\n"
@@ -266,8 +277,8 @@ std::string FrontierSvg(const v1::JobResult& result, absl::string_view title) {
         Num(x(p.size_bits() / 8.0 / 1024)), Num(py(p.sensitivity())),
         XmlEscape(absl::StrFormat(
             "%.2f KiB, %.3f bits average, sensitivity %.4g, bits %s",
-            p.size_bits() / 8.0 / 1024, p.size_bits() / params,
-            p.sensitivity(), absl::StrJoin(p.bits(), ","))));
+            p.size_bits() / 8.0 / 1024, p.size_bits() / params, p.sensitivity(),
+            absl::StrJoin(p.bits(), ","))));
   }
   s += "</g>\n";
 
@@ -295,8 +306,7 @@ std::string FrontierSvg(const v1::JobResult& result, absl::string_view title) {
         "<text x=\"%s\" y=\"%s\" fill=\"#d62728\">chosen</text>\n",
         Num(px), Num(pyv),
         XmlEscape(absl::StrFormat("chosen: %.2f KiB, sensitivity %.4g",
-                                  c.size_bits() / 8.0 / 1024,
-                                  c.sensitivity())),
+                                  c.size_bits() / 8.0 / 1024, c.sensitivity())),
         Num(px + 10), Num(pyv + 16));
   }
   if (result.frontier_size() == 0) {

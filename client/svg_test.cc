@@ -62,7 +62,8 @@ bool TagsBalanced(const std::string& svg, std::string* why) {
 v1::JobResult MakeResult() {
   v1::JobResult r;
   const int params[] = {100, 1000, 400};
-  const double omega[][3] = {{1.0, 0.01, 1e-5}, {5.0, 0.05, 2e-5}, {0.5, 0.002, 1e-6}};
+  const double omega[][3] = {
+      {1.0, 0.01, 1e-5}, {5.0, 0.05, 2e-5}, {0.5, 0.002, 1e-6}};
   for (int i = 0; i < 3; ++i) {
     v1::LayerResult* l = r.add_layers();
     l->set_name(absl::StrCat("layer", i));

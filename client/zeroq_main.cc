@@ -51,8 +51,7 @@ std::vector<FlagSpec> GlobalFlags() {
        "the server, host:port (default: $ZEROQ_SERVER,\n"
        "else 127.0.0.1:50051)"},
       {"api_key", "KEY", "your tenant's API key (default: $ZEROQ_API_KEY)"},
-      {"tls_ca", "FILE",
-       "TLS: the CA (PEM) of the server's certificate"},
+      {"tls_ca", "FILE", "TLS: the CA (PEM) of the server's certificate"},
       {"tls_cert", "FILE", "TLS: a client certificate (PEM), with --tls_key"},
       {"tls_key", "FILE", "TLS: the client certificate's key (PEM)"},
       {"connect_timeout", "SECONDS",
@@ -70,8 +69,7 @@ std::vector<FlagSpec> SubmitFlags() {
        "(average bits), 8x (compression), 120KB, 1.5MiB"},
       {"weight_bits", "N", "uniform weight width, 2..8 (0: float; default 8)"},
       {"activation_bits", "N", "activation width, 2..16 (0: float; default 8)"},
-      {"candidate_bits", "LIST",
-       "mixed-precision widths (default 2,4,8)"},
+      {"candidate_bits", "LIST", "mixed-precision widths (default 2,4,8)"},
       {"iterations", "N", "distillation iterations (default 500)"},
       {"batch_size", "N", "distilled samples (default 32)"},
       {"seed", "N", "random seed (default 0)"},
@@ -91,7 +89,9 @@ std::vector<FlagSpec> SubmitFlags() {
 std::vector<CommandSpec> Commands() {
   std::vector<CommandSpec> c;
   c.push_back(
-      {"upload", "MODEL", "upload a TorchScript model and wait for its inspection",
+      {"upload",
+       "MODEL",
+       "upload a TorchScript model and wait for its inspection",
        "MODEL is a scripted (torch.jit.script) classifier with BatchNorm\n"
        "layers. Uploading the same bytes and shape again returns the stored\n"
        "model. Exits 1 when the server finds the model INVALID.",
@@ -99,46 +99,70 @@ std::vector<CommandSpec> Commands() {
          "one input without the batch dimension (required)"},
         {"name", "NAME", "a name for it (default: the file name)"},
         {"no_wait", "", "return once uploaded, before the inspection"}},
-       1, 1});
+       1,
+       1});
   c.push_back({"models", "", "list your models", "", {}, 0, 0});
   std::vector<FlagSpec> submit = SubmitFlags();
   c.push_back({"submit", "MODEL_ID", "submit a quantization job",
                "Prints the job's id; follow it with \"zeroq watch JOB\".",
                submit, 1, 1});
-  c.push_back({"jobs", "", "list your jobs, newest first", "",
+  c.push_back({"jobs",
+               "",
+               "list your jobs, newest first",
+               "",
                {{"state", "STATE",
                  "only jobs in this state: queued, running,\n"
                  "succeeded, failed, cancelled"},
                 {"model", "MODEL_ID", "only this model's jobs"}},
-               0, 0});
-  c.push_back({"get", "JOB", "show a job; with its report once it succeeded",
-               "", {}, 1, 1});
+               0,
+               0});
+  c.push_back({"get",
+               "JOB",
+               "show a job; with its report once it succeeded",
+               "",
+               {},
+               1,
+               1});
   c.push_back(
-      {"watch", "JOB", "follow a job's progress until it finishes",
+      {"watch",
+       "JOB",
+       "follow a job's progress until it finishes",
        "Replays the job's events from the start, then follows them live. On\n"
        "a terminal one progress bar per stage (percent, loss, elapsed time,\n"
        "the stage's ETA), otherwise one line per event with its sequence\n"
        "number. A dropped connection is resumed where it stopped. Exits 1\n"
        "when the job ends FAILED or CANCELLED.",
-       {}, 1, 1});
-  c.push_back({"cancel", "JOB", "cancel a queued or running job",
-               "A finished job is left as it is.", {}, 1, 1});
+       {},
+       1,
+       1});
+  c.push_back({"cancel",
+               "JOB",
+               "cancel a queued or running job",
+               "A finished job is left as it is.",
+               {},
+               1,
+               1});
   c.push_back(
-      {"download", "JOB [ARTIFACT...]", "download a succeeded job's artifacts",
+      {"download",
+       "JOB [ARTIFACT...]",
+       "download a succeeded job's artifacts",
        "Without ARTIFACT names, all of them: model.zeroq.pt (the quantized\n"
        "TorchScript model), recipe.json, distilled.pt, report.json. Each is\n"
        "verified against its SHA-256; an interrupted download resumes.",
        {{"out", "DIR", "the folder to write them to (required)", 'o'}},
-       1, -1});
-  c.push_back(
-      {"frontier", "JOB", "show a mixed-precision job's Pareto frontier",
-       "A table of the frontier: weight size, average bits, total\n"
-       "sensitivity, the chosen point marked with *.",
-       {{"svg", "FILE",
-         "also plot it as SVG: size against sensitivity,\n"
-         "the chosen point and the uniform widths (W2,\n"
-         "W4, W8) marked"}},
-       1, 1});
+       1,
+       -1});
+  c.push_back({"frontier",
+               "JOB",
+               "show a mixed-precision job's Pareto frontier",
+               "A table of the frontier: weight size, average bits, total\n"
+               "sensitivity, the chosen point marked with *.",
+               {{"svg", "FILE",
+                 "also plot it as SVG: size against sensitivity,\n"
+                 "the chosen point and the uniform widths (W2,\n"
+                 "W4, W8) marked"}},
+               1,
+               1});
   std::vector<FlagSpec> quantize = {
       {"input_shape", "C,H,W",
        "one input without the batch dimension (required)"},
@@ -147,7 +171,8 @@ std::vector<CommandSpec> Commands() {
   };
   quantize.insert(quantize.end(), submit.begin(), submit.end());
   c.push_back(
-      {"quantize", "MODEL", "all in one: upload, submit, watch, download, report",
+      {"quantize", "MODEL",
+       "all in one: upload, submit, watch, download, report",
        "Uploads MODEL, waits for its inspection, submits a job with the\n"
        "options below, follows its progress, downloads every artifact to\n"
        "--out and prints the per-layer report. Exits 1 when the job fails.",
@@ -197,8 +222,8 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectToServer(const ParsedArgs& p) {
 
   std::shared_ptr<grpc::ChannelCredentials> credentials =
       grpc::InsecureChannelCredentials();
-  const bool tls = !options.tls_ca_file.empty() ||
-                   !options.tls_cert_file.empty();
+  const bool tls =
+      !options.tls_ca_file.empty() || !options.tls_cert_file.empty();
   if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
     return UsageError("--tls_cert and --tls_key go together");
   }
@@ -224,7 +249,8 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectToServer(const ParsedArgs& p) {
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateCustomChannel(target, credentials, args);
 
-  const auto deadline = absl::ToChronoTime(absl::Now() + absl::Seconds(timeout));
+  const auto deadline =
+      absl::ToChronoTime(absl::Now() + absl::Seconds(timeout));
   grpc_connectivity_state state = channel->GetState(/*try_to_connect=*/true);
   while (state != GRPC_CHANNEL_READY) {
     // A refused connection (or TLS handshake) fails at once; waiting out
@@ -233,9 +259,12 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectToServer(const ParsedArgs& p) {
         state == GRPC_CHANNEL_SHUTDOWN) {
       return UnreachableError(absl::StrCat(
           "cannot reach the server at ", target,
-          tls ? " (connection refused, or the TLS handshake failed)"
-              : " (connection refused; is zeroq-server running there?)",
-          "; set it with --server or ZEROQ_SERVER"));
+          tls ? ": the connection or the TLS handshake failed (is "
+                "zeroq-server running there, with a certificate --tls_ca "
+                "vouches for?)"
+              : ": the connection failed (is zeroq-server running there? "
+                "with TLS on, pass --tls_ca)",
+          "; set the address with --server or ZEROQ_SERVER"));
     }
     if (!channel->WaitForStateChange(state, deadline)) {
       return UnreachableError(absl::StrCat("cannot reach the server at ",
@@ -283,7 +312,8 @@ class Cli {
 
   absl::StatusOr<std::vector<int64_t>> Shape() {
     if (!p_.Has("input_shape")) {
-      return UsageError("--input_shape is required, e.g. --input_shape 3,224,224");
+      return UsageError(
+          "--input_shape is required, e.g. --input_shape 3,224,224");
     }
     return ParseShape("input_shape", p_.Get("input_shape"));
   }
@@ -300,8 +330,7 @@ class Cli {
   absl::StatusOr<v1::Model> UploadAndInspect(const std::string& path,
                                              const std::vector<int64_t>& shape,
                                              bool wait) {
-    const std::string name =
-        p_.Get("name", fs::path(path).filename().string());
+    const std::string name = p_.Get("name", fs::path(path).filename().string());
     ZQ_ASSIGN_OR_RETURN(v1::Model model,
                         client_->UploadModel(path, name, shape));
     if (!json_) {
@@ -310,13 +339,12 @@ class Cli {
     }
     if (!wait) return model;
     const bool deduplicated = model.deduplicated();
-    ZQ_ASSIGN_OR_RETURN(model, client_->WaitForModel(model.id(),
-                                                     absl::Minutes(10)));
+    ZQ_ASSIGN_OR_RETURN(model,
+                        client_->WaitForModel(model.id(), absl::Minutes(10)));
     model.set_deduplicated(deduplicated);  // only the upload's reply says
     if (model.state() == v1::MODEL_INVALID) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("model ", model.id(), " is INVALID: ",
-                       model.state_reason()));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model ", model.id(), " is INVALID: ", model.state_reason()));
     }
     return model;
   }
@@ -466,7 +494,8 @@ class Cli {
     ZQ_RETURN_IF_ERROR(Connect());
     ZQ_ASSIGN_OR_RETURN(v1::Job job, Follow(p_.args[0]));
     if (!json_) {
-      Print(absl::StrFormat("job %s %s\n", job.id(), JobStateName(job.state())));
+      Print(
+          absl::StrFormat("job %s %s\n", job.id(), JobStateName(job.state())));
     }
     if (job.state() != v1::JOB_SUCCEEDED) return JobFailedError(job);
     return absl::OkStatus();
@@ -557,8 +586,9 @@ class Cli {
         std::string out;
         (void)google::protobuf::util::MessageToJsonString(point, &out);
         out.pop_back();  // the closing brace
-        absl::StrAppend(&out, out.size() > 1 ? "," : "", "\"chosen\":",
-                        IsChosen(r, point) ? "true" : "false", "}");
+        absl::StrAppend(&out, out.size() > 1 ? "," : "",
+                        "\"chosen\":", IsChosen(r, point) ? "true" : "false",
+                        "}");
         Print(out + "\n");
       }
     } else {

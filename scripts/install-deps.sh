@@ -12,10 +12,12 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libsqlite3-dev libssl-dev
   # tests
-  libgtest-dev libgmock-dev googletest
+  libgtest-dev libgmock-dev googletest openssl
   # model scripts, accuracy checks, second-language client
   python3 python3-torch python3-torchvision python3-numpy python3-grpcio python3-protobuf
   dataset-fashion-mnist
+  # deployment checks: YAML parsing, promtool
+  python3-yaml prometheus
 )
 
 missing=()

@@ -24,8 +24,8 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/zeroq_cli_XXXXXX")
 server_pid=
 watch_pid=
 cleanup() {
-  [[ -n $watch_pid ]] && kill "$watch_pid" 2> /dev/null || true
-  [[ -n $server_pid ]] && kill -KILL "$server_pid" 2> /dev/null || true
+  if [[ -n $watch_pid ]]; then kill "$watch_pid" 2> /dev/null || true; fi
+  if [[ -n $server_pid ]]; then kill -KILL "$server_pid" 2> /dev/null || true; fi
   wait 2> /dev/null || true
   if [[ ${failed:-1} -ne 0 && -f $tmp/server.log ]]; then
     echo "--- server log (tail)" >&2
@@ -153,7 +153,7 @@ lines = open(sys.argv[1]).read().splitlines()
 assert len(lines) == 1 and json.loads(lines[0])["id"] == sys.argv[2], lines
 ' "$tmp/models_json.out" "$model"
 rc=0
-last=env
+last="env"
 ZEROQ_SERVER="127.0.0.1:$port" "$ZEROQ" models > "$tmp/env.out" 2> "$tmp/env.err" || rc=$?
 expect "ZEROQ_SERVER picks the server" 0 "$model"
 
@@ -310,7 +310,7 @@ run u_bits submit "$model" --weight_bits 12
 expect "bad --weight_bits" 2 "out of range"
 run u_device submit "$model" --device tpu
 expect "bad --device" 2 "--device"
-run u_state jobs --state done
+run u_state jobs --state "done"
 expect "bad --state" 2 "--state"
 run u_noout download "$job"
 expect "download without -o" 2 "--out DIR is required"

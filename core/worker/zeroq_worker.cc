@@ -236,8 +236,10 @@ int Run(const v1::RunRequest& request, MessageWriter& out) {
     v1::JobEvent e = EventFromProgress(progress);
     // Clients see artifact names, never the server's folders.
     const std::string prefix = request.output_dir() + "/";
-    if (absl::StrContains(e.message(), prefix)) {
-      e.set_message(absl::StrReplaceAll(e.message(), {{prefix, ""}}));
+    if (absl::StrContains(e.message(), prefix) ||
+        absl::StrContains(e.message(), request.model_path())) {
+      e.set_message(absl::StrReplaceAll(
+          e.message(), {{prefix, ""}, {request.model_path(), "the model"}}));
     }
     if (e.stage() != logged_stage) {
       logged_stage = e.stage();
