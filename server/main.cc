@@ -286,8 +286,10 @@ int main(int argc, char** argv) {
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   zs::LogInfo({}, absl::StrCat("signal ", signal_number, ": draining"));
-  health->SetServingStatus(false);
+  // New work is refused before health says NOT_SERVING: a client that sees
+  // NOT_SERVING and submits anyway must get UNAVAILABLE, not a job.
   service.Shutdown();
+  health->SetServingStatus(false);
   (*manager)->Stop(absl::GetFlag(FLAGS_shutdown_grace));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   zs::LogInfo({}, "stopped");

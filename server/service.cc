@@ -412,6 +412,11 @@ grpc::ServerUnaryReactor* ZeroQService::DeleteModel(
 grpc::ServerUnaryReactor* ZeroQService::SubmitJob(
     grpc::CallbackServerContext* context, const v1::SubmitJobRequest* request,
     v1::Job* response) {
+  if (IsShutDown()) {
+    return Done(context,
+                absl::UnavailableError(
+                    "the server is shutting down; submit again shortly"));
+  }
   ZQ_TENANT_OR_FINISH(tenant, context);
   absl::StatusOr<v1::Job> job = manager_->SubmitJob(tenant, *request);
   if (job.ok()) *response = *std::move(job);

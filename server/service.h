@@ -48,8 +48,8 @@ class ZeroQService final : public v1::ZeroQ::CallbackService {
   ZeroQService(JobManager* manager, ServiceOptions options);
   ~ZeroQService() override;
 
-  // New streams are refused with UNAVAILABLE and open watch streams end with
-  // UNAVAILABLE. Idempotent.
+  // Uploads, submissions and new streams are refused with UNAVAILABLE and
+  // open watch streams end with UNAVAILABLE; reads still answer. Idempotent.
   void Shutdown();
   int open_watches();
 
