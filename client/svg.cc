@@ -210,9 +210,11 @@ std::string FrontierSvg(const v1::JobResult& result, absl::string_view title) {
       absl::StrFormat("<rect x=\"0\" y=\"0\" width=\"%.0f\" height=\"%.0f\" "
                       "fill=\"#fff\"/>\n",
                       kWidth, kHeight),
+      // Centred on the image, not the plot: a long title (job id, model
+      // name, budget) must not run off the left edge.
       absl::StrFormat("<text x=\"%s\" y=\"28\" text-anchor=\"middle\" "
-                      "font-size=\"16\" font-weight=\"bold\">%s</text>\n",
-                      Num(kLeft + kPlotW / 2), XmlEscape(title)));
+                      "font-size=\"14\" font-weight=\"bold\">%s</text>\n",
+                      Num(kWidth / 2), XmlEscape(title)));
 
   // Grid, ticks and tick labels.
   s += "<g class=\"ticks\">\n";
