@@ -35,15 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "PASS: $1"; }
-fail() { failed=$((failed + 1)); echo "FAIL: $1" >&2; }
-check() {
-  local name=$1
-  shift
-  if "$@"; then pass "$name"; else fail "$name"; fi
-}
+source tests/check_lib.sh
 
 # The server on a free port, or on port $1 (a restart keeps its address).
 # A server with metrics gets none here, so that tests can run side by side.

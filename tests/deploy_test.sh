@@ -29,15 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "PASS: $1"; }
-fail() { failed=$((failed + 1)); echo "FAIL: $1" >&2; }
-check() {
-  local name=$1
-  shift
-  if "$@"; then pass "$name"; else fail "$name"; fi
-}
+source tests/check_lib.sh
 
 # --- YAML and JSON ------------------------------------------------------------
 mapfile -t yamls < <(find deploy -name '*.yml' -o -name '*.yaml' | sort)

@@ -15,16 +15,7 @@ MODELS=tests/models
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/zeroq_cli_XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "PASS: $1"; }
-fail() { failed=$((failed + 1)); echo "FAIL: $1" >&2; }
-# check NAME COMMAND...: one check, passed when COMMAND succeeds.
-check() {
-  local name=$1
-  shift
-  if "$@"; then pass "$name"; else fail "$name"; fi
-}
+source tests/check_lib.sh
 # run_cli OUT_PREFIX ARGS...: runs the tool, stdout/stderr to files, sets rc.
 run_cli() {
   local prefix=$1
