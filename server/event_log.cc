@@ -40,14 +40,4 @@ EventLog::Read EventLog::ReadAfter(
   return Read::kWait;
 }
 
-int64_t EventLog::last_seq() const {
-  absl::MutexLock lock(&mu_);
-  return events_.empty() ? 0 : events_.back().seq();
-}
-
-bool EventLog::terminal() const {
-  absl::MutexLock lock(&mu_);
-  return terminal_;
-}
-
 }  // namespace zeroq::server

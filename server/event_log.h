@@ -51,11 +51,8 @@ class EventLog {
   Read ReadAfter(int64_t after_seq, int max, std::vector<v1::JobEvent>* out,
                  const std::shared_ptr<EventListener>& listener);
 
-  int64_t last_seq() const;
-  bool terminal() const;
-
  private:
-  mutable absl::Mutex mu_;
+  absl::Mutex mu_;
   std::vector<v1::JobEvent> events_
       ABSL_GUARDED_BY(mu_);  // events_[i].seq == i + 1
   bool terminal_ ABSL_GUARDED_BY(mu_) = false;

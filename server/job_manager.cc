@@ -89,6 +89,20 @@ bool IsTerminal(v1::JobState s) {
          s == v1::JOB_CANCELLED;
 }
 
+// Another tenant's record answers exactly as a missing one does, so ids
+// cannot be probed across tenants.
+template <typename Record>
+absl::StatusOr<Record> OwnedBy(absl::StatusOr<Record> record,
+                               const std::string& tenant,
+                               absl::string_view kind, const std::string& id) {
+  bool missing =
+      !record.ok() && record.status().code() == absl::StatusCode::kNotFound;
+  if (missing || (record.ok() && record->tenant() != tenant)) {
+    return absl::NotFoundError(absl::StrCat(kind, " \"", id, "\" not found"));
+  }
+  return record;
+}
+
 std::string StageLabel(v1::Stage stage) {
   return absl::AsciiStrToLower(
       v1::Stage_Name(stage).substr(6));  // drop "STAGE_"
@@ -564,6 +578,7 @@ void JobManager::OnWorkerExit(const std::string& job_id,
   if (rt->worker) finished_workers_.push_back(std::move(rt->worker));
   if (rt->slot) pool_.Release(*rt->slot);
   rt->slot.reset();
+  UpdateGaugesLocked();
   running_per_tenant_[rt->job.tenant()]--;
   wake_scheduler_.Signal();
   std::error_code ec;
@@ -762,11 +777,6 @@ absl::Status JobManager::CheckUploadQuota(const std::string& tenant,
   return absl::OkStatus();
 }
 
-int64_t JobManager::StoredBytes(const std::string& tenant) {
-  absl::MutexLock lock(&mu_);
-  return stored_bytes_[tenant];
-}
-
 bool JobManager::IsRetryLocked(const std::string& tenant,
                                const std::string& request_id) {
   for (const auto& [id, rt] : active_) {
@@ -819,12 +829,7 @@ absl::StatusOr<v1::Model> JobManager::RegisterModel(
 
 absl::StatusOr<v1::Model> JobManager::GetModel(const std::string& tenant,
                                                const std::string& id) {
-  absl::StatusOr<v1::Model> model = store_->GetModel(id);
-  if ((!model.ok() && model.status().code() == absl::StatusCode::kNotFound) ||
-      (model.ok() && model->tenant() != tenant)) {
-    return absl::NotFoundError(absl::StrCat("model \"", id, "\" not found"));
-  }
-  return model;
+  return OwnedBy(store_->GetModel(id), tenant, "model", id);
 }
 
 absl::StatusOr<Page<v1::Model>> JobManager::ListModels(
@@ -964,18 +969,10 @@ absl::StatusOr<v1::Job> JobManager::GetJob(const std::string& tenant,
     absl::MutexLock lock(&mu_);
     auto it = active_.find(id);
     if (it != active_.end()) {
-      if (it->second->job.tenant() != tenant) {
-        return absl::NotFoundError(absl::StrCat("job \"", id, "\" not found"));
-      }
-      return it->second->job;
+      return OwnedBy<v1::Job>(it->second->job, tenant, "job", id);
     }
   }
-  absl::StatusOr<v1::Job> job = store_->GetJob(id);
-  if ((!job.ok() && job.status().code() == absl::StatusCode::kNotFound) ||
-      (job.ok() && job->tenant() != tenant)) {
-    return absl::NotFoundError(absl::StrCat("job \"", id, "\" not found"));
-  }
-  return job;
+  return OwnedBy(store_->GetJob(id), tenant, "job", id);
 }
 
 absl::StatusOr<Page<v1::Job>> JobManager::ListJobs(
@@ -1063,19 +1060,6 @@ absl::StatusOr<ArtifactRef> JobManager::GetArtifact(const std::string& tenant,
   return absl::NotFoundError(
       absl::StrCat("job ", job_id, " has no artifact \"", name,
                    "\"; it has: ", absl::StrJoin(names, ", ")));
-}
-
-JobManager::Stats JobManager::GetStats() {
-  absl::MutexLock lock(&mu_);
-  Stats s;
-  for (const auto& [id, rt] : active_) {
-    (rt->job.state() == v1::JOB_RUNNING ? s.running : s.queued)++;
-  }
-  s.inspecting =
-      static_cast<int>(inspections_.size() + pending_inspections_.size());
-  s.busy_slots = pool_.busy_slots();
-  s.total_slots = pool_.total_slots();
-  return s;
 }
 
 }  // namespace zeroq::server

@@ -91,7 +91,6 @@ class JobManager {
   // quota and the limit when `size_bytes` is over the tenant's model_bytes
   // or would take it over stored_bytes.
   absl::Status CheckUploadQuota(const std::string& tenant, int64_t size_bytes);
-  int64_t StoredBytes(const std::string& tenant);
 
   // ---- models
   // After an upload's bytes are committed to the blob store: the existing
@@ -134,12 +133,6 @@ class JobManager {
 
   const ManagerOptions& options() const { return options_; }
   BlobStore* blobs() { return blobs_; }
-
-  struct Stats {
-    int queued = 0, running = 0, inspecting = 0, busy_slots = 0,
-        total_slots = 0;
-  };
-  Stats GetStats();
 
  private:
   struct JobRuntime;

@@ -315,13 +315,6 @@ void ZeroQService::Shutdown() {
   }
 }
 
-int ZeroQService::open_watches() {
-  absl::MutexLock lock(&mu_);
-  int n = 0;
-  for (const auto& w : watches_) n += !w.expired();
-  return n;
-}
-
 void ZeroQService::HeartbeatLoop() {
   absl::MutexLock lock(&mu_);
   while (!shutdown_) {

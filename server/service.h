@@ -51,7 +51,6 @@ class ZeroQService final : public v1::ZeroQ::CallbackService {
   // Uploads, submissions and new streams are refused with UNAVAILABLE and
   // open watch streams end with UNAVAILABLE; reads still answer. Idempotent.
   void Shutdown();
-  int open_watches();
 
   grpc::ServerReadReactor<v1::UploadModelRequest>* UploadModel(
       grpc::CallbackServerContext* context, v1::Model* response) override;

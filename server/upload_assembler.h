@@ -39,10 +39,6 @@ class UploadAssembler {
   // REQUIRES: every Add returned OK. Called once.
   absl::StatusOr<Result> Finish();
 
-  int64_t bytes_received() const {
-    return writer_ ? writer_->bytes_written() : 0;
-  }
-
  private:
   BlobStore* const blobs_;
   const int64_t max_model_bytes_;

@@ -1,7 +1,7 @@
 # check_lib.sh: the pass/fail bookkeeping of the shell end-to-end tests.
 #   source tests/check_lib.sh          # from the repository root
 #   check "the server answers" curl -sf ...
-#   # the caller prints $passed and $failed and exits non-zero on failures
+#   report_checks || exit 1   # prints the counts; fails if any check failed
 passed=0
 failed=0
 pass() { passed=$((passed + 1)); echo "PASS: $1"; }
@@ -11,4 +11,9 @@ check() {
   local name=$1
   shift
   if "$@"; then pass "$name"; else fail "$name"; fi
+}
+# Prints the counts; returns non-zero when any check failed.
+report_checks() {
+  echo "$passed passed, $failed failed"
+  [[ $failed -eq 0 ]]
 }

@@ -374,5 +374,4 @@ wait "$server_pid" || rc=$?
 server_pid=
 check "zeroq-server stops cleanly on SIGTERM" test "$rc" -eq 0
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+report_checks

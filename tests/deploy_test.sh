@@ -248,8 +248,7 @@ print(" ".join(sorted(names)))
   check "zeroq-server stops cleanly" test "$rc" -eq 0
 fi
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]] || exit 1
+report_checks || exit 1
 if [[ $skipped -eq 1 ]]; then
   echo "SKIPPED: server has no --metrics_listen yet"
   exit 77

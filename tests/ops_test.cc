@@ -28,6 +28,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "server/sha256.h"
+#include "tests/e2e_util.h"
 #include "tests/server_process.h"
 
 namespace zeroq {
@@ -35,12 +36,12 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace v1 = ::zeroq::v1;
+using testing::Finished;
 using ::testing::HasSubstr;
+using testing::ModelPath;
+using testing::QuickJob;
 using testing::ServerProcess;
-
-std::string ModelPath(const std::string& name) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + name;
-}
+using testing::WaitFor;
 
 int FreePort() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -95,39 +96,6 @@ double Sample(const std::string& text, const std::string& name,
   return sum;
 }
 
-v1::SubmitJobRequest QuickJob(const std::string& model_id,
-                              int iterations = 20) {
-  v1::SubmitJobRequest r;
-  r.set_model_id(model_id);
-  r.mutable_config()->set_weight_bits(4);
-  r.mutable_config()->mutable_distillation()->set_batch_size(8);
-  r.mutable_config()->mutable_distillation()->set_iterations(iterations);
-  r.mutable_config()->set_threads(1);
-  return r;
-}
-
-bool Finished(const v1::Job& j) {
-  return j.state() == v1::JOB_SUCCEEDED || j.state() == v1::JOB_FAILED ||
-         j.state() == v1::JOB_CANCELLED;
-}
-
-v1::Job WaitFor(client::Client* c, const std::string& id,
-                std::function<bool(const v1::Job&)> done,
-                absl::Duration timeout = absl::Minutes(3)) {
-  absl::Time deadline = absl::Now() + timeout;
-  v1::Job job;
-  while (absl::Now() < deadline) {
-    absl::StatusOr<v1::Job> j = c->GetJob(id);
-    if (j.ok()) {
-      job = *j;
-      if (done(job)) return job;
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  ADD_FAILURE() << "timed out waiting on job " << id;
-  return job;
-}
-
 constexpr char kKeyA[] = "key-of-acme";
 constexpr char kKeyB[] = "key-of-zeta";
 
@@ -170,14 +138,7 @@ class OpsTest : public ::testing::Test {
   }
   v1::Model Upload(client::Client* c,
                    const std::string& file = "fashion_cnn.pt") {
-    absl::StatusOr<v1::Model> m =
-        c->UploadModel(ModelPath(file), file, {1, 28, 28});
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return {};
-    absl::StatusOr<v1::Model> ready =
-        c->WaitForModel(m->id(), absl::Minutes(2));
-    EXPECT_TRUE(ready.ok()) << ready.status();
-    return ready.ok() ? *ready : *m;
+    return testing::UploadReady(c, file);
   }
 
   std::string dir_;

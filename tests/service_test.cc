@@ -19,6 +19,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/sha256.h"
+#include "tests/e2e_util.h"
 #include "tests/server_process.h"
 
 namespace zeroq {
@@ -26,31 +27,17 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace v1 = ::zeroq::v1;
+using testing::Finished;
 using ::testing::HasSubstr;
+using testing::ModelPath;
+using testing::QuickJob;
 using testing::ServerProcess;
-
-std::string ModelPath(const std::string& name) {
-  return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + name;
-}
+using testing::WatchAll;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)),
                      std::istreambuf_iterator<char>());
-}
-
-// A quick job on the example model: few distillation steps, small batch.
-v1::SubmitJobRequest QuickJob(const std::string& model_id,
-                              int iterations = 20) {
-  v1::SubmitJobRequest r;
-  r.set_model_id(model_id);
-  v1::QuantizationConfig* c = r.mutable_config();
-  c->set_weight_bits(4);
-  c->mutable_distillation()->set_batch_size(8);
-  c->mutable_distillation()->set_iterations(iterations);
-  c->mutable_distillation()->set_seed(7);
-  c->set_threads(1);
-  return r;
 }
 
 class ServiceTest : public ::testing::Test {
@@ -63,33 +50,13 @@ class ServiceTest : public ::testing::Test {
 
   v1::Model UploadReady(const std::string& file,
                         std::vector<int64_t> shape = {1, 28, 28}) {
-    absl::StatusOr<v1::Model> m =
-        client_->UploadModel(ModelPath(file), file, shape);
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return {};
-    absl::StatusOr<v1::Model> ready =
-        client_->WaitForModel(m->id(), absl::Minutes(2));
-    EXPECT_TRUE(ready.ok()) << ready.status();
-    return ready.ok() ? *ready : v1::Model();
+    return testing::UploadReady(client_.get(), file, std::move(shape));
   }
 
-  // Polls until the job is in `state` (or finished); the job as last seen.
   v1::Job WaitFor(const std::string& id,
-                  std::function<bool(const v1::Job&)> done,
+                  const std::function<bool(const v1::Job&)>& done,
                   absl::Duration timeout = absl::Minutes(3)) {
-    absl::Time deadline = absl::Now() + timeout;
-    v1::Job job;
-    while (absl::Now() < deadline) {
-      absl::StatusOr<v1::Job> j = client_->GetJob(id);
-      if (j.ok()) {
-        job = *j;
-        if (done(job)) return job;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    ADD_FAILURE() << "timed out waiting on job " << id << ": "
-                  << job.DebugString();
-    return job;
+    return testing::WaitFor(client_.get(), id, done, timeout);
   }
 
   void TearDown() override {
@@ -100,11 +67,6 @@ class ServiceTest : public ::testing::Test {
   std::unique_ptr<ServerProcess> server_;
   std::unique_ptr<client::Client> client_;
 };
-
-bool Finished(const v1::Job& j) {
-  return j.state() == v1::JOB_SUCCEEDED || j.state() == v1::JOB_FAILED ||
-         j.state() == v1::JOB_CANCELLED;
-}
 
 TEST_F(ServiceTest, UploadInspectSubmitWatchDownloadMatchesOfflineRun) {
   StartServer();
@@ -121,11 +83,7 @@ TEST_F(ServiceTest, UploadInspectSubmitWatchDownloadMatchesOfflineRun) {
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->state(), v1::JOB_QUEUED);
   std::vector<v1::JobEvent> events;
-  absl::StatusOr<v1::Job> done =
-      client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-        if (e.type() != v1::EVENT_HEARTBEAT) events.push_back(e);
-        return true;
-      });
+  absl::StatusOr<v1::Job> done = WatchAll(client_.get(), job->id(), &events);
   ASSERT_TRUE(done.ok()) << done.status();
   ASSERT_EQ(done->state(), v1::JOB_SUCCEEDED) << done->error().message();
   // Every event, in order, once; the last is the terminal state.
@@ -465,11 +423,7 @@ TEST_F(ServiceTest, ServerKilledMidJobRequeuesItOnRestart) {
   ASSERT_TRUE(server_->Start()) << server_->Log();
   client_ = server_->NewClient();
   std::vector<v1::JobEvent> events;
-  absl::StatusOr<v1::Job> done =
-      client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-        if (e.type() != v1::EVENT_HEARTBEAT) events.push_back(e);
-        return true;
-      });
+  absl::StatusOr<v1::Job> done = WatchAll(client_.get(), job->id(), &events);
   ASSERT_TRUE(done.ok()) << done.status();
   EXPECT_EQ(done->state(), v1::JOB_SUCCEEDED) << done->error().message();
   EXPECT_EQ(done->attempts(), 2);

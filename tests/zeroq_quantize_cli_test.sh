@@ -123,5 +123,4 @@ run_cli "$tmp/layer" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
   --iterations=5 --layer_bits=nope=4 --out="$tmp/layer_out"
 expect_exit "--layer_bits with an unknown layer" 1 "$tmp/layer" "nope"
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+report_checks
