@@ -2,7 +2,7 @@
 """Top-1 of the Fashion-MNIST example model before and after ZeroQ, on the
 10k test images, through the real zeroq-quantize binary.
 
-  /usr/bin/python3 bench/accuracy.py [--seeds 0,1,2] [--threads 2]
+  $ZEROQ_PYTHON bench/accuracy.py [--seeds 0,1,2] [--threads 2]
 
 Reports (medians over seeds; each seed distills its own data once and every
 configuration of that seed reuses it):

@@ -72,6 +72,12 @@ std::vector<torch::Tensor> GraphProgram::RunInputs(
   return out;
 }
 
+c10::IValue GraphProgram::RunOutput(std::vector<c10::IValue> inputs) {
+  torch::jit::Stack stack = std::move(inputs);
+  function_.run(stack);
+  return std::move(stack.at(0));
+}
+
 std::vector<c10::IValue> GraphProgram::RunValues(
     std::vector<c10::IValue> inputs) {
   torch::jit::Stack stack = std::move(inputs);

@@ -52,6 +52,9 @@ class GraphProgram {
   std::vector<torch::Tensor> RunInputs(std::vector<c10::IValue> inputs);
   // The same, for outputs that need not be tensors (sizes, lists).
   std::vector<c10::IValue> RunValues(std::vector<c10::IValue> inputs);
+  // Runs a graph with one output and returns it as it is (a tuple stays a
+  // tuple): for graphs that end in the model's own output.
+  c10::IValue RunOutput(std::vector<c10::IValue> inputs);
 
  private:
   torch::jit::GraphFunction function_;

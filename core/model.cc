@@ -15,6 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "core/cuda_runtime.h"
+#include "core/outputs.h"
 #include "core/torch_status.h"
 
 namespace zeroq::core {
@@ -95,17 +97,13 @@ std::string UniqueName(std::string name,
   return count == 1 ? name : absl::StrCat(name, "#", count);
 }
 
-absl::StatusOr<torch::Device> ParseDevice(const std::string& device) {
-  return CallTorch(absl::StrCat("device \"", device, "\""),
-                   [&] { return torch::Device(device); });
-}
-
 absl::Status CheckForwardSchema(const torch::jit::Module& module) {
   auto method = module.find_method("forward");
   if (!method) {
     return absl::InvalidArgumentError(
         "the TorchScript module has no forward method; script the model "
-        "(torch.jit.script) with a forward(self, x: Tensor) -> Tensor");
+        "(torch.jit.script) with a forward(self, x: Tensor) that returns "
+        "tensors");
   }
   const c10::FunctionSchema& schema = method->function().getSchema();
   const auto& args = schema.arguments();
@@ -119,11 +117,12 @@ absl::Status CheckForwardSchema(const torch::jit::Module& module) {
         s.str()));
   }
   const auto& rets = schema.returns();
-  if (rets.size() != 1 || rets[0].type()->kind() != c10::TypeKind::TensorType) {
+  if (rets.size() != 1 || !IsTensorOutputType(rets[0].type())) {
     std::ostringstream s;
     s << schema;
     return absl::InvalidArgumentError(absl::StrCat(
-        "forward must return one tensor (the logits); it is ", s.str()));
+        "forward must return tensors: one tensor (the logits), or a tuple, "
+        "NamedTuple, list or dict of tensors; it is ", s.str()));
   }
   return absl::OkStatus();
 }
@@ -236,7 +235,7 @@ namespace {
 absl::StatusOr<std::unique_ptr<Model>> LoadImpl(
     const std::function<torch::jit::Module(const torch::Device&)>& load,
     const std::string& device_name) {
-  ZQ_ASSIGN_OR_RETURN(torch::Device device, ParseDevice(device_name));
+  ZQ_ASSIGN_OR_RETURN(torch::Device device, ResolveDevice(device_name));
   ZQ_ASSIGN_OR_RETURN(
       torch::jit::Module module,
       CallTorch("not a loadable TorchScript archive (save it with "
@@ -345,10 +344,11 @@ absl::Status Model::Analyse() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<torch::Tensor> Model::Forward(const torch::Tensor& input) const {
+absl::StatusOr<std::vector<torch::Tensor>> Model::Forward(
+    const torch::Tensor& input) const {
   return CallTorch("the model rejected the input", [&] {
     torch::NoGradGuard no_grad;
-    return frozen_.forward({input.to(device_)}).toTensor();
+    return OutputTensors(frozen_.forward({input.to(device_)}));
   });
 }
 
@@ -361,7 +361,7 @@ absl::Status Model::CheckInputShape(const std::vector<int64_t>& shape) const {
     }
   }
   torch::Tensor x = torch::zeros(shape, torch::TensorOptions().device(device_));
-  absl::StatusOr<torch::Tensor> out = Forward(x);
+  absl::StatusOr<std::vector<torch::Tensor>> out = Forward(x);
   if (!out.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("input shape [", absl::StrJoin(shape, ","),

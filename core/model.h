@@ -65,7 +65,8 @@ class Model {
  public:
   // Loads a TorchScript archive onto `device` ("cpu", "cuda", "cuda:1").
   // INVALID_ARGUMENT: not a TorchScript archive, no forward, forward does not
-  // take exactly one tensor or does not return one. FAILED_PRECONDITION: no
+  // take exactly one tensor or returns something other than tensors (one, or
+  // tuples, NamedTuples, lists or dicts of them; outputs.h). FAILED_PRECONDITION: no
   // BatchNorm layer (ZeroQ needs their statistics).
   static absl::StatusOr<std::unique_ptr<Model>> LoadFromFile(
       const std::string& path, const std::string& device = "cpu");
@@ -82,8 +83,9 @@ class Model {
   // with the model's own message if the model rejects the shape.
   absl::Status CheckInputShape(const std::vector<int64_t>& shape) const;
 
-  // The float model's output for a batch.
-  absl::StatusOr<torch::Tensor> Forward(const torch::Tensor& input) const;
+  // The float model's output tensors for a batch (OutputTensors order).
+  absl::StatusOr<std::vector<torch::Tensor>> Forward(
+      const torch::Tensor& input) const;
 
   // The frozen float module. Its forward graph is the analysed graph.
   const torch::jit::Module& frozen() const { return frozen_; }

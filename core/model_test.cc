@@ -339,8 +339,8 @@ TEST_F(ModelTest, LoadFromBytesMatchesLoadFromFile) {
     EXPECT_EQ(sa.bn_layers[i].node_index, sb.bn_layers[i].node_index);
   }
   torch::Tensor x = torch::randn({2, 3, 32, 32});
-  absl::StatusOr<torch::Tensor> ya = (*a)->Forward(x);
-  absl::StatusOr<torch::Tensor> yb = (*b)->Forward(x);
+  absl::StatusOr<torch::Tensor> ya = First((*a)->Forward(x));
+  absl::StatusOr<torch::Tensor> yb = First((*b)->Forward(x));
   ASSERT_TRUE(ya.ok()) << ya.status();
   ASSERT_TRUE(yb.ok()) << yb.status();
   EXPECT_TRUE(torch::equal(*ya, *yb));
@@ -360,7 +360,7 @@ TEST_F(ModelTest, FrozenForwardMatchesTheOriginalModule) {
     torch::NoGradGuard no_grad;
     want = original.forward({x}).toTensor();
   }
-  absl::StatusOr<torch::Tensor> got = model->Forward(x);
+  absl::StatusOr<torch::Tensor> got = First(model->Forward(x));
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_THAT(got->sizes().vec(), ElementsAre(4, 5));
   EXPECT_TRUE(torch::allclose(*got, want, 1e-5, 1e-6));
@@ -464,7 +464,7 @@ TEST_F(ModelTest, CheckInputShapeRejectsNonPositiveSizes) {
 TEST_F(ModelTest, ForwardWithWrongRankIsInvalidArgument) {
   std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
   ASSERT_NE(model, nullptr);
-  absl::StatusOr<torch::Tensor> y = model->Forward(torch::zeros({3, 16}));
+  absl::StatusOr<torch::Tensor> y = First(model->Forward(torch::zeros({3, 16})));
   ASSERT_FALSE(y.ok());
   EXPECT_EQ(y.status().code(), absl::StatusCode::kInvalidArgument)
       << y.status();
@@ -476,7 +476,7 @@ TEST_F(ModelTest, QuantizedModelCreateLeavesTheFloatModelAlone) {
   ASSERT_NE(model, nullptr);
   torch::manual_seed(5);
   torch::Tensor x = torch::randn({8, 1, 28, 28});
-  absl::StatusOr<torch::Tensor> before = model->Forward(x);
+  absl::StatusOr<torch::Tensor> before = First(model->Forward(x));
   ASSERT_TRUE(before.ok()) << before.status();
   const std::string graph_before = model->graph()->toString();
 
@@ -487,11 +487,11 @@ TEST_F(ModelTest, QuantizedModelCreateLeavesTheFloatModelAlone) {
   absl::StatusOr<std::unique_ptr<QuantizedModel>> q =
       QuantizedModel::Create(*model, options, {x});
   ASSERT_TRUE(q.ok()) << q.status();
-  absl::StatusOr<torch::Tensor> quantized = (*q)->Forward(x);
+  absl::StatusOr<torch::Tensor> quantized = First((*q)->Forward(x));
   ASSERT_TRUE(quantized.ok()) << quantized.status();
   ASSERT_FALSE(torch::allclose(*quantized, *before));  // it did quantize
 
-  absl::StatusOr<torch::Tensor> after = model->Forward(x);
+  absl::StatusOr<torch::Tensor> after = First(model->Forward(x));
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_TRUE(torch::equal(*before, *after));
   EXPECT_EQ(model->graph()->toString(), graph_before);

@@ -25,6 +25,7 @@
 #include "core/model.h"
 #include "core/quantized_model.h"
 #include "core/sensitivity.h"
+#include "core/outputs.h"
 #include "core/torch_status.h"
 
 namespace zeroq::core {
@@ -272,14 +273,18 @@ absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress
   double kl_sum = 0;
   int64_t agree = 0;
   for (const torch::Tensor& b : data) {
-    ZQ_ASSIGN_OR_RETURN(torch::Tensor fo, model->Forward(b));
-    ZQ_ASSIGN_OR_RETURN(torch::Tensor qo, qmodel->Forward(b));
+    ZQ_ASSIGN_OR_RETURN(std::vector<torch::Tensor> fo, model->Forward(b));
+    ZQ_ASSIGN_OR_RETURN(std::vector<torch::Tensor> qo, qmodel->Forward(b));
     ZQ_RETURN_IF_ERROR(CallTorch("comparing outputs", [&] {
-      torch::Tensor f = fo.reshape({fo.size(0), -1}).to(torch::kFloat);
-      torch::Tensor q = qo.reshape({qo.size(0), -1}).to(torch::kFloat);
-      torch::Tensor lp = torch::log_softmax(f, 1), lq = torch::log_softmax(q, 1);
-      kl_sum += (lp.exp() * (lp - lq)).sum().item<double>();
-      agree += (f.argmax(1) == q.argmax(1)).sum().item<int64_t>();
+      std::vector<torch::Tensor> lp = LogProbs(fo), lq = LogProbs(qo);
+      kl_sum += OutputsKl(lp, lq);
+      // Top-1 agreement on the first output (the logits of a model that
+      // returns several).
+      if (!lp.empty()) {
+        // torch::eq, not ==: with LibTorch 2.15 under C++20, == on these two
+        // tensors resolved to an overload that threw instead of comparing.
+        agree += torch::eq(lp[0].argmax(1), lq[0].argmax(1)).sum().item<int64_t>();
+      }
     }));
   }
   result.top1_agreement = result.samples ? double(agree) / result.samples : 0;
@@ -557,7 +562,8 @@ absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
   ModelInfo info;
   // The forward to run: the analysed model's, or the raw module's when the
   // analysis rejected the model for want of usable BatchNorm layers.
-  std::function<absl::StatusOr<torch::Tensor>(const torch::Tensor&)> forward;
+  std::function<absl::StatusOr<std::vector<torch::Tensor>>(const torch::Tensor&)>
+      forward;
   std::unique_ptr<Model> model;
   torch::jit::Module raw;
   absl::StatusOr<std::unique_ptr<Model>> loaded = Model::LoadFromFile(path, device);
@@ -574,7 +580,7 @@ absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
     forward = [&](const torch::Tensor& x) { return model->Forward(x); };
   } else if (loaded.status().code() == absl::StatusCode::kFailedPrecondition) {
     // LoadFromFile has already checked that it is an archive with
-    // forward(Tensor) -> Tensor; only the BatchNorm analysis failed.
+    // forward(Tensor) returning tensors; only the BatchNorm analysis failed.
     ZQ_ASSIGN_OR_RETURN(
         raw, CallTorch("not a loadable TorchScript archive", [&] {
           torch::jit::Module m = torch::jit::load(path, torch::Device(device));
@@ -585,7 +591,7 @@ absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
     forward = [&](const torch::Tensor& x) {
       return CallTorch("the model rejected the input", [&] {
         torch::NoGradGuard no_grad;
-        return raw.forward({x}).toTensor();
+        return OutputTensors(raw.forward({x}));
       });
     };
   } else if (loaded.status().code() == absl::StatusCode::kResourceExhausted) {
@@ -595,10 +601,11 @@ absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
     return absl::InvalidArgumentError(loaded.status().message());
   }
 
-  absl::StatusOr<torch::Tensor> out = CallTorch("creating the input", [&] {
+  absl::StatusOr<torch::Tensor> zeros = CallTorch("creating the input", [&] {
     return torch::zeros(shape, torch::TensorOptions().device(torch::Device(device)));
   });
-  if (out.ok()) out = forward(*out);
+  absl::StatusOr<std::vector<torch::Tensor>> out =
+      zeros.ok() ? forward(*zeros) : zeros.status();
   if (!out.ok() && out.status().code() == absl::StatusCode::kResourceExhausted) {
     return out.status();
   }
@@ -608,7 +615,11 @@ absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
                      "] (batch [", absl::StrJoin(shape, ","),
                      "]) is rejected by the model: ", out.status().message()));
   }
-  info.output_shape = out->sizes().vec();
+  if (out->empty()) {
+    return absl::InvalidArgumentError("the model returned no tensor");
+  }
+  // The first output tensor (the logits of a model that returns several).
+  info.output_shape = out->front().sizes().vec();
   return info;
 }
 

@@ -12,6 +12,7 @@
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include "core/cancellation.h"
 #include "core/export.h"
 #include "core/model.h"
+#include "core/outputs.h"
 #include "core/test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -57,6 +59,7 @@ class PipelineTest : public ::testing::Test {
     spec.distill.batch_size = 16;
     spec.output_dir = dir_.path();
     spec.threads = 1;
+    spec.device = TestDevice();
     return spec;
   }
 
@@ -108,7 +111,7 @@ TEST_F(PipelineTest, FashionEndToEnd) {
   EXPECT_TRUE(std::isfinite(r->mean_kl));
   EXPECT_GE(r->mean_kl, -1e-6);
   EXPECT_EQ(r->threads, 1);
-  EXPECT_EQ(r->device, "cpu");
+  EXPECT_EQ(r->device, TestDevice());
   EXPECT_EQ(r->calibration, "distilled");
   std::vector<std::string> stages;
   for (const auto& [name, seconds] : r->stage_seconds) {
@@ -519,6 +522,61 @@ TEST(PipelineInspect, ModelWithoutBatchNorm) {
   absl::StatusOr<ModelInfo> bad = InspectModel(ModelPath("no_batchnorm.pt"), {1, 8, 8});
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
 }
+
+// Models whose forward returns a tuple, a NamedTuple with an Optional entry
+// left None (as torchvision's GoogLeNetOutputs), or a dict (scripted with
+// torch 2.15 by scripts/make_output_models.py): a mixed-precision job
+// measures sensitivity on every output tensor, and the export returns the
+// same structure as the input model.
+class MultiOutputTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(MultiOutputTest, QuantizesAndExportsTheSameStructure) {
+  at::set_num_threads(1);
+  TempDir dir;
+  JobSpec spec;
+  spec.model_path = ModelPath(std::string(GetParam()) + ".pt");
+  spec.input_shape = {1, 16, 16};
+  spec.distill.iterations = 10;
+  spec.distill.batch_size = 8;
+  spec.budget = Budget{Budget::kAverageBits, 4};
+  spec.output_dir = dir.path();
+  spec.threads = 1;
+  spec.device = TestDevice();
+  absl::StatusOr<JobResult> r = RunJob(spec, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->layers.size(), 4u);  // conv1, conv2, fc, aux
+  // The aux head is only an output: its sensitivity comes from that output
+  // alone, so it must be measured (not zero at 2 bits).
+  ASSERT_EQ(r->sensitivity.size(), 4u);
+  for (const auto& layer : r->sensitivity) {
+    ASSERT_FALSE(layer.omega.empty()) << layer.name;
+    EXPECT_GT(layer.omega.front(), 0.0) << layer.name << " at 2 bits";
+  }
+  EXPECT_TRUE(std::isfinite(r->mean_kl));
+
+  torch::jit::Module in = torch::jit::load(spec.model_path);
+  torch::jit::Module out = torch::jit::load(r->model_artifact);
+  in.eval();
+  const torch::Tensor x = torch::randn({3, 1, 16, 16});
+  c10::IValue want = in.forward({x}), got = out.forward({x});
+  EXPECT_EQ(got.type()->str(), want.type()->str());
+  std::ostringstream in_schema, out_schema;
+  in_schema << in.get_method("forward").function().getSchema().returns();
+  out_schema << out.get_method("forward").function().getSchema().returns();
+  EXPECT_EQ(out_schema.str(), in_schema.str());
+  const std::vector<torch::Tensor> a = OutputTensors(want), b = OutputTensors(got);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].sizes(), b[i].sizes());
+    const double cos = torch::cosine_similarity(a[i].flatten(), b[i].flatten(), 0)
+                           .item<double>();
+    EXPECT_GT(cos, 0.5) << "output " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Structures, MultiOutputTest,
+                         ::testing::Values("tuple_outputs", "namedtuple_outputs",
+                                           "dict_outputs"));
 
 }  // namespace
 }  // namespace zeroq::core

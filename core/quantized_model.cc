@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/graph_util.h"
+#include "core/outputs.h"
 #include "core/torch_status.h"
 
 namespace zeroq::core {
@@ -236,17 +238,27 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
   return q;
 }
 
-absl::StatusOr<torch::Tensor> QuantizedModel::Forward(
+absl::StatusOr<std::vector<torch::Tensor>> QuantizedModel::Forward(
     const torch::Tensor& input) {
   return CallTorch("quantized forward", [&] {
     torch::NoGradGuard no_grad;
-    return module_.forward({input.to(device_)}).toTensor();
+    return OutputTensors(module_.forward({input.to(device_)}));
   });
 }
 
 absl::Status QuantizedModel::Save(const std::string& path) const {
+  // Saved with every tensor on the CPU, whatever device the job ran on: the
+  // frozen weights are graph constants, and constants saved on a CUDA device
+  // cannot be read by torch.jit.load on a machine without one. A round trip
+  // through a load with the CPU as map location moves parameters, buffers
+  // and constants alike; users pick their device with map_location.
   return CallTorch(
-      absl::StrCat("saving ", path), [&] { module_.save(path); },
+      absl::StrCat("saving ", path),
+      [&] {
+        std::stringstream archive;
+        module_.save(archive);
+        torch::jit::load(archive, torch::kCPU).save(path);
+      },
       absl::StatusCode::kInternal);
 }
 

@@ -3,7 +3,7 @@
 //   QuantOptions options;                          // W8A8, reference sites
 //   ZQ_ASSIGN_OR_RETURN(auto qmodel,
 //       QuantizedModel::Create(*model, options, distilled.batches));
-//   ZQ_ASSIGN_OR_RETURN(torch::Tensor logits, qmodel->Forward(x));
+//   ZQ_ASSIGN_OR_RETURN(std::vector<torch::Tensor> out, qmodel->Forward(x));
 //   ZQ_RETURN_IF_ERROR(qmodel->Save("model.zeroq.pt"));
 //
 // Built from a copy of the frozen float graph: each conv/linear weight
@@ -65,7 +65,10 @@ class QuantizedModel {
       const CalibrationProgressFn& progress = {},
       const CancellationToken* cancel = nullptr);
 
-  absl::StatusOr<torch::Tensor> Forward(const torch::Tensor& input);
+  // The output tensors (OutputTensors order: outputs.h).
+  absl::StatusOr<std::vector<torch::Tensor>> Forward(const torch::Tensor& input);
+  // Writes the module as a TorchScript archive with every tensor on the CPU
+  // (it loads anywhere; torch.jit.load's map_location moves it to a GPU).
   absl::Status Save(const std::string& path) const;
 
   const std::vector<LayerQuantInfo>& layers() const { return layers_; }

@@ -99,7 +99,7 @@ class QuantizedModelTest : public ::testing::Test {
   }
 
   torch::Tensor FloatOut(const torch::Tensor& x) {
-    absl::StatusOr<torch::Tensor> y = model_->Forward(x);
+    absl::StatusOr<torch::Tensor> y = First(model_->Forward(x));
     EXPECT_TRUE(y.ok()) << y.status();
     return y.ok() ? *y : torch::Tensor();
   }
@@ -127,7 +127,7 @@ TEST_F(QuantizedModelTest, ZeroBitsIsExactlyTheFloatModel) {
   ASSERT_NE(q, nullptr);
   torch::manual_seed(31);
   torch::Tensor x = torch::randn({16, 1, 28, 28});
-  absl::StatusOr<torch::Tensor> y = q->Forward(x);
+  absl::StatusOr<torch::Tensor> y = First(q->Forward(x));
   ASSERT_TRUE(y.ok()) << y.status();
   EXPECT_TRUE(torch::equal(*y, FloatOut(x)));
   EXPECT_TRUE(q->sites().empty());
@@ -145,7 +145,7 @@ TEST_F(QuantizedModelTest, W8A8IsCloseToFloat) {
   ASSERT_FALSE(calib.empty() || eval.empty());
   std::unique_ptr<QuantizedModel> q = Quantize(QuantOptions(), calib);
   ASSERT_NE(q, nullptr);
-  absl::StatusOr<torch::Tensor> y = q->Forward(eval[0]);
+  absl::StatusOr<torch::Tensor> y = First(q->Forward(eval[0]));
   ASSERT_TRUE(y.ok()) << y.status();
   torch::Tensor f = FloatOut(eval[0]);
   EXPECT_THAT(y->sizes().vec(), ElementsAre(64, 10));
@@ -168,7 +168,7 @@ TEST_F(QuantizedModelTest, ErrorGrowsAsWeightBitsShrink) {
     options.activation_bits = 0;
     std::unique_ptr<QuantizedModel> q = Quantize(options, {});
     ASSERT_NE(q, nullptr);
-    absl::StatusOr<torch::Tensor> y = q->Forward(x);
+    absl::StatusOr<torch::Tensor> y = First(q->Forward(x));
     ASSERT_TRUE(y.ok());
     err.push_back(RelativeError(*y, f));
     RecordProperty("w" + std::to_string(bits), std::to_string(err.back()));
@@ -192,7 +192,7 @@ TEST_F(QuantizedModelTest, ActivationBitsMatterToo) {
     std::unique_ptr<QuantizedModel> q = Quantize(options, calib);
     ASSERT_NE(q, nullptr);
     ASSERT_EQ(q->sites().size(), 5u);
-    absl::StatusOr<torch::Tensor> y = q->Forward(calib[0]);
+    absl::StatusOr<torch::Tensor> y = First(q->Forward(calib[0]));
     ASSERT_TRUE(y.ok());
     err.push_back(RelativeError(*y, f));
     RecordProperty("a" + std::to_string(bits), std::to_string(err.back()));
@@ -471,7 +471,7 @@ TEST_F(QuantizedModelTest, SavedModelGivesExactlyTheSameOutputs) {
   ASSERT_TRUE(q->Save(path).ok());
   torch::manual_seed(33);
   torch::Tensor x = torch::randn({8, 1, 28, 28});
-  absl::StatusOr<torch::Tensor> want = q->Forward(x);
+  absl::StatusOr<torch::Tensor> want = First(q->Forward(x));
   ASSERT_TRUE(want.ok());
   torch::jit::Module loaded = torch::jit::load(path);
   loaded.eval();
@@ -497,7 +497,7 @@ TEST_F(QuantizedModelTest, SavedModelRunsInPython) {
   ASSERT_TRUE(q->Save(dir.path() + "/model.pt").ok());
   torch::manual_seed(34);
   torch::Tensor x = torch::randn({8, 1, 28, 28});
-  absl::StatusOr<torch::Tensor> want = q->Forward(x);
+  absl::StatusOr<torch::Tensor> want = First(q->Forward(x));
   ASSERT_TRUE(want.ok());
   ASSERT_TRUE(SaveTensor(dir.path() + "/x.pt", {x}).ok());
   ASSERT_TRUE(SaveTensor(dir.path() + "/want.pt", {*want}).ok());
@@ -615,8 +615,8 @@ TEST_F(QuantizedModelTest, WorksOnOtherArchitectures) {
                   s.after == "aten::hardtanh")
           << s.after;
     }
-    absl::StatusOr<torch::Tensor> y = (*q)->Forward(x);
-    absl::StatusOr<torch::Tensor> f = (*m)->Forward(x);
+    absl::StatusOr<torch::Tensor> y = First((*q)->Forward(x));
+    absl::StatusOr<torch::Tensor> f = First((*m)->Forward(x));
     ASSERT_TRUE(y.ok() && f.ok());
     const double err = RelativeError(*y, *f);
     RecordProperty(std::string(c.file) + "_w8a8_error", std::to_string(err));
@@ -629,7 +629,7 @@ TEST_F(QuantizedModelTest, WorksOnOtherArchitectures) {
     ASSERT_TRUE(qi.ok()) << qi.status();
     // At least the network input and the classifier's input join.
     EXPECT_GE((*qi)->sites().size(), c.relu_ops + 2);
-    absl::StatusOr<torch::Tensor> yi = (*qi)->Forward(x);
+    absl::StatusOr<torch::Tensor> yi = First((*qi)->Forward(x));
     ASSERT_TRUE(yi.ok());
     EXPECT_LT(RelativeError(*yi, *f), 0.3);
   }
@@ -641,7 +641,7 @@ TEST_F(QuantizedModelTest, ForwardWithWrongShapeIsInvalidArgument) {
   options.activation_bits = 0;
   std::unique_ptr<QuantizedModel> q = Quantize(options, {});
   ASSERT_NE(q, nullptr);
-  absl::StatusOr<torch::Tensor> y = q->Forward(torch::zeros({2, 3, 28, 28}));
+  absl::StatusOr<torch::Tensor> y = First(q->Forward(torch::zeros({2, 3, 28, 28})));
   ASSERT_FALSE(y.ok());
   EXPECT_EQ(y.status().code(), absl::StatusCode::kInvalidArgument)
       << y.status();

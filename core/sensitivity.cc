@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/graph_util.h"
+#include "core/outputs.h"
 #include "core/quantizer.h"
 #include "core/torch_status.h"
 
@@ -130,11 +131,6 @@ Slice BuildSlice(Graph& base, Node* layer, bool whole) {
   return slice;
 }
 
-torch::Tensor LogSoftmax(const torch::Tensor& logits) {
-  return torch::log_softmax(
-      logits.reshape({logits.size(0), -1}).to(torch::kFloat), 1);
-}
-
 }  // namespace
 
 absl::StatusOr<std::vector<LayerSensitivity>> ComputeSensitivity(
@@ -218,11 +214,8 @@ absl::StatusOr<std::vector<LayerSensitivity>> ComputeSensitivity(
           const bool last = b + 1 == data.size();
           torch::Tensor x = data[b].to(model.device());
           samples += x.size(0);
-          torch::Tensor float_logp =
-              LogSoftmax(const_cast<torch::jit::Module&>(model.frozen())
-                             .forward({x})
-                             .toTensor());
-          torch::Tensor float_p = float_logp.exp();
+          const std::vector<torch::Tensor> float_logp = LogProbs(OutputTensors(
+              const_cast<torch::jit::Module&>(model.frozen()).forward({x})));
           std::vector<c10::IValue> values;
           if (base_run) values = base_run->RunValues({model.frozen()._ivalue(), x});
           int step = 0;
@@ -245,8 +238,8 @@ absl::StatusOr<std::vector<LayerSensitivity>> ComputeSensitivity(
             inputs.emplace_back();
             for (size_t j = 0; j < options.bits.size(); ++j) {
               inputs.back() = quantized[i][j];
-              torch::Tensor q_logp = LogSoftmax(programs[i]->RunInputs(inputs)[0]);
-              kl[i][j] += (float_p * (float_logp - q_logp)).sum().item<double>();
+              kl[i][j] += OutputsKl(
+                  float_logp, LogProbs(OutputTensors(programs[i]->RunOutput(inputs))));
               ++step;
               if (progress) {
                 progress({step, total, layers[i].name, options.bits[j],

@@ -23,14 +23,31 @@ inline std::string ModelPath(const std::string& file) {
   return std::string(ZEROQ_TEST_MODELS_DIR) + "/" + file;
 }
 
-// Loads a committed test model; nullptr (and a test failure) on error.
+// The device the tests run on: $ZEROQ_TEST_DEVICE (scripts/gpu_check.sh sets
+// cuda:0), else the CPU.
+inline std::string TestDevice() {
+  const char* d = getenv("ZEROQ_TEST_DEVICE");
+  return d != nullptr && *d != '\0' ? d : "cpu";
+}
+
+// Loads a committed test model onto TestDevice(); nullptr (and a test
+// failure) on error.
 inline std::unique_ptr<Model> LoadTestModel(const std::string& file) {
-  absl::StatusOr<std::unique_ptr<Model>> m = Model::LoadFromFile(ModelPath(file));
+  absl::StatusOr<std::unique_ptr<Model>> m =
+      Model::LoadFromFile(ModelPath(file), TestDevice());
   if (!m.ok()) {
     ADD_FAILURE() << "loading " << file << ": " << m.status();
     return nullptr;
   }
   return std::move(*m);
+}
+
+// The first output tensor of a Forward() (the logits of the test models).
+inline absl::StatusOr<torch::Tensor> First(
+    absl::StatusOr<std::vector<torch::Tensor>> outputs) {
+  if (!outputs.ok()) return outputs.status();
+  if (outputs->empty()) return absl::InternalError("no output tensor");
+  return outputs->front();
 }
 
 // A fresh folder under the system temp folder, removed with its contents.

@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -35,6 +36,10 @@ absl::Status FromTorchError(absl::string_view context, const c10::Error& e,
                             absl::StatusCode code) {
   return absl::Status(code,
                       absl::StrCat(context, ": ", CleanTorchMessage(e.what())));
+}
+
+bool IsOutOfMemoryText(absl::string_view what) {
+  return absl::StrContains(what, "out of memory");
 }
 }  // namespace internal
 

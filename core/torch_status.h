@@ -8,7 +8,9 @@
 // A c10::Error, or the runtime_error the TorchScript interpreter turns it
 // into, becomes the given code (INVALID_ARGUMENT unless said otherwise) with
 // LibTorch's message, stripped of its C++ backtrace and script traceback;
-// std::bad_alloc becomes RESOURCE_EXHAUSTED; any other exception INTERNAL.
+// A device out of memory (c10::OutOfMemoryError, e.g. CUDA's, also when the
+// interpreter rethrows it as text) and std::bad_alloc become
+// RESOURCE_EXHAUSTED; any other exception INTERNAL.
 #ifndef ZEROQ_CORE_TORCH_STATUS_H_
 #define ZEROQ_CORE_TORCH_STATUS_H_
 
@@ -31,6 +33,8 @@ std::string CleanTorchMessage(absl::string_view what);
 namespace internal {
 absl::Status FromTorchError(absl::string_view context, const c10::Error& e,
                             absl::StatusCode code);
+// True for the text of a device out-of-memory error ("CUDA out of memory").
+bool IsOutOfMemoryText(absl::string_view what);
 }  // namespace internal
 
 // Runs fn, mapping exceptions to a Status prefixed by `context`.
@@ -46,6 +50,9 @@ auto CallTorch(absl::string_view context, Fn&& fn,
     } else {
       return fn();
     }
+  } catch (const c10::OutOfMemoryError& e) {
+    return internal::FromTorchError(context, e,
+                                    absl::StatusCode::kResourceExhausted);
   } catch (const c10::Error& e) {
     return internal::FromTorchError(context, e, code);
   } catch (const std::bad_alloc&) {
@@ -54,7 +61,9 @@ auto CallTorch(absl::string_view context, Fn&& fn,
   } catch (const std::runtime_error& e) {
     // The TorchScript interpreter rethrows an op's c10::Error as a
     // runtime_error carrying the script traceback: keep its last message.
-    return absl::Status(code,
+    return absl::Status(internal::IsOutOfMemoryText(e.what())
+                            ? absl::StatusCode::kResourceExhausted
+                            : code,
                         absl::StrCat(context, ": ", CleanTorchMessage(e.what())));
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(context, ": ", e.what()));

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Top-1 of TorchScript models on the 10k Fashion-MNIST test images.
 
-  /usr/bin/python3 scripts/eval_fashion_mnist.py MODEL.pt [MODEL.pt ...]
-  /usr/bin/python3 scripts/eval_fashion_mnist.py --save-train-sample N FILE
+  $ZEROQ_PYTHON scripts/eval_fashion_mnist.py MODEL.pt [MODEL.pt ...]
+  $ZEROQ_PYTHON scripts/eval_fashion_mnist.py --save-train-sample N FILE
 
 Prints one line per model: "<top-1 %> <path>". --save-train-sample writes N
 training images (a fixed, seeded draw) as a tensor file for calibration.

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+source scripts/torch_env.sh   # ZEROQ_PYTHON: Python with the same torch 2.15
 bash scripts/build.sh
 out=${OUT_DIR:-out/example}
 data=${DATA_DIR:-out/server-data}
@@ -38,7 +39,7 @@ echo "zeroq-server on $ZEROQ_SERVER, data in $data"
   --budget MP4 --activation_bits 8 --threads "$threads" -o "$out"
 echo
 echo "Top-1 on the 10k Fashion-MNIST test images (float, then quantized):"
-/usr/bin/python3 scripts/eval_fashion_mnist.py --threads "$threads" \
+"$ZEROQ_PYTHON" scripts/eval_fashion_mnist.py --threads "$threads" \
   tests/models/fashion_cnn.pt "$out/model.zeroq.pt"
 stop_server
 trap - EXIT

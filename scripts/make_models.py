@@ -2,9 +2,13 @@
 """Makes the TorchScript models the project ships: the Fashion-MNIST example
 model (trained on the real data set) and tiny models for fast unit tests.
 
-Run with Debian's Python (python3-torch, python3-torchvision,
-dataset-fashion-mnist):  /usr/bin/python3 scripts/make_models.py [--out DIR]
-Outputs are deterministic for a given torch build and thread count.
+Run with the project's Python (scripts/torch_env.sh: torch, torchvision;
+dataset-fashion-mnist):  $ZEROQ_PYTHON scripts/make_models.py [--out DIR]
+Outputs are deterministic for a given torch build and thread count. The
+committed files were made with torch 1.13 and are kept as they are: they also
+show that archives saved by an older PyTorch load and quantize. Models scripted
+by torch 2.15 are made by make_output_models.py (committed) and
+make_compat_models.py (at test time).
 """
 import argparse
 import os

@@ -3,11 +3,13 @@
 #include <dirent.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -24,12 +26,13 @@ DeviceInfo Cpu(int slots) {
   return d;
 }
 
-DeviceInfo Cuda(int index, int slots) {
+DeviceInfo Cuda(int index, int slots, double memory_fraction = 1.0) {
   DeviceInfo d;
   d.name = absl::StrCat("cuda:", index);
   d.kind = v1::DEVICE_CUDA;
   d.cuda_index = index;
   d.slots = slots;
+  d.memory_fraction = memory_fraction;
   d.busy.assign(slots, false);
   return d;
 }
@@ -38,7 +41,7 @@ absl::Status BadSpec(const std::string& spec, absl::string_view why) {
   return absl::InvalidArgumentError(
       absl::StrCat("device spec \"", spec, "\": ", why,
                    "; use \"auto\", or a list such as \"cpu:2\" or "
-                   "\"cuda:0:1,cuda:1:1,cpu:1\""));
+                   "\"cuda:0:1,cuda:1:2:0.9,cpu:1\""));
 }
 
 }  // namespace
@@ -62,13 +65,21 @@ std::vector<int> DevicePool::FindCudaDevices() {
   return found;
 }
 
-absl::StatusOr<DevicePool> DevicePool::Parse(const std::string& spec,
-                                             int cpu_slots, int cuda_slots) {
+absl::StatusOr<DevicePool> DevicePool::Parse(
+    const std::string& spec, int cpu_slots, int cuda_slots,
+    std::optional<std::vector<int>> present,
+    std::optional<std::string> alloc_conf) {
   DevicePool pool;
+  if (!present) present = FindCudaDevices();
+  if (!alloc_conf) {
+    const char* env = std::getenv("PYTORCH_CUDA_ALLOC_CONF");
+    alloc_conf = env ? env : "";
+  }
+  pool.alloc_conf_ = *alloc_conf;
   if (spec == "auto" || spec.empty()) {
     if (cpu_slots < 0 || cuda_slots < 0)
       return BadSpec(spec, "slot counts must be >= 0");
-    for (int i : FindCudaDevices()) {
+    for (int i : *present) {
       if (cuda_slots > 0) pool.devices_.push_back(Cuda(i, cuda_slots));
     }
     if (cpu_slots > 0) pool.devices_.push_back(Cpu(cpu_slots));
@@ -76,17 +87,28 @@ absl::StatusOr<DevicePool> DevicePool::Parse(const std::string& spec,
     for (absl::string_view part : absl::StrSplit(spec, ',')) {
       std::vector<std::string> f = absl::StrSplit(part, ':');
       int a = 0, b = 0;
+      double fraction = 1.0;
       if (f.size() == 2 && f[0] == "cpu" && absl::SimpleAtoi(f[1], &a) &&
           a > 0 && a <= 256) {
         pool.devices_.push_back(Cpu(a));
-      } else if (f.size() == 3 && f[0] == "cuda" &&
+      } else if ((f.size() == 3 || f.size() == 4) && f[0] == "cuda" &&
                  absl::SimpleAtoi(f[1], &a) && a >= 0 &&
-                 absl::SimpleAtoi(f[2], &b) && b > 0 && b <= 64) {
-        pool.devices_.push_back(Cuda(a, b));
+                 absl::SimpleAtoi(f[2], &b) && b > 0 && b <= 64 &&
+                 (f.size() == 3 || (absl::SimpleAtod(f[3], &fraction) &&
+                                    fraction > 0 && fraction <= 1))) {
+        if (std::find(present->begin(), present->end(), a) == present->end()) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "device spec \"", spec, "\": CUDA device ", a,
+              " is not on this machine (no /dev/nvidia", a, "; found ",
+              present->empty() ? "none" : absl::StrJoin(*present, ", "),
+              "); use --devices=auto or list only the devices present"));
+        }
+        pool.devices_.push_back(Cuda(a, b, fraction));
       } else {
         return BadSpec(spec,
                        absl::StrCat("\"", part,
-                                    "\" is not cpu:SLOTS or cuda:INDEX:SLOTS"));
+                                    "\" is not cpu:SLOTS or "
+                                    "cuda:INDEX:SLOTS[:MEMORY_FRACTION]"));
       }
     }
   }
@@ -119,6 +141,14 @@ std::optional<Slot> DevicePool::Acquire(v1::DeviceKind want) {
         if (kind == v1::DEVICE_CUDA) {
           slot.core_device = "cuda";
           slot.env = {{"CUDA_VISIBLE_DEVICES", absl::StrCat(dev.cuda_index)}};
+          const double share = dev.memory_fraction / dev.slots;
+          if (share < 1.0) {
+            slot.env.emplace_back(
+                "PYTORCH_CUDA_ALLOC_CONF",
+                absl::StrCat(alloc_conf_, alloc_conf_.empty() ? "" : ",",
+                             "per_process_memory_fraction:",
+                             absl::StrFormat("%.4f", share)));
+          }
         } else {
           slot.core_device = "cpu";
           slot.env = {{"CUDA_VISIBLE_DEVICES", ""}};

@@ -6,8 +6,17 @@
 //   pool.Release(*s);
 //
 // A spec lists devices separated by commas: "cpu:N" (N slots on the CPU) or
-// "cuda:I:N" (N slots on CUDA device I), or "auto": every CUDA device found
-// (/dev/nvidiaI) with `cuda_slots` slots each, plus the CPU with `cpu_slots`.
+// "cuda:I:N[:F]" (N slots on CUDA device I sharing the fraction F of its
+// memory, default 1), or "auto": every CUDA device found (/dev/nvidiaI) with
+// `cuda_slots` slots each, plus the CPU with `cpu_slots`. A CUDA device must
+// exist: a spec naming one that does not fails.
+//
+// Sharing a GPU: a worker on a CUDA slot sees only its device
+// (CUDA_VISIBLE_DEVICES) and, when the device has several slots or F < 1,
+// caps LibTorch's caching allocator at F / N of the device's memory
+// (PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction, appended to the
+// server's own setting of that variable), so one job cannot starve the
+// others on the same GPU; it runs out of memory alone instead.
 // Not thread-safe: the scheduler calls it under its own lock.
 #ifndef ZEROQ_SERVER_DEVICE_POOL_H_
 #define ZEROQ_SERVER_DEVICE_POOL_H_
@@ -39,14 +48,19 @@ struct DeviceInfo {
   v1::DeviceKind kind = v1::DEVICE_CPU;
   int cuda_index = -1;
   int slots = 0;
+  double memory_fraction = 1.0;  // of the device, shared by its slots
   std::vector<bool> busy;  // per slot
 };
 
 class DevicePool {
  public:
-  static absl::StatusOr<DevicePool> Parse(const std::string& spec,
-                                          int cpu_slots = 1,
-                                          int cuda_slots = 1);
+  // `present`: the CUDA device indices that exist (default: found by
+  // FindCudaDevices()). `alloc_conf`: the server's PYTORCH_CUDA_ALLOC_CONF,
+  // kept in the workers' (default: read from the environment).
+  static absl::StatusOr<DevicePool> Parse(
+      const std::string& spec, int cpu_slots = 1, int cuda_slots = 1,
+      std::optional<std::vector<int>> present = std::nullopt,
+      std::optional<std::string> alloc_conf = std::nullopt);
   // CUDA device indices present on this machine (from /dev/nvidiaN).
   static std::vector<int> FindCudaDevices();
 
@@ -64,6 +78,7 @@ class DevicePool {
 
  private:
   std::vector<DeviceInfo> devices_;
+  std::string alloc_conf_;
 };
 
 }  // namespace zeroq::server

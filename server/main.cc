@@ -49,7 +49,8 @@ ABSL_FLAG(std::string, worker, "",
           "build's)");
 ABSL_FLAG(std::string, devices, "auto",
           "\"auto\" (CUDA devices found, plus the CPU) or a list: "
-          "cpu:SLOTS,cuda:INDEX:SLOTS");
+          "cpu:SLOTS,cuda:INDEX:SLOTS[:MEMORY_FRACTION] (the slots of a CUDA "
+          "device share that fraction of its memory, default 1)");
 ABSL_FLAG(int, cpu_slots, 1, "with --devices=auto: concurrent jobs on the CPU");
 ABSL_FLAG(int, cuda_slots, 1,
           "with --devices=auto: concurrent jobs per CUDA device");
@@ -214,6 +215,10 @@ int main(int argc, char** argv) {
                                     absl::GetFlag(FLAGS_cpu_slots),
                                     absl::GetFlag(FLAGS_cuda_slots));
   if (!pool.ok()) return Fail(pool.status());
+  if (!pool->Has(zeroq::v1::DEVICE_CUDA) &&
+      (absl::GetFlag(FLAGS_devices) == "auto" || absl::GetFlag(FLAGS_devices).empty())) {
+    zs::LogInfo({}, "no CUDA device found (no /dev/nvidiaN): serving the CPU only");
+  }
   auto metrics = zs::Metrics::Create(absl::GetFlag(FLAGS_metrics_listen));
   if (!metrics.ok()) return Fail(metrics.status());
 
