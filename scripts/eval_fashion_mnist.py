@@ -9,10 +9,16 @@ training images (a fixed, seeded draw) as a tensor file for calibration.
 """
 import argparse
 import sys
+import warnings
 
 import torch
 
 from fashion_mnist import load_fashion_mnist
+
+# torch 2.15 marks TorchScript deprecated (in favour of torch.export) with a
+# FutureWarning on every torch.jit.load; the archives are what the service
+# takes and gives, so the warning only adds noise here.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
 
 def top1(model, x, y, batch=1000):
