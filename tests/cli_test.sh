@@ -374,4 +374,26 @@ wait "$server_pid" || rc=$?
 server_pid=
 check "zeroq-server stops cleanly on SIGTERM" test "$rc" -eq 0
 
+# --- Devices ------------------------------------------------------------------
+# A CUDA device that is not on this machine fails at start, saying so; auto
+# without any GPU says it serves the CPU (checked only where there is none).
+if ! ls /dev/nvidia[0-9]* > /dev/null 2>&1; then
+  rc=0
+  timeout 20 "$ZEROQ_SERVER_BIN" --data_dir="$tmp/data-cuda" --listen=127.0.0.1:0 \
+    --metrics_listen= --devices=cuda:0:1 2> "$tmp/cuda_start.err" || rc=$?
+  check "--devices=cuda:0:1 without a GPU: zeroq-server exits 1" test "$rc" -eq 1
+  check "... saying that CUDA device 0 is not on this machine" \
+    grep -q "CUDA device 0 is not on this machine" "$tmp/cuda_start.err"
+  "$ZEROQ_SERVER_BIN" --data_dir="$tmp/data-auto" --listen=127.0.0.1:0 \
+    --port_file="$tmp/port-auto" --metrics_listen= --devices=auto \
+    2> "$tmp/auto_start.err" &
+  auto_pid=$!
+  for _ in $(seq 400); do [[ -s $tmp/port-auto ]] && break; sleep 0.025; done
+  kill -TERM "$auto_pid" 2> /dev/null || true
+  wait "$auto_pid" 2> /dev/null || true
+  check "--devices=auto without a GPU: one line, serving the CPU only" \
+    test "$(grep -c "no CUDA device found .*serving the CPU only" "$tmp/auto_start.err")" -eq 1
+  check "... and the devices are the CPU's" grep -q "devices cpu (1 slot)" "$tmp/auto_start.err"
+fi
+
 report_checks
