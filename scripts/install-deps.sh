@@ -56,7 +56,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
   echo "install-deps: LibTorch present ($ZEROQ_VENV)"
   exit 0
 fi
-echo "install-deps: installing torch into $ZEROQ_VENV (about 5.5 GB with its CUDA libraries)"
+echo "install-deps: installing torch into $ZEROQ_VENV (about 4.4 GB with its CUDA libraries)"
 rm -rf "$ZEROQ_VENV"
 mkdir -p "$(dirname "$ZEROQ_VENV")"
 # Debian's Python, with its site packages visible (gRPC, Protobuf, YAML);
