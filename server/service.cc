@@ -325,9 +325,10 @@ void ZeroQService::HeartbeatLoop() {
     live.reserve(watches_.size());
     auto end =
         std::remove_if(watches_.begin(), watches_.end(), [&](const auto& w) {
-          auto r = w.lock();
-          if (r) live.push_back(std::move(r));
-          return r == nullptr;
+          std::shared_ptr<WatchReactor> r = w.lock();
+          if (r == nullptr) return true;  // the stream has ended
+          live.push_back(std::move(r));
+          return false;
         });
     watches_.erase(end, watches_.end());
     if (options_.metrics)

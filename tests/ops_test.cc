@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -381,6 +382,54 @@ TEST_F(OpsTest, HealthAndReflection) {
   EXPECT_TRUE(found);
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+// Regression: the heartbeat sweep dropped every open stream from its set on
+// its first pass, so no heartbeat ever reached a quiet watcher and
+// zeroq_watch_streams read 0 with streams open.
+TEST_F(OpsTest, QuietWatchersGetHeartbeatsAndAreCounted) {
+  int port = FreePort();
+  Start({"--metrics_listen=127.0.0.1:" + std::to_string(port),
+         "--devices=cpu:1", "--heartbeat_interval=200ms"});
+  auto c = server_->NewClient();
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> busy = c->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(busy.ok()) << busy.status();
+  WaitFor(c.get(), busy->id(),
+          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+  absl::StatusOr<v1::Job> quiet = c->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(quiet.ok()) << quiet.status();  // queued behind `busy`: quiet
+  constexpr int kWatchers = 3;
+  std::atomic<int> heartbeats[kWatchers] = {};
+  std::vector<std::thread> watchers;
+  for (int i = 0; i < kWatchers; ++i) {
+    watchers.emplace_back([&, i] {
+      auto w = server_->NewClient();
+      absl::StatusOr<v1::Job> end =
+          w->WatchJob(quiet->id(), 0, [&](const v1::JobEvent& e) {
+            if (e.type() == v1::EVENT_HEARTBEAT) ++heartbeats[i];
+            return heartbeats[i] < 3;  // stop after the third
+          });
+      EXPECT_TRUE(end.ok()) << end.status();
+    });
+  }
+  // While all are open (each needs >= 0.6 s for three heartbeats).
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(Sample(HttpGet(port, "/metrics"), "zeroq_watch_streams"), kWatchers);
+  const absl::Time start = absl::Now();
+  for (std::thread& t : watchers) t.join();
+  // Three heartbeats at 200 ms each: well under 5 s even on a busy machine.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  for (int i = 0; i < kWatchers; ++i) EXPECT_EQ(heartbeats[i], 3) << i;
+  ASSERT_TRUE(c->CancelJob(busy->id()).ok());
+  ASSERT_TRUE(c->CancelJob(quiet->id()).ok());
+  // The gauge follows the streams down (the sweep runs every 50 ms here).
+  double open = -1;
+  for (int i = 0; i < 100 && open != 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(50));
+    open = Sample(HttpGet(port, "/metrics"), "zeroq_watch_streams");
+  }
+  EXPECT_EQ(open, 0);
 }
 
 TEST_F(OpsTest, MetricsMoveWhileJobsRun) {
