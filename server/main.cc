@@ -296,7 +296,12 @@ int main(int argc, char** argv) {
   service.Shutdown();
   health->SetServingStatus(false);
   (*manager)->Stop(absl::GetFlag(FLAGS_shutdown_grace));
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // Watch streams have ended and jobs are settled; what is left are calls in
+  // flight (unary ones take milliseconds; an upload or download is cut and
+  // the client resumes it elsewhere). gRPC waits for the whole deadline
+  // whenever a client channel is merely connected, so keep it short.
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(500));
   zs::LogInfo({}, "stopped");
   return 0;
 }

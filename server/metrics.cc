@@ -1,11 +1,17 @@
 #include "server/metrics.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <exception>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -14,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/interceptor.h"
@@ -387,7 +394,31 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(
 
 Metrics::Metrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Metrics::~Metrics() = default;
+Metrics::~Metrics() {
+  if (impl_->exposer == nullptr) return;
+  // The exposer's HTTP server (civetweb) notices that it is being stopped
+  // only when its accept loop wakes: after a poll of up to 2 s, or at the
+  // next connection. Stopping takes a connection's time instead if we keep
+  // knocking on its port (loopback) until it is gone.
+  const int port = this->port();
+  std::atomic<bool> stopped{false};
+  std::thread knock([port, &stopped] {
+    while (!stopped.load()) {
+      absl::SleepFor(absl::Milliseconds(5));
+      const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (fd < 0) continue;
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(static_cast<uint16_t>(port));
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
+      close(fd);
+    }
+  });
+  impl_->exposer.reset();
+  stopped.store(true);
+  knock.join();
+}
 
 std::string Metrics::Scrape() const {
   return prometheus::TextSerializer().Serialize(impl_->registry->Collect());

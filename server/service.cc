@@ -205,11 +205,17 @@ class WatchReactor : public grpc::ServerWriteReactor<v1::JobEvent>,
     self.swap(self_);  // freed when this returns, unless a wake holds it
   }
 
-  // Ends the stream with `status` after the write in flight.
-  void Abort(grpc::Status status) {
+  // At shutdown: ends the stream, after the write in flight, with
+  // UNAVAILABLE naming where to resume.
+  void AbortForShutdown() {
     {
       absl::MutexLock lock(&mu_);
-      if (!finish_with_) finish_with_ = std::move(status);
+      if (!finish_with_) {
+        finish_with_ = grpc::Status(
+            grpc::StatusCode::UNAVAILABLE,
+            absl::StrCat("the server is stopping; resume with after_seq=",
+                         cursor_));
+      }
     }
     Pump();
   }
@@ -311,7 +317,7 @@ void ZeroQService::Shutdown() {
     heartbeat_wake_.SignalAll();
   }
   for (const auto& w : watches) {
-    if (auto r = w.lock()) r->Abort(Unavailable());
+    if (auto r = w.lock()) r->AbortForShutdown();
   }
 }
 

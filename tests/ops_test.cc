@@ -493,6 +493,62 @@ TEST_F(OpsTest, MetricsMoveWhileJobsRun) {
   EXPECT_EQ(Sample(HttpGet(port, "/metrics"), "zeroq_worker_crashes_total"), 1);
 }
 
+// SIGTERM tells every watcher at once where to resume, and the server exits
+// promptly: with open streams, connected idle channels and metrics on, and
+// a running job that gets no grace (figures: bench/shutdown_bench.py).
+TEST_F(OpsTest, ShutdownIsPromptAndTellsWatchersWhereToResume) {
+  int port = FreePort();
+  Start({"--metrics_listen=127.0.0.1:" + std::to_string(port), "--devices=cpu:1",
+         "--shutdown_grace=0s"});
+  auto c = server_->NewClient();
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> busy = c->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(busy.ok()) << busy.status();
+  WaitFor(c.get(), busy->id(),
+          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+  absl::StatusOr<v1::Job> quiet = c->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(quiet.ok()) << quiet.status();
+  // An idle connected channel besides the watchers'.
+  auto idle = server_->NewClient();
+  ASSERT_TRUE(idle->GetJob(quiet->id()).ok());
+  constexpr int kWatchers = 4;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::JobEvent>>> streams;
+  for (int i = 0; i < kWatchers; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    v1::WatchJobRequest req;
+    req.set_job_id(quiet->id());
+    streams.push_back(c->stub()->WatchJob(contexts.back().get(), req));
+    v1::JobEvent e;
+    ASSERT_TRUE(streams.back()->Read(&e));  // QUEUED, seq 1
+  }
+  const absl::Time sigterm = absl::Now();
+  kill(server_->pid(), SIGTERM);
+  for (auto& stream : streams) {
+    v1::JobEvent e;
+    while (stream->Read(&e)) {
+    }
+    grpc::Status ended = stream->Finish();
+    EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(ended.error_message(), HasSubstr("resume with after_seq=1"));
+  }
+  const absl::Duration told = absl::Now() - sigterm;
+  EXPECT_EQ(server_->Stop(), 0);
+  const absl::Duration exited = absl::Now() - sigterm;
+  RecordProperty("watchers_told_ms", std::to_string(absl::ToInt64Milliseconds(told)));
+  RecordProperty("exit_ms", std::to_string(absl::ToInt64Milliseconds(exited)));
+  // Measured 6 ms and 0.5 s; loose bounds for a busy machine.
+  EXPECT_LT(told, absl::Seconds(1));
+  EXPECT_LT(exited, absl::Seconds(3));
+  // Nothing was lost: both jobs are queued again at the next start.
+  ASSERT_TRUE(server_->Start());
+  auto after = server_->NewClient();
+  EXPECT_NE(after->GetJob(busy->id())->state(), v1::JOB_FAILED);
+  EXPECT_NE(after->GetJob(quiet->id())->state(), v1::JOB_FAILED);
+  ASSERT_TRUE(after->CancelJob(busy->id()).ok());
+  ASSERT_TRUE(after->CancelJob(quiet->id()).ok());
+}
+
 TEST_F(OpsTest, GracefulShutdownDrainsAndLosesNothing) {
   Start({"--shutdown_grace=2s", "--heartbeat_interval=1s"});
   auto c = server_->NewClient();
