@@ -59,6 +59,7 @@ std::vector<FlagSpec> GlobalFlags() {
       {"json", "",
        "machine-readable output: one protobuf JSON\n"
        "object per line"},
+      {"output", "FORMAT", "text (default) or json (the same as --json)"},
   };
 }
 
@@ -280,9 +281,16 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectToServer(const ParsedArgs& p) {
 
 class Cli {
  public:
-  explicit Cli(ParsedArgs p) : p_(std::move(p)), json_(p_.GetBool("json")) {}
+  explicit Cli(ParsedArgs p)
+      : p_(std::move(p)),
+        json_(p_.GetBool("json") || p_.Get("output") == "json") {}
 
   absl::Status Run(const std::string& command) {
+    const std::string output = p_.Get("output");
+    if (!output.empty() && output != "text" && output != "json") {
+      return UsageError(absl::StrCat("--output: \"", output,
+                                     "\" is not text or json"));
+    }
     if (command == "upload") return Upload();
     if (command == "models") return Models();
     if (command == "submit") return Submit();
@@ -404,9 +412,11 @@ class Cli {
     if (json_) {
       PrintJson(job);
     } else {
-      Print(absl::StrFormat(
+      // The id alone on stdout, for id=$(zeroq submit ...); words on stderr.
+      Print(job.id() + "\n");
+      std::cerr << absl::StrFormat(
           "submitted job %s (%s); follow it with: zeroq watch %s\n", job.id(),
-          JobStateName(job.state()), job.id()));
+          JobStateName(job.state()), job.id());
     }
     return absl::OkStatus();
   }

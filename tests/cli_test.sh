@@ -153,6 +153,14 @@ expect "ZEROQ_SERVER picks the server" 0 "$model"
 run submit submit "$model" --budget MP4 "${TINY[@]}" --priority 5 --request_id cli-1
 expect "submit" 0 "submitted job j-"
 job=$(grep -o 'j-[0-9a-f]*' "$tmp/submit.out" | head -n 1)
+check "submit prints the job id alone on stdout (id=\$(zeroq submit ...))" \
+  grep -qx "$job" "$tmp/submit.out"
+check "... and its sentence on stderr" grep -q "submitted job $job" "$tmp/submit.err"
+run get_output_json --output json get "$job"
+expect "get --output json" 0
+check "get --output json is the job as JSON" test "$(json "$tmp/get_output_json.out" 'o["id"]')" = "$job"
+run bad_output --output yaml get "$job"
+expect "--output yaml is bad usage" 2 "is not text or json"
 run submit_again --json submit "$model" --budget MP4 "${TINY[@]}" --priority 5 --request_id cli-1
 expect "submit with the same --request_id" 0
 check "the same request id gives the same job" test "$(json "$tmp/submit_again.out" 'o["id"]')" = "$job"
