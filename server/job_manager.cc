@@ -119,6 +119,8 @@ double SecondsBetween(const google::protobuf::Timestamp& a,
 JobManager::JobManager(ManagerOptions options, JobStore* store,
                        BlobStore* blobs, DevicePool pool)
     : options_(std::move(options)),
+      redactor_({options_.data_dir,
+                 fs::path(options_.worker_path).parent_path().string()}),
       store_(store),
       blobs_(blobs),
       pool_(std::move(pool)) {}
@@ -428,8 +430,8 @@ void JobManager::SchedulerLoop() {
           absl::StatusOr<v1::Model> model = store_->GetModel(id);
           if (model.ok()) {
             model->set_state(v1::MODEL_INVALID);
-            model->set_state_reason(absl::StrCat("could not start the worker: ",
-                                                 worker.status().message()));
+            model->set_state_reason(redactor_.ForTenant(absl::StrCat(
+                "could not start the worker: ", worker.status().message())));
             (void)store_->PutModel(*model);
           }
         } else if (it != inspections_.end()) {
@@ -548,7 +550,9 @@ void JobManager::OnWorkerEvent(const std::string& job_id,
     rt.job.set_step(event.step());
     rt.job.set_total(event.total());
   }
-  AppendLocked(rt, {event}, false);
+  v1::JobEvent e = event;
+  e.set_message(redactor_.ForTenant(event.message()));
+  AppendLocked(rt, {std::move(e)}, false);
 }
 
 void JobManager::OnWorkerExit(const std::string& job_id,
@@ -644,9 +648,11 @@ void JobManager::OnWorkerExit(const std::string& job_id,
       std::string message = outcome.error.message().empty()
                                 ? "the worker crashed"
                                 : outcome.error.message();
-      if (!outcome.log_tail.empty() &&
-          !absl::StrContains(message, outcome.log_tail)) {
-        absl::StrAppend(&message, "; worker log ends with: ", outcome.log_tail);
+      // The worker's log is internal detail (paths, process ids): the
+      // server log has it, under the job's id.
+      if (!outcome.log_tail.empty()) {
+        LogWarning({rt->job.tenant(), rt->job.id(), rt->job.model_id()},
+                   absl::StrCat("worker log ends with: ", outcome.log_tail));
       }
       FinishLocked(rt, v1::JOB_FAILED, absl::InternalError(message));
       return;
@@ -683,13 +689,13 @@ void JobManager::OnInspectionExit(const std::string& model_id,
                          absl::FormatDuration(options_.inspect_time_limit)));
         break;
       case Kind::kCrashed:
-        model->set_state_reason(absl::StrCat("the model crashed the worker: ",
-                                             outcome.error.message()));
+        model->set_state_reason(redactor_.ForTenant(absl::StrCat(
+            "the model crashed the worker: ", outcome.error.message())));
         break;
       default:
         model->set_state_reason(outcome.error.message().empty()
                                     ? "inspection failed"
-                                    : outcome.error.message());
+                                    : redactor_.ForTenant(outcome.error.message()));
     }
   }
   absl::Status s = store_->PutModel(*model);
@@ -697,7 +703,9 @@ void JobManager::OnInspectionExit(const std::string& model_id,
   if (!s.ok())
     LogError(ids, absl::StrCat("storing the inspection: ", s.ToString()));
   LogInfo(ids, absl::StrCat("inspected: ", v1::ModelState_Name(model->state()),
-                            " ", model->state_reason()));
+                            " ", outcome.error.message().empty()
+                                     ? model->state_reason()
+                                     : outcome.error.message()));
   if (options_.metrics)
     options_.metrics->InspectionFinished(model->state() == v1::MODEL_READY);
 }
@@ -725,18 +733,22 @@ void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt,
   v1::Job& job = rt->job;
   job.set_state(state);
   SetNow(job.mutable_end_time());
+  const std::string tenant_error = redactor_.ForTenant(error.message());
   if (!error.ok()) {
     job.mutable_error()->set_code(static_cast<int>(error.code()));
-    job.mutable_error()->set_message(std::string(error.message()));
+    job.mutable_error()->set_message(tenant_error);
   }
   std::string message = absl::AsciiStrToLower(StateName(state));
-  if (!error.ok()) absl::StrAppend(&message, ": ", error.message());
+  if (!error.ok()) absl::StrAppend(&message, ": ", tenant_error);
   AppendLocked(*rt, {StateEvent(job, message)}, true);
   LogIds ids{job.tenant(), job.id(), job.model_id()};
+  // The log keeps the full text.
+  std::string logged = absl::AsciiStrToLower(StateName(state));
+  if (!error.ok()) absl::StrAppend(&logged, ": ", error.message());
   if (state == v1::JOB_FAILED) {
-    LogWarning(ids, message);
+    LogWarning(ids, logged);
   } else {
-    LogInfo(ids, message);
+    LogInfo(ids, logged);
   }
   if (options_.metrics != nullptr) {
     double seconds = job.has_start_time() && state != v1::JOB_QUEUED

@@ -43,6 +43,7 @@
 #include "server/event_log.h"
 #include "server/job_store.h"
 #include "server/metrics.h"
+#include "server/redact.h"
 #include "server/tenants.h"
 #include "server/worker_supervisor.h"
 #include "zeroq/v1/zeroq.pb.h"
@@ -174,6 +175,8 @@ class JobManager {
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ManagerOptions options_;
+  // What tenants read of errors, events and model reasons: no server paths.
+  const Redactor redactor_;
   JobStore* const store_;
   BlobStore* const blobs_;
 

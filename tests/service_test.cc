@@ -29,6 +29,7 @@ namespace fs = std::filesystem;
 namespace v1 = ::zeroq::v1;
 using testing::Finished;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing::ModelPath;
 using testing::QuickJob;
 using testing::ServerProcess;
@@ -366,6 +367,47 @@ TEST_F(ServiceTest, CancelInTheMiddleOfDistillationFreesTheSlot) {
   absl::StatusOr<v1::Job> c = client_->CancelJob(waiting->id());
   ASSERT_TRUE(c.ok());
   if (c->state() != v1::JOB_RUNNING) EXPECT_EQ(c->state(), v1::JOB_CANCELLED);
+}
+
+// Tenants read errors and events, never where the server keeps things: a
+// job whose model file has gone from the blob store fails with LibTorch's
+// "file path: ..." message, which names the data folder in the server log
+// only.
+TEST_F(ServiceTest, FailuresNeverShowServerPathsToTenants) {
+  StartServer({"--devices=cpu:1"});
+  v1::Model model = UploadReady("fashion_cnn.pt");
+  absl::StatusOr<v1::Job> busy = client_->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(busy.ok()) << busy.status();
+  WaitFor(busy->id(), [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+  absl::StatusOr<v1::Job> job = client_->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(job.ok()) << job.status();
+  // The bytes vanish from under the server (a broken volume, say).
+  std::error_code ec;
+  std::filesystem::remove_all(server_->data_dir() + "/blobs", ec);
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_TRUE(client_->CancelJob(busy->id()).ok());
+  v1::Job failed = WaitFor(job->id(), Finished);
+  ASSERT_EQ(failed.state(), v1::JOB_FAILED);
+  std::vector<std::string> visible = {failed.error().message()};
+  std::vector<v1::JobEvent> events;
+  ASSERT_TRUE(client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+                        visible.push_back(e.message());
+                        if (e.has_error()) visible.push_back(e.error().message());
+                        return true;
+                      }).ok());
+  const std::string data_dir = server_->data_dir();
+  const std::string abs_data_dir =
+      std::filesystem::weakly_canonical(std::filesystem::absolute(data_dir)).string();
+  bool redacted = false;
+  for (const std::string& text : visible) {
+    EXPECT_THAT(text, Not(HasSubstr(data_dir)));
+    EXPECT_THAT(text, Not(HasSubstr(abs_data_dir)));
+    EXPECT_THAT(text, Not(HasSubstr("/blobs/")));
+    redacted |= absl::StrContains(text, "<server file>");
+  }
+  EXPECT_TRUE(redacted) << failed.error().message();
+  // The log has the whole story for the operator.
+  EXPECT_THAT(server_->Log(), HasSubstr(data_dir + "/blobs/"));
 }
 
 TEST_F(ServiceTest, KilledWorkerFailsItsJobAndTheServerCarriesOn) {
