@@ -2,9 +2,13 @@
 # Checks the deployment files without deploying them: every YAML file under
 # deploy/ and docker-compose.yml parses, the JSON files parse, promtool
 # accepts the Prometheus configurations, the files docker-compose.yml and the
-# kustomization refer to exist, the Dockerfile builds as CI does and installs
-# existing packages that cover the libraries the binaries link, and every
-# metric the Grafana dashboard queries is one a real zeroq-server exports.
+# kustomizations refer to exist, Compose runs the server on the host's network
+# with a GPU profile, the Kubernetes GPU overlay patches the Deployment, the
+# Dockerfile builds as CI does (plain syntax, no BuildKit-only features) and
+# its runtime stage has packages and LibTorch's libraries that cover what the
+# binaries link, and every metric the Grafana dashboard queries is one a real
+# zeroq-server exports. Needs no Docker (tests/container_check.sh builds and
+# runs the image).
 #
 #   ZEROQ=build/client/zeroq ZEROQ_SERVER_BIN=build/server/zeroq-server \
 #     ZEROQ_WORKER=build/core/worker/zeroq-worker bash tests/deploy_test.sh
@@ -69,11 +73,11 @@ else
 fi
 
 # --- What the files refer to --------------------------------------------------
-check "docker-compose.yml mounts files that exist, and runs the three services" "$PY" -c '
+check "docker-compose.yml mounts files that exist, and runs the four services" "$PY" -c '
 import os, yaml
 c = yaml.safe_load(open("docker-compose.yml"))
 s = c["services"]
-assert {"zeroq", "prometheus", "grafana"} <= set(s), s.keys()
+assert {"zeroq", "zeroq-gpu", "prometheus", "grafana"} <= set(s), s.keys()
 assert s["prometheus"]["image"].startswith("prom/prometheus")
 assert s["grafana"]["image"].startswith("grafana/grafana")
 for svc in s.values():
@@ -82,22 +86,75 @@ for svc in s.values():
         if src.startswith("."):
             assert os.path.exists(src), src
 '
-check "the kustomization lists files that exist" "$PY" -c '
-import os, yaml
-k = yaml.safe_load(open("deploy/k8s/kustomization.yaml"))
-for r in k["resources"]:
-    assert os.path.exists(os.path.join("deploy/k8s", r)), r
+check "docker-compose.yml: every service on the host network, no port mappings" "$PY" -c '
+import yaml
+for name, svc in yaml.safe_load(open("docker-compose.yml"))["services"].items():
+    assert svc.get("network_mode") == "host", name
+    assert "ports" not in svc, name
 '
-check "the Deployment: one replica, GPU, gRPC probes, both ports" "$PY" -c '
+check "docker-compose.yml: the server on loopback by default, with tenants and a health check address" "$PY" -c '
+import yaml
+z = yaml.safe_load(open("docker-compose.yml"))["services"]["zeroq"]
+args = z["command"]
+assert args[0] == "zeroq-server", args
+assert "--listen=${ZEROQ_LISTEN_HOST:-127.0.0.1}:${ZEROQ_PORT:-50051}" in args, args
+assert "--metrics_listen=${ZEROQ_LISTEN_HOST:-127.0.0.1}:${ZEROQ_METRICS_PORT:-9464}" in args, args
+assert "--tenants_file=/etc/zeroq/tenants.json" in args and "--data_dir=/var/lib/zeroq" in args
+assert z["environment"]["ZEROQ_SERVER"] == "127.0.0.1:${ZEROQ_PORT:-50051}"
+assert "profiles" not in z
+'
+check "docker-compose.yml: the gpu profile server reserves NVIDIA GPUs" "$PY" -c '
+import yaml
+s = yaml.safe_load(open("docker-compose.yml"))["services"]
+g = s["zeroq-gpu"]
+assert g["profiles"] == ["gpu"]
+d = g["deploy"]["resources"]["reservations"]["devices"]
+assert any(x["driver"] == "nvidia" and "gpu" in x["capabilities"] for x in d), d
+assert g["command"] == s["zeroq"]["command"] and g["image"] == s["zeroq"]["image"]
+'
+check "Prometheus scrapes the server on the host network" "$PY" -c '
+import yaml
+p = yaml.safe_load(open("deploy/prometheus/prometheus.yml"))
+assert p["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9464"]
+ds = yaml.safe_load(open("deploy/grafana/provisioning/datasources/prometheus.yml"))
+assert ds["datasources"][0]["url"] == "http://127.0.0.1:9090"
+'
+for k in deploy/k8s deploy/k8s/gpu; do
+  check "the kustomization $k lists files that exist" "$PY" -c '
+import os, sys, yaml
+d = sys.argv[1]
+k = yaml.safe_load(open(os.path.join(d, "kustomization.yaml")))
+for r in k["resources"]:
+    p = os.path.join(d, r)
+    assert os.path.isfile(p) or os.path.isfile(os.path.join(p, "kustomization.yaml")), r
+for p in k.get("patches", []):
+    assert os.path.isfile(os.path.join(d, p["path"])), p
+' "$k"
+done
+check "the Deployment: one replica, no GPU, gRPC probes, both ports" "$PY" -c '
 import yaml
 d = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
 assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate"
 c = d["spec"]["template"]["spec"]["containers"][0]
-assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+for kind in ("requests", "limits"):
+    assert "nvidia.com/gpu" not in c["resources"].get(kind, {}), kind
 assert c["readinessProbe"]["grpc"]["port"] == 50051
 assert c["livenessProbe"]["grpc"]["port"] == 50051
 assert {p["containerPort"] for p in c["ports"]} == {50051, 9464}
 assert "--metrics_listen=0.0.0.0:9464" in c["args"]
+assert "--devices=auto" in c["args"]
+'
+check "the GPU overlay: one nvidia.com/gpu for the server container of that Deployment" "$PY" -c '
+import yaml
+k = yaml.safe_load(open("deploy/k8s/gpu/kustomization.yaml"))
+assert k["resources"] == ["../"], k["resources"]
+base = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
+patch = yaml.safe_load(open("deploy/k8s/gpu/" + k["patches"][0]["path"]))
+assert (patch["kind"], patch["metadata"]["name"], patch["metadata"]["namespace"]) == \
+       (base["kind"], base["metadata"]["name"], base["metadata"]["namespace"])
+c = patch["spec"]["template"]["spec"]["containers"][0]
+assert c["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"], c["name"]
+assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
 '
 check "the Grafana datasource is the one the dashboard uses" "$PY" -c '
 import json, yaml
@@ -132,8 +189,31 @@ builder_runs=$(awk -F'\t' '$1 == "builder" && $2 ~ /^RUN/ {print $2}' "$tmp/dock
 check "Dockerfile: the builder is debian:12" grep -q $'^builder\tFROM debian:12 AS builder' "$tmp/docker.tsv"
 check "Dockerfile: the builder runs scripts/install-deps.sh" grep -q "bash scripts/install-deps.sh" <<< "$builder_runs"
 check "Dockerfile: the builder runs scripts/build.sh" grep -q "bash scripts/build.sh" <<< "$builder_runs"
+# install-deps.sh runs before the sources are copied: it needs the files it
+# reads copied ahead of it.
+deps_copy=$(awk -F'\t' '$1 == "builder" && $2 ~ /^COPY / && $2 ~ /install-deps.sh/ {print $2}' "$tmp/docker.tsv")
+for f in scripts/install-deps.sh $(grep -v '^[[:space:]]*#' scripts/install-deps.sh |
+                                   grep -o 'scripts/[A-Za-z0-9_.-]*' | sort -u); do
+  check "Dockerfile: the builder copies $f before running scripts/install-deps.sh" \
+    grep -q " $f " <<< "$deps_copy "
+done
 runtime=$(awk -F'\t' '$1 == "runtime" {print $2}' "$tmp/docker.tsv")
 check "Dockerfile: the runtime stage is debian:12" grep -q "^FROM debian:12$" <<< "$runtime"
+check "Dockerfile: plain syntax (no BuildKit-only RUN --mount, no syntax directive)" \
+  bash -c '! grep -Eq -- "^RUN --mount|^# *syntax=" Dockerfile'
+# The LibTorch environment: a fixed path in the builder, its torch/lib and
+# nvidia/ (side by side, for libtorch's $ORIGIN/../../nvidia RPATH) copied
+# to the same path in the runtime stage.
+venv=$(awk -F'\t' '$1 == "builder" && $2 ~ /^ENV/' "$tmp/docker.tsv" | grep -o 'ZEROQ_VENV=[^ ]*' | cut -d= -f2)
+check "Dockerfile: the builder puts the torch environment at a fixed path ($venv)" \
+  test "${venv:0:1}" = /
+site=$(grep -o 'TORCH_SITE=[^ ]*' <<< "$runtime" | head -n 1 | cut -d= -f2)
+check "Dockerfile: the runtime stage's torch path is in that environment ($site)" \
+  test -n "$venv" -a "${site#"$venv"/lib/python3}" != "$site"
+for d in torch/lib nvidia; do
+  check "Dockerfile: the runtime stage copies the environment's $d to the same path" \
+    grep -q "^COPY --from=builder \${TORCH_SITE}/$d \${TORCH_SITE}/$d$" <<< "$runtime"
+done
 for b in build/server/zeroq-server build/core/worker/zeroq-worker build/client/zeroq; do
   check "Dockerfile: the runtime stage copies $b" grep -q "COPY --from=builder .*/$b" <<< "$runtime"
 done
@@ -172,7 +252,9 @@ for b in "$ZEROQ_SERVER_BIN" "$ZEROQ_WORKER" "$ZEROQ"; do
       [[ -n $pkg || -z $candidate ]] && continue
       pkg=$(dpkg -S "$candidate" 2> /dev/null | head -n 1 | cut -d: -f1) || pkg=
     done
-    if [[ -z $pkg ]]; then
+    if [[ $path == */site-packages/torch/lib/* ]]; then
+      continue   # LibTorch's own folder, which the runtime stage copies
+    elif [[ -z $pkg ]]; then
       missing+=("$lib(no package)")
     elif [[ " ${runtime_packages[*]} " != *" $pkg "* && $base_packages != *" $pkg "* ]]; then
       missing+=("$lib($pkg)")
