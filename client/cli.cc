@@ -526,6 +526,9 @@ std::string DescribeJob(const v1::Job& j) {
   } else if (j.stage() != v1::STAGE_UNSPECIFIED) {
     absl::StrAppendFormat(&out, ", last stage %s", StageName(j.stage()));
   }
+  if (j.cancel_requested() && j.state() == v1::JOB_RUNNING) {
+    absl::StrAppend(&out, " (cancellation requested, the worker is stopping)");
+  }
   absl::StrAppend(&out, "\n");
   if (j.error().code() != 0 || !j.error().message().empty()) {
     absl::StrAppendFormat(&out, "  error     %s: %s\n",

@@ -517,8 +517,11 @@ class Cli {
     if (json_) {
       PrintJson(job);
     } else {
-      Print(absl::StrFormat("job %s is %s\n", job.id(),
-                            JobStateName(job.state())));
+      Print(absl::StrFormat(
+          "job %s is %s%s\n", job.id(), JobStateName(job.state()),
+          job.cancel_requested() && job.state() == v1::JOB_RUNNING
+              ? ": cancellation requested, the worker is stopping"
+              : ""));
     }
     return absl::OkStatus();
   }

@@ -180,6 +180,12 @@ absl::Status JobManager::Start() {
     rt->log = std::make_shared<EventLog>(std::move(events), false);
     rt->job = std::move(job);
     active_[rt->job.id()] = rt;
+    if (rt->job.state() == v1::JOB_RUNNING && rt->job.cancel_requested()) {
+      // Cancelled while the server went down: nothing to resume.
+      FinishLocked(rt, v1::JOB_CANCELLED,
+                   absl::CancelledError("cancelled by the client"));
+      continue;
+    }
     if (rt->job.state() == v1::JOB_RUNNING) {
       if (rt->job.attempts() >= options_.max_attempts) {
         FinishLocked(
@@ -1017,6 +1023,7 @@ absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& tenant,
       }
       if (!rt->cancel_requested) {
         rt->cancel_requested = true;
+        rt->job.set_cancel_requested(true);  // stored with the event below
         v1::JobEvent e;
         e.set_type(v1::EVENT_MESSAGE);
         e.set_stage(rt->job.stage());

@@ -352,9 +352,20 @@ TEST_F(ServiceTest, CancelInTheMiddleOfDistillationFreesTheSlot) {
       });
   ASSERT_TRUE(seen.ok());
   ASSERT_EQ(seen->state(), v1::JOB_RUNNING);
-  ASSERT_TRUE(client_->CancelJob(job->id()).ok());
+  const absl::Time asked = absl::Now();
+  absl::StatusOr<v1::Job> taken = client_->CancelJob(job->id());
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  // The answer says the cancel was taken (the job still RUNNING), and so
+  // does GetJob until it ends.
+  EXPECT_EQ(taken->state(), v1::JOB_RUNNING);
+  EXPECT_TRUE(taken->cancel_requested());
+  absl::StatusOr<v1::Job> looked = client_->GetJob(job->id());
+  ASSERT_TRUE(looked.ok()) << looked.status();
+  EXPECT_TRUE(looked->cancel_requested() || looked->state() == v1::JOB_CANCELLED);
   v1::Job cancelled = WaitFor(job->id(), Finished, absl::Seconds(30));
+  EXPECT_LT(absl::Now() - asked, absl::Seconds(2));
   EXPECT_EQ(cancelled.state(), v1::JOB_CANCELLED);
+  EXPECT_TRUE(cancelled.cancel_requested());
   EXPECT_EQ(cancelled.error().code(),
             static_cast<int>(absl::StatusCode::kCancelled));
   // The freed slot runs the queued job.
