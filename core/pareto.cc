@@ -454,4 +454,19 @@ absl::StatusOr<Budget> ParseBudget(const std::string& text) {
       "against float), or a size such as 120KB, 1.5MiB, 30000B"));
 }
 
+absl::Status CheckReplanWidths(const std::vector<int>& wanted,
+                               const std::vector<int>& stored) {
+  for (int k : wanted) {
+    if (std::find(stored.begin(), stored.end(), k) == stored.end()) {
+      std::string have;
+      for (int s : stored) have += (have.empty() ? "" : ",") + std::to_string(s);
+      return absl::InvalidArgumentError(
+          "candidate_bits: width " + std::to_string(k) +
+          " is not in the stored sensitivity table, which has " + have +
+          "; re-plan with some of those, or run a full job with the new widths");
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace zeroq::core

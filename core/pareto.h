@@ -160,6 +160,12 @@ absl::StatusOr<ParetoPoint> ChooseFromFrontier(
 // "120KB", "1.5MiB", "30000B" (bytes of weights).
 absl::StatusOr<Budget> ParseBudget(const std::string& text);
 
+// Re-planning with a subset of a stored sensitivity table's widths: OK if
+// every width in `wanted` is in `stored` (the widths the table was measured
+// at), else InvalidArgument naming candidate_bits and what the table has.
+absl::Status CheckReplanWidths(const std::vector<int>& wanted,
+                               const std::vector<int>& stored);
+
 }  // namespace zeroq::core
 
 #endif  // ZEROQ_CORE_PARETO_H_

@@ -558,5 +558,15 @@ TEST(ParetoFrontierTest, SingleWidthLayersGiveOnePoint) {
   EXPECT_EQ((*frontier)[0].bits, (std::vector<int>{4, 3}));
 }
 
+TEST(CheckReplanWidths, SubsetsOfTheStoredWidthsOnly) {
+  EXPECT_TRUE(CheckReplanWidths({}, {2, 4, 8}).ok());
+  EXPECT_TRUE(CheckReplanWidths({2, 4}, {2, 4, 8}).ok());
+  EXPECT_TRUE(CheckReplanWidths({8, 2}, {2, 4, 8}).ok());
+  absl::Status s = CheckReplanWidths({3, 5}, {2, 4, 8});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("candidate_bits: width 3"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("has 2,4,8"), std::string::npos) << s;
+}
+
 }  // namespace
 }  // namespace zeroq::core

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <thread>
@@ -58,6 +59,25 @@ std::vector<torch::Tensor> SplitBatches(const torch::Tensor& all, int batch) {
   std::vector<torch::Tensor> out;
   for (int64_t i = 0; i < all.size(0); i += batch) {
     out.push_back(all.slice(0, i, std::min<int64_t>(i + batch, all.size(0))));
+  }
+  return out;
+}
+
+// The table with only the `widths` columns (all of them when empty).
+absl::StatusOr<std::vector<LayerSensitivity>> KeepWidths(
+    const std::vector<LayerSensitivity>& table, const std::vector<int>& widths) {
+  if (widths.empty()) return table;
+  std::vector<LayerSensitivity> out;
+  for (const LayerSensitivity& row : table) {
+    ZQ_RETURN_IF_ERROR(CheckReplanWidths(widths, row.bits));
+    LayerSensitivity kept{row.name, row.params, {}, {}};
+    for (size_t j = 0; j < row.bits.size(); ++j) {
+      if (std::find(widths.begin(), widths.end(), row.bits[j]) != widths.end()) {
+        kept.bits.push_back(row.bits[j]);
+        kept.omega.push_back(row.omega[j]);
+      }
+    }
+    out.push_back(std::move(kept));
   }
   return out;
 }
@@ -204,7 +224,8 @@ absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress
     timer.Start("SENSITIVITY");
     if (!spec.precomputed_sensitivity.empty()) {
       ZQ_RETURN_IF_ERROR(CheckSensitivityTable(spec.precomputed_sensitivity, summary));
-      result.sensitivity = spec.precomputed_sensitivity;
+      ZQ_ASSIGN_OR_RETURN(result.sensitivity,
+                          KeepWidths(spec.precomputed_sensitivity, spec.replan_widths));
       emit({Stage::kSensitivity, 1, 1, NAN, NAN,
             "using the stored sensitivity table"});
     } else {

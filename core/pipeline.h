@@ -76,6 +76,10 @@ struct JobSpec {
   // Re-planning: a sensitivity table from an earlier run of the same model
   // (report.json's "sensitivity"); the sweep is skipped.
   std::vector<LayerSensitivity> precomputed_sensitivity;
+  // With a precomputed table: plan with only these widths (each must be in
+  // the table, else INVALID_ARGUMENT naming candidate_bits). Empty: every
+  // width the table has.
+  std::vector<int> replan_widths;
   PlanOptions plan;
   std::string output_dir;            // must exist; artifacts go here
   int threads = 0;                   // intra-op threads; 0 = all cores

@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "core/pareto.h"
 #include "server/log.h"
 #include "server/scheduler.h"
 #include "server/sha256.h"
@@ -930,6 +931,17 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
       return absl::FailedPreconditionError(absl::StrCat(
           "config.sensitivity_from_job: job ", from,
           " was not a mixed-precision job and has no sensitivity table"));
+    }
+    // Widths asked for must be among those the table was measured at (the
+    // worker plans with just those).
+    const auto& stored = source->result().layers(0).candidate_bits();
+    absl::Status widths = zeroq::core::CheckReplanWidths(
+        std::vector<int>(r.config().candidate_bits().begin(),
+                         r.config().candidate_bits().end()),
+        std::vector<int>(stored.begin(), stored.end()));
+    if (!widths.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.", widths.message()));
     }
   }
   v1::Job job;

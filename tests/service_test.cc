@@ -587,6 +587,30 @@ TEST_F(ServiceTest, ReplanFromAFinishedJobSkipsTheSweep) {
                                   b.result().layers(i).sensitivity().end()));
   }
   EXPECT_LT(b.result().weight_bytes(), a.result().weight_bytes());
+
+  // Widths asked for are honoured within the stored table's (they were once
+  // accepted and ignored: MP6 with [2,4] chose 8 bits)...
+  v1::SubmitJobRequest narrow = again;
+  narrow.mutable_config()->set_budget("MP6");
+  narrow.mutable_config()->add_candidate_bits(2);
+  narrow.mutable_config()->add_candidate_bits(4);
+  absl::StatusOr<v1::Job> third = client_->SubmitJob(narrow);
+  ASSERT_TRUE(third.ok()) << third.status();
+  v1::Job c = WaitFor(third->id(), Finished);
+  ASSERT_EQ(c.state(), v1::JOB_SUCCEEDED) << c.error().message();
+  for (const v1::LayerResult& l : c.result().layers()) {
+    EXPECT_TRUE(l.bits() == 2 || l.bits() == 4) << l.name() << " " << l.bits();
+    EXPECT_THAT(std::vector<int>(l.candidate_bits().begin(), l.candidate_bits().end()),
+                ::testing::ElementsAre(2, 4));
+  }
+  // ... and widths it does not have are refused at once, naming the field.
+  v1::SubmitJobRequest other_widths = again;
+  other_widths.mutable_config()->add_candidate_bits(3);
+  other_widths.mutable_config()->add_candidate_bits(5);
+  absl::Status refused = client_->SubmitJob(other_widths).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("config.candidate_bits"));
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("2,4,8"));
   // Re-planning from a job of another model is refused.
   v1::Model other = UploadReady("fashion_cnn.pt", {1, 28, 28});
   EXPECT_EQ(other.id(), model.id());  // same bytes and shape: the same model

@@ -41,7 +41,9 @@ ABSL_FLAG(double, activation_percentile, 100.0,
 ABSL_FLAG(std::string, budget, "",
           "mixed precision within a weight budget: MP4 or 4 (average bits), "
           "8x (compression against float), 120KB / 1.5MiB / 30000B");
-ABSL_FLAG(std::string, candidate_bits, "2,4,8", "mixed-precision widths");
+ABSL_FLAG(std::string, candidate_bits, "",
+          "mixed-precision widths (default 2,4,8; with --sensitivity_from, "
+          "the stored table's, or some of them)");
 ABSL_FLAG(bool, sensitivity_others_8bit, false,
           "measure each layer's sensitivity with the others at 8 bits");
 ABSL_FLAG(std::string, sensitivity_from, "",
@@ -191,7 +193,8 @@ int main(int argc, char** argv) {
     absl::StatusOr<zeroq::core::Budget> b = zeroq::core::ParseBudget(budget);
     if (!b.ok()) return Usage(absl::StrCat("--budget: ", b.status().message()));
     spec.budget = *b;
-    spec.sensitivity.bits.clear();
+    const bool explicit_widths = !absl::GetFlag(FLAGS_candidate_bits).empty();
+    if (explicit_widths) spec.sensitivity.bits.clear();  // else the default
     for (absl::string_view part :
          absl::StrSplit(absl::GetFlag(FLAGS_candidate_bits), ',', absl::SkipEmpty())) {
       int k;
@@ -210,6 +213,8 @@ int main(int argc, char** argv) {
       auto table = zeroq::core::SensitivityFromReportJson(text.str());
       if (!table.ok()) return Usage(absl::StrCat(from, ": ", table.status().message()));
       spec.precomputed_sensitivity = std::move(*table);
+      // Widths given explicitly narrow the stored table's.
+      if (explicit_widths) spec.replan_widths = spec.sensitivity.bits;
     }
   } else if (!absl::GetFlag(FLAGS_sensitivity_from).empty()) {
     return Usage("--sensitivity_from needs --budget");

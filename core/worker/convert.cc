@@ -202,6 +202,10 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
                                   table.status().message()));
     }
     spec.precomputed_sensitivity = std::move(*table);
+    // Widths asked for explicitly narrow the stored table's.
+    if (!config.candidate_bits().empty()) {
+      spec.replan_widths = spec.sensitivity.bits;
+    }
   }
   if (!request.calibration_data_path().empty()) {
     spec.calibration = core::CalibrationSource::kFile;
