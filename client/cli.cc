@@ -540,6 +540,23 @@ std::string DescribeJob(const v1::Job& j) {
       absl::AsciiStrToLower(absl::StripPrefix(
           v1::DeviceKind_Name(j.device_preference()), "DEVICE_")),
       j.attempts());
+  if (j.worker_crashes() > 0 || j.server_restarts() > 0) {
+    absl::StrAppendFormat(&out, "  restarts  %d worker crash%s, %d server restart%s\n",
+                          j.worker_crashes(), j.worker_crashes() == 1 ? "" : "es",
+                          j.server_restarts(), j.server_restarts() == 1 ? "" : "s");
+  }
+  for (const v1::JobAttempt& a : j.attempt_history()) {
+    absl::StrAppendFormat(&out, "  attempt %d on %s: %s", a.number(), a.device(),
+                          a.outcome());
+    if (a.end_time().seconds() > 0) {
+      const double seconds =
+          (a.end_time().seconds() - a.start_time().seconds()) +
+          (a.end_time().nanos() - a.start_time().nanos()) / 1e9;
+      absl::StrAppendFormat(&out, " after %.1f s", seconds);
+    }
+    if (!a.reason().empty()) absl::StrAppend(&out, " (", a.reason(), ")");
+    absl::StrAppend(&out, "\n");
+  }
   absl::StrAppendFormat(&out, "  priority  %d%s\n", j.priority(),
                         j.request_id().empty()
                             ? ""

@@ -34,6 +34,7 @@ struct JobManager::JobRuntime {
   bool stop_requested = false;    // by Stop(): re-queue, not cancel
   int64_t queue_order = 0;
   absl::Time enqueued_at;
+  absl::Time not_before = absl::InfinitePast();  // retry backoff
 };
 
 namespace {
@@ -43,6 +44,22 @@ void SetNow(google::protobuf::Timestamp* t) {
   int64_t nanos = absl::ToUnixNanos(now);
   t->set_seconds(nanos / 1000000000);
   t->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+}
+
+// Closes the job's newest attempt (if it is still open).
+void EndAttempt(v1::Job& job, const std::string& outcome,
+                const std::string& reason = "") {
+  if (job.attempt_history().empty()) return;
+  v1::JobAttempt& a = *job.mutable_attempt_history()->rbegin();
+  if (a.outcome() != "running") return;
+  a.set_outcome(outcome);
+  a.set_reason(reason);
+  SetNow(a.mutable_end_time());
+}
+
+// 1 s, 2 s, 4 s... before the n-th retry (n >= 1), at most 30 s.
+absl::Duration RetryBackoff(int n) {
+  return std::min(absl::Seconds(30), absl::Seconds(1) * (1 << std::min(n - 1, 5)));
 }
 
 std::string RandomHex(int digits) {
@@ -141,6 +158,8 @@ absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(
     return absl::InvalidArgumentError("cpu_threads_per_job must be >= 1");
   if (options.max_attempts < 1)
     return absl::InvalidArgumentError("max_attempts must be >= 1");
+  if (options.max_server_restarts < 0)
+    return absl::InvalidArgumentError("max_server_restarts must be >= 0");
   return std::unique_ptr<JobManager>(
       new JobManager(std::move(options), store, blobs, std::move(pool)));
 }
@@ -188,13 +207,15 @@ absl::Status JobManager::Start() {
       continue;
     }
     if (rt->job.state() == v1::JOB_RUNNING) {
-      if (rt->job.attempts() >= options_.max_attempts) {
+      EndAttempt(rt->job, "interrupted by a server restart");
+      rt->job.set_server_restarts(rt->job.server_restarts() + 1);
+      if (rt->job.server_restarts() > options_.max_server_restarts) {
         FinishLocked(
             rt, v1::JOB_FAILED,
             absl::AbortedError(absl::StrCat(
-                "the job's worker was interrupted ", rt->job.attempts(),
-                " times by server restarts (max_attempts ",
-                options_.max_attempts, ")")));
+                "the job was interrupted by ", rt->job.server_restarts(),
+                " server restarts (max_server_restarts ",
+                options_.max_server_restarts, ")")));
         continue;
       }
       rt->job.set_state(v1::JOB_QUEUED);
@@ -204,8 +225,9 @@ absl::Status JobManager::Start() {
           {StateEvent(
               rt->job,
               absl::StrCat("re-queued after a server restart (attempt ",
-                           rt->job.attempts(), " of ", options_.max_attempts,
-                           " was interrupted)"))},
+                           rt->job.attempts(),
+                           " was interrupted; it does not count against "
+                           "max_attempts)"))},
           false);
       LogInfo({rt->job.tenant(), rt->job.id(), rt->job.model_id()},
               "re-queued after a server restart");
@@ -340,7 +362,9 @@ void JobManager::SchedulerLoop() {
             order.push_back(queue_[i]);
           std::shared_ptr<JobRuntime> picked;
           std::optional<Slot> slot;
+          const absl::Time now = absl::Now();
           for (const auto& rt : order) {
+            if (rt->not_before > now) continue;  // waiting to be retried
             const Quotas* quotas = QuotasOf(rt->job.tenant());
             if (quotas != nullptr && quotas->running_jobs > 0 &&
                 running_per_tenant_[rt->job.tenant()] >= quotas->running_jobs) {
@@ -478,6 +502,11 @@ void JobManager::StartJobLocked(const std::shared_ptr<JobRuntime>& rt,
   job.set_state(v1::JOB_RUNNING);
   job.set_attempts(job.attempts() + 1);
   job.set_device(slot.name);
+  v1::JobAttempt* attempt = job.add_attempt_history();
+  attempt->set_number(job.attempts());
+  attempt->set_device(slot.name);
+  attempt->set_outcome("running");
+  SetNow(attempt->mutable_start_time());
   job.set_stage(v1::STAGE_INSPECT);
   job.set_step(0);
   job.set_total(0);
@@ -599,6 +628,7 @@ void JobManager::OnWorkerExit(const std::string& job_id,
   if (rt->stop_requested && outcome.kind != Kind::kSucceeded) {
     // Stopped by shutdown: the job runs again after the restart, and this
     // interrupted attempt does not count against it.
+    EndAttempt(rt->job, "stopped by server shutdown");
     rt->job.set_state(v1::JOB_QUEUED);
     rt->job.set_attempts(std::max(0, rt->job.attempts() - 1));
     rt->job.clear_device();
@@ -616,6 +646,7 @@ void JobManager::OnWorkerExit(const std::string& job_id,
                          : store_status);
         return;
       }
+      EndAttempt(rt->job, "succeeded");
       *rt->job.mutable_result() = *std::move(outcome.result);
       for (const v1::Artifact& a : rt->job.result().artifacts()) {
         AddStoredBytesLocked(rt->job.tenant(), a.size_bytes());
@@ -626,20 +657,26 @@ void JobManager::OnWorkerExit(const std::string& job_id,
       if (rt->cancel_requested &&
           outcome.error.code() ==
               static_cast<int>(absl::StatusCode::kCancelled)) {
+        EndAttempt(rt->job, "cancelled");
         FinishLocked(rt, v1::JOB_CANCELLED,
                      absl::CancelledError("cancelled by the client"));
         return;
       }
+      // The job itself failed (the model, its config): final, no retry.
+      EndAttempt(rt->job, "failed",
+                 redactor_.ForTenant(outcome.error.message()));
       FinishLocked(
           rt, v1::JOB_FAILED,
           absl::Status(static_cast<absl::StatusCode>(outcome.error.code()),
                        outcome.error.message()));
       return;
     case Kind::kCancelled:
+      EndAttempt(rt->job, "cancelled");
       FinishLocked(rt, v1::JOB_CANCELLED,
                    absl::CancelledError("cancelled by the client"));
       return;
     case Kind::kTimedOut:
+      EndAttempt(rt->job, "timed out");
       FinishLocked(
           rt, v1::JOB_FAILED,
           absl::DeadlineExceededError(absl::StrCat(
@@ -652,16 +689,51 @@ void JobManager::OnWorkerExit(const std::string& job_id,
       return;
     case Kind::kCrashed: {
       if (options_.metrics) options_.metrics->WorkerCrashed();
-      std::string message = outcome.error.message().empty()
-                                ? "the worker crashed"
-                                : outcome.error.message();
+      const std::string message = outcome.error.message().empty()
+                                      ? "the worker crashed"
+                                      : outcome.error.message();
       // The worker's log is internal detail (paths, process ids): the
       // server log has it, under the job's id.
+      LogIds ids{rt->job.tenant(), rt->job.id(), rt->job.model_id()};
       if (!outcome.log_tail.empty()) {
-        LogWarning({rt->job.tenant(), rt->job.id(), rt->job.model_id()},
-                   absl::StrCat("worker log ends with: ", outcome.log_tail));
+        LogWarning(ids, absl::StrCat("worker log ends with: ", outcome.log_tail));
       }
-      FinishLocked(rt, v1::JOB_FAILED, absl::InternalError(message));
+      EndAttempt(rt->job, "crashed", redactor_.ForTenant(message));
+      rt->job.set_worker_crashes(rt->job.worker_crashes() + 1);
+      if (rt->cancel_requested) {
+        FinishLocked(rt, v1::JOB_CANCELLED,
+                     absl::CancelledError("cancelled by the client"));
+        return;
+      }
+      const int crashes = rt->job.worker_crashes();
+      if (crashes >= options_.max_attempts) {
+        FinishLocked(rt, v1::JOB_FAILED,
+                     absl::InternalError(absl::StrCat(
+                         "the worker crashed ", crashes, " time",
+                         crashes == 1 ? "" : "s", " (max_attempts ",
+                         options_.max_attempts, "); last: ", message)));
+        return;
+      }
+      // A crash is often the machine's doing (out of memory, a lost
+      // device): try again after a pause, on whatever slot is free then.
+      const absl::Duration wait = RetryBackoff(crashes);
+      rt->not_before = absl::Now() + wait;
+      rt->job.set_state(v1::JOB_QUEUED);
+      rt->job.clear_device();
+      AppendLocked(*rt,
+                   {StateEvent(rt->job,
+                               absl::StrCat(redactor_.ForTenant(message),
+                                            "; retrying in ",
+                                            absl::FormatDuration(wait),
+                                            " (attempt ", rt->job.attempts() + 1,
+                                            " of at most ", options_.max_attempts,
+                                            ")"))},
+                   false);
+      LogWarning(ids, absl::StrCat("worker crashed: ", message, "; retrying in ",
+                                   absl::FormatDuration(wait)));
+      const int64_t order = rt->queue_order;  // keeps its place in the queue
+      EnqueueLocked(rt);
+      rt->queue_order = order;
       return;
     }
   }

@@ -57,7 +57,14 @@ struct ManagerOptions {
   absl::Duration default_time_limit = absl::Hours(4);
   absl::Duration inspect_time_limit = absl::Minutes(5);
   absl::Duration kill_grace = absl::Seconds(1);  // SIGTERM -> SIGKILL
-  int max_attempts = 3;  // worker starts per job, restarts included
+  // Worker starts per job when its worker crashes (a signal, an exit without
+  // a result): retried after 1 s, 2 s, 4 s... (at most 30 s). A failure the
+  // job causes deterministically (the worker reports an error) is final.
+  int max_attempts = 3;
+  // Server crashes or restarts a job may live through (they do not count
+  // against max_attempts); past that it fails, so a job that takes the
+  // machine down each time still ends.
+  int max_server_restarts = 10;
   int max_concurrent_inspections = 2;
   int64_t max_model_bytes = int64_t{2} << 30;
   // Quotas per tenant; nullptr: none. Must outlive the manager.

@@ -57,7 +57,11 @@ ABSL_FLAG(int, cuda_slots, 1,
 ABSL_FLAG(int, threads_per_job, 0,
           "intra-op threads of a job that sets none (0: cores / CPU slots)");
 ABSL_FLAG(int, max_attempts, 3,
-          "worker starts per job, counting those cut short by server restarts");
+          "worker starts per job when its worker crashes (a signal, an exit "
+          "without a result); retried after 1 s, 2 s, 4 s...");
+ABSL_FLAG(int, max_server_restarts, 10,
+          "server crashes or restarts a job may live through (they do not "
+          "count against --max_attempts)");
 ABSL_FLAG(absl::Duration, job_time_limit, absl::Hours(4),
           "default time limit of a job");
 ABSL_FLAG(absl::Duration, kill_grace, absl::Seconds(1),
@@ -238,6 +242,7 @@ int main(int argc, char** argv) {
           ? absl::GetFlag(FLAGS_threads_per_job)
           : std::max(1, cores / std::max(1, cpu_slots));
   options.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  options.max_server_restarts = absl::GetFlag(FLAGS_max_server_restarts);
   options.default_time_limit = absl::GetFlag(FLAGS_job_time_limit);
   options.kill_grace = absl::GetFlag(FLAGS_kill_grace);
   options.max_model_bytes = absl::GetFlag(FLAGS_max_model_mb) << 20;

@@ -421,25 +421,79 @@ TEST_F(ServiceTest, FailuresNeverShowServerPathsToTenants) {
   EXPECT_THAT(server_->Log(), HasSubstr(data_dir + "/blobs/"));
 }
 
-TEST_F(ServiceTest, KilledWorkerFailsItsJobAndTheServerCarriesOn) {
-  StartServer();
+// A worker killed by a signal (what the kernel's OOM killer does) is the
+// machine's doing more often than the job's: retried with backoff, up to
+// --max_attempts; every attempt is kept on the job.
+TEST_F(ServiceTest, KilledWorkerIsRetriedThenFailsAndTheServerCarriesOn) {
+  StartServer({"--max_attempts=2"});
   v1::Model model = UploadReady("fashion_cnn.pt");
   absl::StatusOr<v1::Job> job =
       client_->SubmitJob(QuickJob(model.id(), 100000));
   ASSERT_TRUE(job.ok());
-  WaitFor(job->id(), [](const v1::Job& j) {
-    return j.stage() == v1::STAGE_DISTILL || Finished(j);
-  });
-  pid_t worker = testing::FindWorkerPid(job->id());
-  ASSERT_GT(worker, 0);
-  kill(worker, SIGKILL);
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    WaitFor(job->id(), [attempt](const v1::Job& j) {
+      return (j.attempts() == attempt && j.stage() == v1::STAGE_DISTILL) ||
+             Finished(j);
+    });
+    pid_t worker = testing::FindWorkerPid(job->id());
+    ASSERT_GT(worker, 0) << "attempt " << attempt;
+    kill(worker, SIGKILL);
+  }
   v1::Job failed = WaitFor(job->id(), Finished);
   EXPECT_EQ(failed.state(), v1::JOB_FAILED);
+  EXPECT_EQ(failed.error().code(), static_cast<int>(absl::StatusCode::kInternal));
+  EXPECT_THAT(failed.error().message(), HasSubstr("crashed 2 times"));
   EXPECT_THAT(failed.error().message(), HasSubstr("signal 9"));
-  // The server is fine and runs the next job.
-  absl::StatusOr<v1::Job> next = client_->SubmitJob(QuickJob(model.id()));
+  EXPECT_EQ(failed.worker_crashes(), 2);
+  EXPECT_EQ(failed.attempts(), 2);
+  ASSERT_EQ(failed.attempt_history_size(), 2);
+  for (const v1::JobAttempt& a : failed.attempt_history()) {
+    EXPECT_EQ(a.outcome(), "crashed");
+    EXPECT_THAT(a.reason(), HasSubstr("signal 9"));
+    EXPECT_FALSE(a.device().empty());
+    EXPECT_GT(a.end_time().seconds(), 0);
+  }
+  // The retry waited its backoff (1 s) after the first crash.
+  auto seconds = [](const google::protobuf::Timestamp& t) {
+    return t.seconds() + t.nanos() / 1e9;
+  };
+  EXPECT_GE(seconds(failed.attempt_history(1).start_time()) -
+                seconds(failed.attempt_history(0).end_time()),
+            0.9);
+  // The server is fine and runs the next job; a crash that happens once
+  // costs a job nothing but time.
+  absl::StatusOr<v1::Job> next = client_->SubmitJob(QuickJob(model.id(), 300));
   ASSERT_TRUE(next.ok());
-  EXPECT_EQ(WaitFor(next->id(), Finished).state(), v1::JOB_SUCCEEDED);
+  WaitFor(next->id(), [](const v1::Job& j) {
+    return j.stage() == v1::STAGE_DISTILL || Finished(j);
+  });
+  pid_t worker = testing::FindWorkerPid(next->id());
+  ASSERT_GT(worker, 0);
+  kill(worker, SIGKILL);
+  v1::Job done = WaitFor(next->id(), Finished);
+  EXPECT_EQ(done.state(), v1::JOB_SUCCEEDED) << done.error().message();
+  EXPECT_EQ(done.worker_crashes(), 1);
+  ASSERT_EQ(done.attempt_history_size(), 2);
+  EXPECT_EQ(done.attempt_history(0).outcome(), "crashed");
+  EXPECT_EQ(done.attempt_history(1).outcome(), "succeeded");
+}
+
+// A failure the worker reports (the model does not load, the core refuses
+// the config) is final: no retry.
+TEST_F(ServiceTest, DeterministicFailureIsNotRetried) {
+  StartServer({"--max_attempts=3"});
+  v1::Model model = UploadReady("fashion_cnn.pt");
+  std::error_code ec;
+  fs::remove_all(server_->data_dir() + "/blobs", ec);  // the model won't load
+  absl::StatusOr<v1::Job> job = client_->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(job.ok()) << job.status();
+  v1::Job failed = WaitFor(job->id(), Finished);
+  EXPECT_EQ(failed.state(), v1::JOB_FAILED);
+  EXPECT_EQ(failed.attempts(), 1);
+  EXPECT_EQ(failed.worker_crashes(), 0);
+  ASSERT_EQ(failed.attempt_history_size(), 1);
+  EXPECT_EQ(failed.attempt_history(0).outcome(), "failed");
+  EXPECT_FALSE(failed.attempt_history(0).reason().empty());
 }
 
 TEST_F(ServiceTest, TimeLimitStopsAJob) {
@@ -733,7 +787,7 @@ TEST_F(ServiceTest, HigherPriorityRunsFirst) {
 }
 
 TEST_F(ServiceTest, JobInterruptedTooOftenFails) {
-  StartServer({"--max_attempts=1"});
+  StartServer({"--max_server_restarts=0"});
   v1::Model model = UploadReady("fashion_cnn.pt");
   absl::StatusOr<v1::Job> job =
       client_->SubmitJob(QuickJob(model.id(), 100000));
