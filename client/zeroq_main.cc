@@ -7,10 +7,14 @@
 // `zeroq help` lists the commands, `zeroq CMD --help` a command's options.
 // Exit status: 0 ok, 1 the server refused the request or the job failed,
 // 2 bad usage (nothing was sent), 3 the server cannot be reached.
+#include <netdb.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -196,6 +200,50 @@ absl::StatusOr<std::string> ReadFile(const std::string& path,
                      std::istreambuf_iterator<char>());
 }
 
+// True if something accepts a TCP connection at `target` ("host:port" or
+// "[v6]:port") within `timeout_ms`: a server is there, so a failed channel
+// means it refused the handshake (TLS), not that it cannot be reached.
+bool AcceptsTcp(const std::string& target, int timeout_ms) {
+  std::string host, port;
+  if (!target.empty() && target[0] == '[') {
+    const size_t close = target.find(']');
+    if (close == std::string::npos || close + 1 >= target.size() ||
+        target[close + 1] != ':') {
+      return false;
+    }
+    host = target.substr(1, close - 1);
+    port = target.substr(close + 2);
+  } else {
+    const size_t colon = target.rfind(':');
+    if (colon == std::string::npos || target.find(':') != colon) return false;
+    host = target.substr(0, colon);
+    port = target.substr(colon + 1);
+  }
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return false;
+  bool accepted = false;
+  for (addrinfo* a = found; a != nullptr && !accepted; a = a->ai_next) {
+    const int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                          a->ai_protocol);
+    if (fd < 0) continue;
+    if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+      accepted = true;
+    } else if (errno == EINPROGRESS) {
+      pollfd pfd{fd, POLLOUT, 0};
+      int error = 0;
+      socklen_t len = sizeof(error);
+      accepted = poll(&pfd, 1, timeout_ms) == 1 &&
+                 getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 &&
+                 error == 0;
+    }
+    close(fd);
+  }
+  freeaddrinfo(found);
+  return accepted;
+}
+
 // Connects and waits for the connection, so that an unreachable server is
 // reported as such (exit 3) before any work. Builds the channel here rather
 // than with Client::Connect to tune reconnection: after a server restart a
@@ -258,6 +306,20 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectToServer(const ParsedArgs& p) {
     // the timeout would only delay the answer.
     if (state == GRPC_CHANNEL_TRANSIENT_FAILURE ||
         state == GRPC_CHANNEL_SHUTDOWN) {
+      // Something listens there: it refused the handshake. That is a TLS
+      // mismatch (exit 1, saying so), not an unreachable server (exit 3).
+      if (AcceptsTcp(target, 2000)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "TLS: the server at ", target,
+            " accepted the connection but refused the handshake: ",
+            tls ? "check that --tls_ca is the CA of its certificate, and "
+                  "pass --tls_cert and --tls_key if it requires client "
+                  "certificates (mutual TLS); or it does not use TLS (drop "
+                  "the --tls_ options)"
+                : "it speaks TLS; pass --tls_ca (the CA of its certificate), "
+                  "and --tls_cert and --tls_key if it requires client "
+                  "certificates"));
+      }
       return UnreachableError(absl::StrCat(
           "cannot reach the server at ", target,
           tls ? ": the connection or the TLS handshake failed (is "

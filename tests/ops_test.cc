@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -318,6 +319,23 @@ TEST_F(OpsTest, TlsWithAndWithoutClientCertificates) {
          "--tls_client_ca=" + dir_ + "/ca.pem"});
   auto no_cert = *client::Client::Connect(server_->address(), tls);
   EXPECT_FALSE(no_cert->ListModels().ok());
+  // The command line says it is TLS (exit 1), not "cannot be reached" (3):
+  // plaintext against a TLS server, and no client certificate under mTLS.
+  const std::string cli = absl::StrCat(ZEROQ_CLI, " --server ", server_->address(),
+                                       " --connect_timeout 5 ");
+  auto run = [](const std::string& cmd, std::string* out) {
+    FILE* f = popen((cmd + " models 2>&1").c_str(), "r");
+    char buf[512];
+    while (f != nullptr && fgets(buf, sizeof(buf), f) != nullptr) *out += buf;
+    const int status = f == nullptr ? -1 : pclose(f);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  std::string plain_out, no_cert_out;
+  EXPECT_EQ(run(cli, &plain_out), 1) << plain_out;
+  EXPECT_THAT(plain_out, HasSubstr("TLS: the server at"));
+  EXPECT_THAT(plain_out, HasSubstr("pass --tls_ca"));
+  EXPECT_EQ(run(cli + "--tls_ca " + dir_ + "/ca.pem", &no_cert_out), 1) << no_cert_out;
+  EXPECT_THAT(no_cert_out, HasSubstr("client certificates"));
   client::ClientOptions mutual = tls;
   mutual.tls_cert_file = dir_ + "/client.pem";
   mutual.tls_key_file = dir_ + "/client.key";
