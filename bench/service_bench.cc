@@ -217,8 +217,15 @@ int main(int argc, char** argv) {
         });
     // Cancel -> CANCELLED: the worker has exited and the slot is free.
     auto c0 = std::chrono::steady_clock::now();
-    (void)client->CancelJob(job->id());
-    client->WatchJob(job->id(), 0, nullptr);
+    absl::StatusOr<v1::Job> cancel = client->CancelJob(job->id());
+    absl::StatusOr<v1::Job> ended = client->WatchJob(job->id(), 0, nullptr);
+    if (!cancel.ok() || !ended.ok() || ended->state() != v1::JOB_CANCELLED) {
+      std::fprintf(stderr, "service_bench: cancel did not end the job: %s %s\n",
+                   cancel.status().ToString().c_str(),
+                   ended.ok() ? v1::JobState_Name(ended->state()).c_str()
+                              : ended.status().ToString().c_str());
+      return 1;
+    }
     to_cancelled.push_back(Seconds(std::chrono::steady_clock::now() - c0) *
                            1e3);
   }

@@ -560,21 +560,22 @@ TEST_F(ServiceTest, LateAndReconnectingWatchersMissNothing) {
   std::vector<int64_t> first, second;
   std::thread t([&] {
     auto c = server_->NewClient();
-    c->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+    absl::StatusOr<v1::Job> end = c->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
       if (e.type() != v1::EVENT_HEARTBEAT) first.push_back(e.seq());
       return true;
     });
+    EXPECT_TRUE(end.ok()) << end.status();
   });
   int64_t cursor = 0;
-  client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-    second.push_back(e.seq());
-    cursor = e.seq();
-    return second.size() < 5;
-  });
-  client_->WatchJob(job->id(), cursor, [&](const v1::JobEvent& e) {
-    if (e.type() != v1::EVENT_HEARTBEAT) second.push_back(e.seq());
-    return true;
-  });
+  ASSERT_TRUE(client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+                        second.push_back(e.seq());
+                        cursor = e.seq();
+                        return second.size() < 5;
+                      }).ok());
+  ASSERT_TRUE(client_->WatchJob(job->id(), cursor, [&](const v1::JobEvent& e) {
+                        if (e.type() != v1::EVENT_HEARTBEAT) second.push_back(e.seq());
+                        return true;
+                      }).ok());
   t.join();
   v1::Job done = *client_->GetJob(job->id());
   ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED) << done.error().message();
@@ -583,10 +584,10 @@ TEST_F(ServiceTest, LateAndReconnectingWatchersMissNothing) {
   // A watcher after the end gets the whole stored history, sensitivity and
   // Pareto events included.
   std::vector<v1::JobEvent> late;
-  client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
-    late.push_back(e);
-    return true;
-  });
+  ASSERT_TRUE(client_->WatchJob(job->id(), 0, [&](const v1::JobEvent& e) {
+                        late.push_back(e);
+                        return true;
+                      }).ok());
   ASSERT_EQ(static_cast<int64_t>(late.size()), done.last_seq());
   int sensitivity = 0, pareto = 0;
   for (const auto& e : late) {
@@ -598,10 +599,11 @@ TEST_F(ServiceTest, LateAndReconnectingWatchersMissNothing) {
   EXPECT_GT(done.result().frontier_size(), 0);
   // Resuming from the middle gets exactly the rest.
   std::vector<int64_t> rest;
-  client_->WatchJob(job->id(), done.last_seq() - 3, [&](const v1::JobEvent& e) {
-    rest.push_back(e.seq());
-    return true;
-  });
+  ASSERT_TRUE(client_->WatchJob(job->id(), done.last_seq() - 3,
+                                [&](const v1::JobEvent& e) {
+                                  rest.push_back(e.seq());
+                                  return true;
+                                }).ok());
   EXPECT_EQ(rest, (std::vector<int64_t>{done.last_seq() - 2,
                                         done.last_seq() - 1, done.last_seq()}));
 }
@@ -724,7 +726,7 @@ TEST_F(ServiceTest, ListJobsPagesAndFilters) {
     v1::SubmitJobRequest r = QuickJob(model.id(), 100000);
     ids.push_back(client_->SubmitJob(r)->id());
   }
-  for (const auto& id : ids) client_->CancelJob(id);
+  for (const auto& id : ids) ASSERT_TRUE(client_->CancelJob(id).ok()) << id;
   for (const auto& id : ids) WaitFor(id, Finished);
   std::set<std::string> seen;
   std::string token;
