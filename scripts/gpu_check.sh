@@ -45,8 +45,9 @@ import json, sys, torch
 out = sys.argv[1]
 def job(device):
     last = [json.loads(l) for l in open(f"{out}/{device}.jsonl") if l.strip()][-1]
-    assert last["state"] == "SUCCEEDED", last
-    return {s["stage"]: s["seconds"] for s in last["result"]["stageSeconds"]}
+    assert last["state"] == "JOB_SUCCEEDED", last
+    return {s["stage"].removeprefix("STAGE_"): s["seconds"]
+            for s in last["result"]["stageSeconds"]}
 cuda, cpu = job("cuda"), job("cpu")
 print(f"{'stage':<12}{'cuda:0 (s)':>12}{'cpu (s)':>12}{'cpu/cuda':>10}")
 for stage in cpu:
