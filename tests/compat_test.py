@@ -63,6 +63,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAKE_MODELS = os.path.join(HERE, "..", "scripts", "make_compat_models.py")
+sys.path.insert(0, os.path.dirname(MAKE_MODELS))
+from make_compat_models import tensors_of  # noqa: E402  (the same flattening)
 # The bound on the quantized model's cosine deficit (1 - cosine) against the
 # W8 baseline's, per input set: (K, FLOOR, CAP).
 BOUNDS = {"distilled": (10.0, 2e-4, 0.5), "random": (100.0, 5e-3, 0.5)}
@@ -109,17 +111,6 @@ def structure(y):
     if isinstance(y, (tuple, list)):
         return (type(y).__name__, tuple(structure(v) for v in y))
     return (type(y).__name__,)
-
-
-def tensors_of(y):
-    """Every output tensor, in a fixed order (dicts by key); None skipped."""
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, dict):
-        return [t for k in sorted(y) for t in tensors_of(y[k])]
-    if isinstance(y, (tuple, list)):
-        return [t for v in y for t in tensors_of(v)]
-    return []
 
 
 def cosine(ref, out):

@@ -142,6 +142,22 @@ class OpsTest : public ::testing::Test {
                    const std::string& file = "fashion_cnn.pt") {
     return testing::UploadReady(c, file);
   }
+  // On a server with one CPU slot: a long job holding the slot, and a job
+  // queued behind it (quiet: nothing happens to it until the slot frees).
+  // Returns false (with a test failure) if either was refused.
+  bool BusyAndQuiet(client::Client* c, v1::Job* busy, v1::Job* quiet) {
+    v1::Model model = Upload(c);
+    absl::StatusOr<v1::Job> b = c->SubmitJob(QuickJob(model.id(), 100000));
+    EXPECT_TRUE(b.ok()) << b.status();
+    if (!b.ok()) return false;
+    WaitFor(c, b->id(), [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+    absl::StatusOr<v1::Job> q = c->SubmitJob(QuickJob(model.id()));
+    EXPECT_TRUE(q.ok()) << q.status();
+    if (!q.ok()) return false;
+    *busy = *b;
+    *quiet = *q;
+    return true;
+  }
 
   std::string dir_;
   std::unique_ptr<ServerProcess> server_;
@@ -410,13 +426,8 @@ TEST_F(OpsTest, QuietWatchersGetHeartbeatsAndAreCounted) {
   Start({"--metrics_listen=127.0.0.1:" + std::to_string(port),
          "--devices=cpu:1", "--heartbeat_interval=200ms"});
   auto c = server_->NewClient();
-  v1::Model model = Upload(c.get());
-  absl::StatusOr<v1::Job> busy = c->SubmitJob(QuickJob(model.id(), 100000));
-  ASSERT_TRUE(busy.ok()) << busy.status();
-  WaitFor(c.get(), busy->id(),
-          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
-  absl::StatusOr<v1::Job> quiet = c->SubmitJob(QuickJob(model.id()));
-  ASSERT_TRUE(quiet.ok()) << quiet.status();  // queued behind `busy`: quiet
+  v1::Job busy, quiet;
+  ASSERT_TRUE(BusyAndQuiet(c.get(), &busy, &quiet));
   constexpr int kWatchers = 3;
   std::atomic<int> heartbeats[kWatchers] = {};
   std::vector<std::thread> watchers;
@@ -424,7 +435,7 @@ TEST_F(OpsTest, QuietWatchersGetHeartbeatsAndAreCounted) {
     watchers.emplace_back([&, i] {
       auto w = server_->NewClient();
       absl::StatusOr<v1::Job> end =
-          w->WatchJob(quiet->id(), 0, [&](const v1::JobEvent& e) {
+          w->WatchJob(quiet.id(), 0, [&](const v1::JobEvent& e) {
             if (e.type() == v1::EVENT_HEARTBEAT) ++heartbeats[i];
             return heartbeats[i] < 3;  // stop after the third
           });
@@ -439,8 +450,8 @@ TEST_F(OpsTest, QuietWatchersGetHeartbeatsAndAreCounted) {
   // Three heartbeats at 200 ms each: well under 5 s even on a busy machine.
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   for (int i = 0; i < kWatchers; ++i) EXPECT_EQ(heartbeats[i], 3) << i;
-  ASSERT_TRUE(c->CancelJob(busy->id()).ok());
-  ASSERT_TRUE(c->CancelJob(quiet->id()).ok());
+  ASSERT_TRUE(c->CancelJob(busy.id()).ok());
+  ASSERT_TRUE(c->CancelJob(quiet.id()).ok());
   // The gauge follows the streams down (the sweep runs every 50 ms here).
   double open = -1;
   for (int i = 0; i < 100 && open != 0; ++i) {
@@ -520,23 +531,18 @@ TEST_F(OpsTest, ShutdownIsPromptAndTellsWatchersWhereToResume) {
   Start({"--metrics_listen=127.0.0.1:" + std::to_string(port), "--devices=cpu:1",
          "--shutdown_grace=0s"});
   auto c = server_->NewClient();
-  v1::Model model = Upload(c.get());
-  absl::StatusOr<v1::Job> busy = c->SubmitJob(QuickJob(model.id(), 100000));
-  ASSERT_TRUE(busy.ok()) << busy.status();
-  WaitFor(c.get(), busy->id(),
-          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
-  absl::StatusOr<v1::Job> quiet = c->SubmitJob(QuickJob(model.id()));
-  ASSERT_TRUE(quiet.ok()) << quiet.status();
+  v1::Job busy, quiet;
+  ASSERT_TRUE(BusyAndQuiet(c.get(), &busy, &quiet));
   // An idle connected channel besides the watchers'.
   auto idle = server_->NewClient();
-  ASSERT_TRUE(idle->GetJob(quiet->id()).ok());
+  ASSERT_TRUE(idle->GetJob(quiet.id()).ok());
   constexpr int kWatchers = 4;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
   std::vector<std::unique_ptr<grpc::ClientReader<v1::JobEvent>>> streams;
   for (int i = 0; i < kWatchers; ++i) {
     contexts.push_back(std::make_unique<grpc::ClientContext>());
     v1::WatchJobRequest req;
-    req.set_job_id(quiet->id());
+    req.set_job_id(quiet.id());
     streams.push_back(c->stub()->WatchJob(contexts.back().get(), req));
     v1::JobEvent e;
     ASSERT_TRUE(streams.back()->Read(&e));  // QUEUED, seq 1
@@ -562,10 +568,10 @@ TEST_F(OpsTest, ShutdownIsPromptAndTellsWatchersWhereToResume) {
   // Nothing was lost: both jobs are queued again at the next start.
   ASSERT_TRUE(server_->Start());
   auto after = server_->NewClient();
-  EXPECT_NE(after->GetJob(busy->id())->state(), v1::JOB_FAILED);
-  EXPECT_NE(after->GetJob(quiet->id())->state(), v1::JOB_FAILED);
-  ASSERT_TRUE(after->CancelJob(busy->id()).ok());
-  ASSERT_TRUE(after->CancelJob(quiet->id()).ok());
+  EXPECT_NE(after->GetJob(busy.id())->state(), v1::JOB_FAILED);
+  EXPECT_NE(after->GetJob(quiet.id())->state(), v1::JOB_FAILED);
+  ASSERT_TRUE(after->CancelJob(busy.id()).ok());
+  ASSERT_TRUE(after->CancelJob(quiet.id()).ok());
 }
 
 TEST_F(OpsTest, GracefulShutdownDrainsAndLosesNothing) {
