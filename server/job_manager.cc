@@ -646,7 +646,6 @@ void JobManager::OnWorkerExit(const std::string& job_id,
                          : store_status);
         return;
       }
-      EndAttempt(rt->job, "succeeded");
       *rt->job.mutable_result() = *std::move(outcome.result);
       for (const v1::Artifact& a : rt->job.result().artifacts()) {
         AddStoredBytesLocked(rt->job.tenant(), a.size_bytes());
@@ -657,21 +656,17 @@ void JobManager::OnWorkerExit(const std::string& job_id,
       if (rt->cancel_requested &&
           outcome.error.code() ==
               static_cast<int>(absl::StatusCode::kCancelled)) {
-        EndAttempt(rt->job, "cancelled");
         FinishLocked(rt, v1::JOB_CANCELLED,
                      absl::CancelledError("cancelled by the client"));
         return;
       }
       // The job itself failed (the model, its config): final, no retry.
-      EndAttempt(rt->job, "failed",
-                 redactor_.ForTenant(outcome.error.message()));
       FinishLocked(
           rt, v1::JOB_FAILED,
           absl::Status(static_cast<absl::StatusCode>(outcome.error.code()),
                        outcome.error.message()));
       return;
     case Kind::kCancelled:
-      EndAttempt(rt->job, "cancelled");
       FinishLocked(rt, v1::JOB_CANCELLED,
                    absl::CancelledError("cancelled by the client"));
       return;
@@ -813,6 +808,13 @@ void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt,
   job.set_state(state);
   SetNow(job.mutable_end_time());
   const std::string tenant_error = redactor_.ForTenant(error.message());
+  // Closes the attempt unless its outcome was already recorded (crashed,
+  // timed out, ...).
+  EndAttempt(job,
+             state == v1::JOB_SUCCEEDED   ? "succeeded"
+             : state == v1::JOB_CANCELLED ? "cancelled"
+                                          : "failed",
+             tenant_error);
   if (!error.ok()) {
     job.mutable_error()->set_code(static_cast<int>(error.code()));
     job.mutable_error()->set_message(tenant_error);
