@@ -185,9 +185,10 @@ absl::StatusOr<v1::Job> Client::GetJob(const std::string& id) {
 
 absl::StatusOr<v1::ListJobsResponse> Client::ListJobs(
     v1::JobState state, const std::string& model_id, int page_size,
-    const std::string& token) {
+    const std::string& token, v1::JobView view) {
   auto ctx = NewContext();
   v1::ListJobsRequest req;
+  req.set_view(view);
   req.set_state(state);
   req.set_model_id(model_id);
   req.set_page_size(page_size);

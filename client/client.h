@@ -73,7 +73,8 @@ class Client {
   absl::StatusOr<v1::ListJobsResponse> ListJobs(
       v1::JobState state = v1::JOB_STATE_UNSPECIFIED,
       const std::string& model_id = "", int page_size = 0,
-      const std::string& page_token = "");
+      const std::string& page_token = "",
+      v1::JobView view = v1::JOB_VIEW_SUMMARY);
   absl::StatusOr<v1::Job> CancelJob(const std::string& id);
 
   // Calls on_event for each event with seq > after_seq (heartbeats too) until

@@ -118,7 +118,9 @@ std::vector<CommandSpec> Commands() {
                {{"state", "STATE",
                  "only jobs in this state: queued, running,\n"
                  "succeeded, failed, cancelled"},
-                {"model", "MODEL_ID", "only this model's jobs"}},
+                {"model", "MODEL_ID", "only this model's jobs"},
+                {"full", "", "whole results (per-layer tables, frontiers)\n"
+                             "with --json; the default is a summary"}},
                0,
                0});
   c.push_back({"get",
@@ -494,7 +496,9 @@ class Cli {
     do {
       ZQ_ASSIGN_OR_RETURN(
           v1::ListJobsResponse page,
-          client_->ListJobs(state, p_.Get("model"), 500, token));
+          client_->ListJobs(state, p_.Get("model"), 500, token,
+                            p_.GetBool("full") ? v1::JOB_VIEW_FULL
+                                               : v1::JOB_VIEW_SUMMARY));
       for (v1::Job& j : *page.mutable_jobs()) all.push_back(std::move(j));
       token = page.next_page_token();
     } while (!token.empty());

@@ -436,11 +436,25 @@ grpc::ServerUnaryReactor* ZeroQService::ListJobs(
     grpc::CallbackServerContext* context, const v1::ListJobsRequest* request,
     v1::ListJobsResponse* response) {
   ZQ_TENANT_OR_FINISH(tenant, context);
+  if (!v1::JobView_IsValid(request->view())) {
+    return Done(context, absl::InvalidArgumentError(absl::StrCat(
+                             "view: ", request->view(), " is not a JobView")));
+  }
   absl::StatusOr<Page<v1::Job>> page =
       manager_->ListJobs(tenant, request->state(), request->model_id(),
                          request->page_size(), request->page_token());
   if (page.ok()) {
-    for (v1::Job& j : page->items) *response->add_jobs() = std::move(j);
+    const bool full = request->view() == v1::JOB_VIEW_FULL;
+    for (v1::Job& j : page->items) {
+      if (!full) {
+        v1::JobResult* r = j.mutable_result();
+        r->clear_layers();
+        r->clear_activations();
+        r->clear_frontier();
+        r->mutable_chosen()->clear_bits();
+      }
+      *response->add_jobs() = std::move(j);
+    }
     response->set_next_page_token(page->next_page_token);
   }
   return Done(context, page.status());

@@ -742,6 +742,37 @@ TEST_F(ServiceTest, ListJobsPagesAndFilters) {
   EXPECT_EQ(seen, std::set<std::string>(ids.begin(), ids.end()));
   EXPECT_EQ(pages, 3);
   EXPECT_EQ(client_->ListJobs(v1::JOB_SUCCEEDED)->jobs_size(), 0);
+
+  // A token stays valid while jobs are added: the next page is what came
+  // after the last job returned, not an offset that new jobs would shift.
+  absl::StatusOr<v1::ListJobsResponse> first =
+      client_->ListJobs(v1::JOB_STATE_UNSPECIFIED, "", 2, "");
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<v1::Job> newer = client_->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(newer.ok()) << newer.status();
+  absl::StatusOr<v1::ListJobsResponse> second = client_->ListJobs(
+      v1::JOB_STATE_UNSPECIFIED, "", 2, first->next_page_token());
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->jobs_size(), 2);
+  EXPECT_EQ(second->jobs(0).id(), ids[2]);  // newest first: 4, 3 | 2, 1
+  EXPECT_EQ(second->jobs(1).id(), ids[1]);
+
+  // Results: a summary by default, the whole job on request.
+  v1::Job done = WaitFor(newer->id(), Finished);
+  ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED) << done.error().message();
+  ASSERT_GT(done.result().layers_size(), 0);
+  absl::StatusOr<v1::ListJobsResponse> summary =
+      client_->ListJobs(v1::JOB_SUCCEEDED, "", 10, "");
+  ASSERT_TRUE(summary.ok() && summary->jobs_size() == 1);
+  const v1::Job& brief = summary->jobs(0);
+  EXPECT_EQ(brief.result().layers_size(), 0);
+  EXPECT_EQ(brief.result().frontier_size(), 0);
+  EXPECT_EQ(brief.result().weight_bytes(), done.result().weight_bytes());
+  EXPECT_EQ(brief.result().artifacts_size(), done.result().artifacts_size());
+  absl::StatusOr<v1::ListJobsResponse> full =
+      client_->ListJobs(v1::JOB_SUCCEEDED, "", 10, "", v1::JOB_VIEW_FULL);
+  ASSERT_TRUE(full.ok() && full->jobs_size() == 1);
+  EXPECT_EQ(full->jobs(0).SerializeAsString(), done.SerializeAsString());
 }
 
 TEST_F(ServiceTest, GracefulStopRequeuesTheRunningJob) {
