@@ -851,13 +851,19 @@ void JobManager::FinishLocked(const std::shared_ptr<JobRuntime>& rt,
 // ---------------------------------------------------------------- quotas
 
 absl::Status JobManager::CheckUploadQuota(const std::string& tenant,
-                                          int64_t size_bytes) {
+                                          const v1::ModelMetadata& metadata) {
+  const int64_t size_bytes = metadata.size_bytes();
   const Quotas* quotas = QuotasOf(tenant);
   if (quotas == nullptr) return absl::OkStatus();
   if (quotas->model_bytes > 0 && size_bytes > quotas->model_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "quota model_bytes: the model is ", size_bytes, " bytes, tenant ",
         tenant, "'s limit is ", quotas->model_bytes, " bytes per model"));
+  }
+  if (quotas->stored_bytes > 0 &&
+      store_->GetModel(ModelId(tenant, metadata.sha256(), metadata.input_shape()))
+          .ok()) {
+    return absl::OkStatus();  // a re-upload: deduplicated, nothing stored
   }
   absl::MutexLock lock(&mu_);
   int64_t held = stored_bytes_[tenant];

@@ -96,9 +96,11 @@ class JobManager {
 
   // ---- quotas
   // Before an upload's bytes are received: RESOURCE_EXHAUSTED naming the
-  // quota and the limit when `size_bytes` is over the tenant's model_bytes
-  // or would take it over stored_bytes.
-  absl::Status CheckUploadQuota(const std::string& tenant, int64_t size_bytes);
+  // quota and the limit when the model is over the tenant's model_bytes or
+  // would take it over stored_bytes. A model the tenant already has (same
+  // bytes and input shape) stores nothing new and passes stored_bytes.
+  absl::Status CheckUploadQuota(const std::string& tenant,
+                                const v1::ModelMetadata& metadata);
 
   // ---- models
   // After an upload's bytes are committed to the blob store: the existing

@@ -49,7 +49,7 @@ class UploadReactor : public grpc::ServerReadReactor<v1::UploadModelRequest> {
         response_(response),
         upload_(manager->blobs(), manager->options().max_model_bytes,
                 [this](const v1::ModelMetadata& m) {
-                  return manager_->CheckUploadQuota(tenant_, m.size_bytes());
+                  return manager_->CheckUploadQuota(tenant_, m);
                 }) {
     StartRead(&request_);
   }

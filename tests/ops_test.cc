@@ -257,6 +257,13 @@ TEST_F(OpsTest, QuotasAreResourceExhaustedNamingQuotaAndLimit) {
           .status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("stored_bytes"));
+  // Re-uploading the same model near the limit stores nothing new: accepted
+  // (it was once refused).
+  absl::StatusOr<v1::Model> again =
+      a->UploadModel(ModelPath("fashion_cnn.pt"), "again", {1, 28, 28});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->id(), model.id());
+  EXPECT_TRUE(again->deduplicated());
   // running_jobs 1 and queued_jobs 1: one runs, one waits, a third is refused.
   absl::StatusOr<v1::Job> j1 = a->SubmitJob(QuickJob(model.id(), 100000));
   ASSERT_TRUE(j1.ok());
