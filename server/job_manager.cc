@@ -30,7 +30,6 @@ struct JobManager::JobRuntime {
   std::optional<Slot> slot;
   std::unique_ptr<WorkerProcess> worker;
   bool exited = false;            // the worker's on_exit ran
-  bool cancel_requested = false;  // by the client
   bool stop_requested = false;    // by Stop(): re-queue, not cancel
   int64_t queue_order = 0;
   absl::Time enqueued_at;
@@ -491,7 +490,7 @@ void JobManager::SchedulerLoop() {
         continue;
       }
       rt->worker = *std::move(worker);
-      if (rt->cancel_requested || rt->stop_requested) rt->worker->Cancel();
+      if (rt->job.cancel_requested() || rt->stop_requested) rt->worker->Cancel();
     }
   }
 }
@@ -653,7 +652,7 @@ void JobManager::OnWorkerExit(const std::string& job_id,
       FinishLocked(rt, v1::JOB_SUCCEEDED, absl::OkStatus());
       return;
     case Kind::kFailed:
-      if (rt->cancel_requested &&
+      if (rt->job.cancel_requested() &&
           outcome.error.code() ==
               static_cast<int>(absl::StatusCode::kCancelled)) {
         FinishLocked(rt, v1::JOB_CANCELLED,
@@ -695,7 +694,7 @@ void JobManager::OnWorkerExit(const std::string& job_id,
       }
       EndAttempt(rt->job, "crashed", redactor_.ForTenant(message));
       rt->job.set_worker_crashes(rt->job.worker_crashes() + 1);
-      if (rt->cancel_requested) {
+      if (rt->job.cancel_requested()) {
         FinishLocked(rt, v1::JOB_CANCELLED,
                      absl::CancelledError("cancelled by the client"));
         return;
@@ -1113,8 +1112,7 @@ absl::StatusOr<v1::Job> JobManager::CancelJob(const std::string& tenant,
             absl::CancelledError("cancelled by the client before it started"));
         return rt->job;
       }
-      if (!rt->cancel_requested) {
-        rt->cancel_requested = true;
+      if (!rt->job.cancel_requested()) {
         rt->job.set_cancel_requested(true);  // stored with the event below
         v1::JobEvent e;
         e.set_type(v1::EVENT_MESSAGE);
