@@ -16,6 +16,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "proto/config_check.h"
 
 namespace zeroq::client {
 
@@ -368,8 +369,7 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     if (p.Get("budget").empty()) return UsageError("--budget: empty");
     c->set_budget(p.Get("budget"));
   }
-  // Ranges the server enforces too; checking them here makes a typo a usage
-  // error before anything is uploaded.
+  // Numbers parse here; their ranges are checked below, as the server does.
   auto int_flag = [&](const char* name, int64_t lo, int64_t hi,
                       auto set) -> absl::Status {
     if (!p.Has(name)) return absl::OkStatus();
@@ -419,6 +419,11 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     c->set_sensitivity_from_job(p.Get("sensitivity_from"));
   }
   r.set_request_id(p.Get("request_id"));
+  // The server's own check of the ranges: a bad value is a usage error here,
+  // before anything is sent.
+  if (absl::Status check = ValidateQuantizationConfig(*c); !check.ok()) {
+    return UsageError(check.message());
+  }
   return r;
 }
 

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/config_limits.h"
 #include "common/status_macros.h"
 #include "core/graph_util.h"
 #include "core/torch_status.h"
@@ -48,26 +49,6 @@ class PlateauScheduler {
   int bad_steps_ = 0;
 };
 
-absl::Status ValidateOptions(const DistillOptions& o) {
-  auto bad = [](absl::string_view field, auto value, absl::string_view want) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "distillation option ", field, " = ", value, ": must be ", want));
-  };
-  if (o.batch_size < 1 || o.batch_size > 4096)
-    return bad("batch_size", o.batch_size, "1..4096");
-  if (o.num_batches < 1 || o.num_batches > 1024)
-    return bad("num_batches", o.num_batches, "1..1024");
-  if (o.iterations < 0 || o.iterations > 100000)
-    return bad("iterations", o.iterations, "0..100000");
-  if (!(o.lr > 0) || !std::isfinite(o.lr)) return bad("lr", o.lr, "> 0");
-  if (!(o.plateau_factor > 0 && o.plateau_factor < 1))
-    return bad("plateau_factor", o.plateau_factor, "in (0, 1)");
-  if (o.plateau_patience < 0)
-    return bad("plateau_patience", o.plateau_patience, ">= 0");
-  if (!(o.min_lr >= 0)) return bad("min_lr", o.min_lr, ">= 0");
-  if (!(o.eps > 0)) return bad("eps", o.eps, "> 0");
-  return absl::OkStatus();
-}
 
 // Statistics term for one value against per-channel targets, differentiable
 // (for Loss(); LossAndBackward() computes the same value and its gradient in
@@ -95,6 +76,27 @@ torch::Tensor StatsTerm(const torch::Tensor& v, const torch::Tensor& mu,
 
 }  // namespace
 
+absl::Status ValidateDistillOptions(const DistillOptions& o) {
+  auto bad = [](absl::string_view field, auto value, absl::string_view want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "distillation option ", field, " = ", value, ": must be ", want));
+  };
+  if (!kBatchSize.Contains(o.batch_size))
+    return bad("batch_size", o.batch_size, kBatchSize.Describe());
+  if (!kNumBatches.Contains(o.num_batches))
+    return bad("num_batches", o.num_batches, kNumBatches.Describe());
+  if (!kIterations.Contains(o.iterations))
+    return bad("iterations", o.iterations, kIterations.Describe());
+  if (!LrOk(o.lr)) return bad("lr", o.lr, kLrRange);
+  if (!(o.plateau_factor > 0 && o.plateau_factor < 1))
+    return bad("plateau_factor", o.plateau_factor, "in (0, 1)");
+  if (o.plateau_patience < 0)
+    return bad("plateau_patience", o.plateau_patience, ">= 0");
+  if (!(o.min_lr >= 0)) return bad("min_lr", o.min_lr, ">= 0");
+  if (!(o.eps > 0)) return bad("eps", o.eps, "> 0");
+  return absl::OkStatus();
+}
+
 struct BnStatisticsLoss::Impl {
   Impl(std::shared_ptr<torch::jit::Graph> g, c10::IValue self)
       : probe(std::move(g), std::move(self)) {}
@@ -116,7 +118,7 @@ BnStatisticsLoss::~BnStatisticsLoss() = default;
 
 absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> BnStatisticsLoss::Create(
     const Model& model, const DistillOptions& options) {
-  ZQ_RETURN_IF_ERROR(ValidateOptions(options));
+  ZQ_RETURN_IF_ERROR(ValidateDistillOptions(options));
   return CallTorch(
       "building the BatchNorm statistics probe",
       [&] {
@@ -301,7 +303,7 @@ absl::StatusOr<DistilledData> Distill(const Model& model,
                                       const DistillOptions& options,
                                       const DistillProgressFn& progress,
                                       const CancellationToken* cancel) {
-  ZQ_RETURN_IF_ERROR(ValidateOptions(options));
+  ZQ_RETURN_IF_ERROR(ValidateDistillOptions(options));
   std::vector<int64_t> shape = {options.batch_size};
   shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
   ZQ_RETURN_IF_ERROR(model.CheckInputShape(shape));

@@ -46,6 +46,10 @@ struct DistilledData {
   std::vector<double> final_loss;      // per batch, after the last step
 };
 
+// INVALID_ARGUMENT naming the option when one is out of its range (the
+// ranges of common/config_limits.h, which SubmitJob checks too).
+absl::Status ValidateDistillOptions(const DistillOptions& options);
+
 // `sample_shape` is one input without the batch dimension, e.g. {1, 28, 28}.
 // INVALID_ARGUMENT for bad options or a shape the model rejects; CANCELLED if
 // the token fires (checked every iteration).

@@ -8,6 +8,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "common/config_limits.h"
 #include "common/status_macros.h"
 #include "core/graph_util.h"
 #include "core/outputs.h"
@@ -62,9 +63,9 @@ void InsertFakeQuant(torch::jit::Graph& g, Value* v, bool all_uses,
 absl::Status ValidateQuantOptions(const Model& model,
                                   const QuantOptions& options) {
   auto check_weight = [](int bits, absl::string_view what) -> absl::Status {
-    if (bits == 0 || (bits >= 2 && bits <= 8)) return absl::OkStatus();
+    if (kWeightBits.Contains(bits)) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(
-        what, " = ", bits, ": weight widths are 2..8 bits, or 0 for float"));
+        what, " = ", bits, ": weight widths are ", kWeightBits.Describe()));
   };
   ZQ_RETURN_IF_ERROR(check_weight(options.weight_bits, "weight_bits"));
   for (const auto& [name, bits] : options.layer_bits) {
@@ -78,14 +79,12 @@ absl::Status ValidateQuantOptions(const Model& model,
     ZQ_RETURN_IF_ERROR(
         check_weight(bits, absl::StrCat("layer_bits[", name, "]")));
   }
-  if (options.activation_bits != 0 &&
-      (options.activation_bits < 2 || options.activation_bits > 16)) {
+  if (!kActivationBits.Contains(options.activation_bits)) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation_bits = ", options.activation_bits,
-                     ": activation widths are 2..16 bits, or 0 for float"));
+                     ": activation widths are ", kActivationBits.Describe()));
   }
-  if (!(options.activation_percentile > 50.0 &&
-        options.activation_percentile <= 100.0)) {
+  if (!PercentileOk(options.activation_percentile)) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation_percentile = ", options.activation_percentile,
                      ": must be in (50, 100]"));

@@ -595,7 +595,7 @@ TEST(Worker, InvalidConfigNamesTheField) {
   WorkerOutcome o = rec.Outcome();
   ASSERT_EQ(o.kind, Kind::kFailed) << Describe(o);
   EXPECT_EQ(o.error.code(), 3);
-  EXPECT_EQ(o.error.message(), "config.weight_bits: 9 is outside 2..8");
+  EXPECT_EQ(o.error.message(), "config.weight_bits: 9 is outside 0 (float) or 2..8");
 
   Recorder rec2;
   launch = RunLaunch(dir.path(), 20);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "core/pareto.h"
+#include "proto/config_check.h"
 #include "server/sha256.h"
 
 namespace zeroq::server {
@@ -94,66 +95,7 @@ absl::Status ValidateSubmitJob(const v1::SubmitJobRequest& r) {
     return Invalid("time_limit_seconds",
                    "must be >= 0 (0: the server's default)");
   }
-  const v1::QuantizationConfig& c = r.config();
-  if (c.has_weight_bits())
-    ZQ_RETURN_IF_ERROR(CheckBits("config.weight_bits", c.weight_bits(), 8));
-  if (c.has_activation_bits()) {
-    ZQ_RETURN_IF_ERROR(
-        CheckBits("config.activation_bits", c.activation_bits(), 16));
-  }
-  for (const auto& [name, bits] : c.layer_bits()) {
-    if (name.empty()) return Invalid("config.layer_bits", "empty layer name");
-    ZQ_RETURN_IF_ERROR(
-        CheckBits(absl::StrCat("config.layer_bits[\"", name, "\"]"), bits, 8));
-  }
-  if (!c.budget().empty()) {
-    absl::StatusOr<core::Budget> b = core::ParseBudget(c.budget());
-    if (!b.ok()) return Invalid("config.budget", b.status().message());
-  }
-  std::set<int> seen;
-  for (int i = 0; i < c.candidate_bits_size(); ++i) {
-    std::string field = absl::StrCat("config.candidate_bits[", i, "]");
-    ZQ_RETURN_IF_ERROR(CheckRange(field, c.candidate_bits(i), 2, 8));
-    if (!seen.insert(c.candidate_bits(i)).second) {
-      return Invalid(field, absl::StrCat(c.candidate_bits(i), " is repeated"));
-    }
-  }
-  if (c.candidate_bits_size() > 0 && c.budget().empty()) {
-    return Invalid("config.candidate_bits",
-                   "only used with a budget (mixed precision)");
-  }
-  if (c.has_activation_percentile() &&
-      !(c.activation_percentile() >= 50 && c.activation_percentile() <= 100)) {
-    return Invalid(
-        "config.activation_percentile",
-        absl::StrFormat("%g is outside 50..100", c.activation_percentile()));
-  }
-  const v1::DistillationConfig& d = c.distillation();
-  if (d.has_batch_size())
-    ZQ_RETURN_IF_ERROR(
-        CheckRange("config.distillation.batch_size", d.batch_size(), 1, 1024));
-  if (d.has_num_batches())
-    ZQ_RETURN_IF_ERROR(
-        CheckRange("config.distillation.num_batches", d.num_batches(), 1, 64));
-  if (d.has_iterations())
-    ZQ_RETURN_IF_ERROR(CheckRange("config.distillation.iterations",
-                                  d.iterations(), 0, 100000));
-  if (d.has_lr() && !(std::isfinite(d.lr()) && d.lr() > 0 && d.lr() <= 100)) {
-    return Invalid("config.distillation.lr",
-                   absl::StrFormat("%g is outside (0, 100]", d.lr()));
-  }
-  if (!v1::CalibrationSource_IsValid(c.calibration())) {
-    return Invalid(
-        "config.calibration",
-        absl::StrCat(c.calibration(), " is not a CalibrationSource"));
-  }
-  if (!c.sensitivity_from_job().empty() && c.budget().empty()) {
-    return Invalid("config.sensitivity_from_job",
-                   "re-planning needs a budget: set config.budget");
-  }
-  if (c.has_threads())
-    ZQ_RETURN_IF_ERROR(CheckRange("config.threads", c.threads(), 1, 256));
-  return absl::OkStatus();
+  return zeroq::ValidateQuantizationConfig(r.config());
 }
 
 absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c,

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <fstream>
 #include <map>
-#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -13,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "proto/config_check.h"
 
 namespace zeroq::worker {
 namespace {
@@ -26,14 +26,6 @@ std::string Basename(const std::string& path) {
 
 absl::Status Invalid(absl::string_view field, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
-}
-
-// An integer field in lo..hi, or 0 where zero_ok.
-absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo,
-                        int64_t hi, bool zero_ok = false) {
-  if ((zero_ok && v == 0) || (v >= lo && v <= hi)) return absl::OkStatus();
-  return Invalid(field, absl::StrCat(v, " is outside ", zero_ok ? "0 or " : "",
-                                     lo, "..", hi));
 }
 
 absl::StatusOr<std::string> ReadWholeFile(absl::string_view field,
@@ -71,42 +63,14 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   spec.output_dir = request.output_dir();
 
   const v1::QuantizationConfig& config = request.config();
+  // The same check SubmitJob ran: the ranges are the core's own.
+  if (absl::Status s = ValidateQuantizationConfig(config); !s.ok()) return s;
   core::QuantOptions& q = spec.quant;
-  if (config.has_weight_bits()) {
-    if (absl::Status s =
-            CheckRange("config.weight_bits", config.weight_bits(), 2, 8);
-        !s.ok()) {
-      return s;
-    }
-    q.weight_bits = config.weight_bits();
-  }
-  if (config.has_activation_bits()) {
-    if (absl::Status s = CheckRange("config.activation_bits",
-                                    config.activation_bits(), 2, 16,
-                                    /*zero_ok=*/true);
-        !s.ok()) {
-      return s;
-    }
-    q.activation_bits = config.activation_bits();
-  }
-  for (const auto& [name, bits] : config.layer_bits()) {
-    const std::string field = absl::StrCat("config.layer_bits[\"", name, "\"]");
-    if (name.empty())
-      return Invalid("config.layer_bits", "a layer name is empty");
-    if (absl::Status s = CheckRange(field, bits, 2, 8, /*zero_ok=*/true);
-        !s.ok()) {
-      return s;
-    }
-    q.layer_bits[name] = bits;
-  }
+  if (config.has_weight_bits()) q.weight_bits = config.weight_bits();
+  if (config.has_activation_bits()) q.activation_bits = config.activation_bits();
+  for (const auto& [name, bits] : config.layer_bits()) q.layer_bits[name] = bits;
   if (config.has_activation_percentile()) {
-    const double p = config.activation_percentile();
-    // The core's range: 50 itself would keep no range at all.
-    if (!(p > 50.0 && p <= 100.0)) {
-      return Invalid("config.activation_percentile",
-                     absl::StrCat(p, " is outside (50, 100]"));
-    }
-    q.activation_percentile = p;
+    q.activation_percentile = config.activation_percentile();
   }
   q.quantize_layer_inputs = config.quantize_layer_inputs();
 
@@ -117,55 +81,17 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
     spec.budget = *budget;
   }
   if (!config.candidate_bits().empty()) {
-    std::set<int> seen;
-    spec.sensitivity.bits.clear();
-    for (int k : config.candidate_bits()) {
-      if (absl::Status s = CheckRange("config.candidate_bits", k, 2, 8);
-          !s.ok()) {
-        return s;
-      }
-      if (!seen.insert(k).second) {
-        return Invalid("config.candidate_bits",
-                       absl::StrCat(k, " is repeated"));
-      }
-      spec.sensitivity.bits.push_back(k);
-    }
+    spec.sensitivity.bits.assign(config.candidate_bits().begin(),
+                                 config.candidate_bits().end());
   }  // else the core's default, {2, 4, 8}
   spec.sensitivity.others_at_8bit = config.sensitivity_others_8bit();
 
   const v1::DistillationConfig& dc = config.distillation();
   core::DistillOptions& d = spec.distill;
-  if (dc.has_batch_size()) {
-    if (absl::Status s = CheckRange("config.distillation.batch_size",
-                                    dc.batch_size(), 1, 4096);
-        !s.ok()) {
-      return s;
-    }
-    d.batch_size = dc.batch_size();
-  }
-  if (dc.has_num_batches()) {
-    if (absl::Status s = CheckRange("config.distillation.num_batches",
-                                    dc.num_batches(), 1, 1024);
-        !s.ok()) {
-      return s;
-    }
-    d.num_batches = dc.num_batches();
-  }
-  if (dc.has_iterations()) {
-    if (absl::Status s = CheckRange("config.distillation.iterations",
-                                    dc.iterations(), 0, 100000);
-        !s.ok()) {
-      return s;
-    }
-    d.iterations = dc.iterations();
-  }
-  if (dc.has_lr()) {
-    if (!(dc.lr() > 0) || !std::isfinite(dc.lr())) {
-      return Invalid("config.distillation.lr",
-                     absl::StrCat(dc.lr(), " is not a positive number"));
-    }
-    d.lr = dc.lr();
-  }
+  if (dc.has_batch_size()) d.batch_size = dc.batch_size();
+  if (dc.has_num_batches()) d.num_batches = dc.num_batches();
+  if (dc.has_iterations()) d.iterations = dc.iterations();
+  if (dc.has_lr()) d.lr = dc.lr();
   if (dc.has_seed()) d.seed = dc.seed();
 
   switch (config.calibration()) {
@@ -214,10 +140,6 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
 
   if (request.threads() < 0) {
     return Invalid("threads", absl::StrCat(request.threads(), " is negative"));
-  }
-  if (config.has_threads() && config.threads() < 0) {
-    return Invalid("config.threads",
-                   absl::StrCat(config.threads(), " is negative"));
   }
   spec.threads = request.threads() > 0  ? request.threads()
                  : config.has_threads() ? config.threads()

@@ -1,0 +1,88 @@
+#include "proto/config_check.h"
+
+#include <cmath>
+#include <set>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/config_limits.h"
+#include "common/status_macros.h"
+#include "core/pareto.h"
+
+namespace zeroq {
+namespace {
+
+absl::Status Invalid(absl::string_view field, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+absl::Status Check(absl::string_view field, int64_t v, const IntLimit& limit) {
+  if (limit.Contains(v)) return absl::OkStatus();
+  return Invalid(field, absl::StrCat(v, " is outside ", limit.Describe()));
+}
+
+}  // namespace
+
+absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
+  if (c.has_weight_bits())
+    ZQ_RETURN_IF_ERROR(Check("config.weight_bits", c.weight_bits(), kWeightBits));
+  if (c.has_activation_bits()) {
+    ZQ_RETURN_IF_ERROR(
+        Check("config.activation_bits", c.activation_bits(), kActivationBits));
+  }
+  for (const auto& [name, bits] : c.layer_bits()) {
+    if (name.empty()) return Invalid("config.layer_bits", "empty layer name");
+    ZQ_RETURN_IF_ERROR(
+        Check(absl::StrCat("config.layer_bits[\"", name, "\"]"), bits, kLayerBits));
+  }
+  if (!c.budget().empty()) {
+    absl::StatusOr<core::Budget> b = core::ParseBudget(c.budget());
+    if (!b.ok()) return Invalid("config.budget", b.status().message());
+  }
+  std::set<int> seen;
+  for (int i = 0; i < c.candidate_bits_size(); ++i) {
+    std::string field = absl::StrCat("config.candidate_bits[", i, "]");
+    ZQ_RETURN_IF_ERROR(Check(field, c.candidate_bits(i), kCandidateBits));
+    if (!seen.insert(c.candidate_bits(i)).second) {
+      return Invalid(field, absl::StrCat(c.candidate_bits(i), " is repeated"));
+    }
+  }
+  if (c.candidate_bits_size() > 0 && c.budget().empty()) {
+    return Invalid("config.candidate_bits",
+                   "only used with a budget (mixed precision)");
+  }
+  if (c.has_activation_percentile() && !PercentileOk(c.activation_percentile())) {
+    return Invalid("config.activation_percentile",
+                   absl::StrFormat("%g is outside %s", c.activation_percentile(),
+                                   kPercentileRange));
+  }
+  const v1::DistillationConfig& d = c.distillation();
+  if (d.has_batch_size())
+    ZQ_RETURN_IF_ERROR(
+        Check("config.distillation.batch_size", d.batch_size(), kBatchSize));
+  if (d.has_num_batches())
+    ZQ_RETURN_IF_ERROR(
+        Check("config.distillation.num_batches", d.num_batches(), kNumBatches));
+  if (d.has_iterations())
+    ZQ_RETURN_IF_ERROR(
+        Check("config.distillation.iterations", d.iterations(), kIterations));
+  if (d.has_lr() && !LrOk(d.lr())) {
+    return Invalid("config.distillation.lr",
+                   absl::StrFormat("%g is outside %s", d.lr(), kLrRange));
+  }
+  if (!v1::CalibrationSource_IsValid(c.calibration())) {
+    return Invalid(
+        "config.calibration",
+        absl::StrCat(c.calibration(), " is not a CalibrationSource"));
+  }
+  if (!c.sensitivity_from_job().empty() && c.budget().empty()) {
+    return Invalid("config.sensitivity_from_job",
+                   "re-planning needs a budget: set config.budget");
+  }
+  if (c.has_threads())
+    ZQ_RETURN_IF_ERROR(Check("config.threads", c.threads(), kThreads));
+  return absl::OkStatus();
+}
+
+}  // namespace zeroq
