@@ -31,14 +31,6 @@ absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo,
   return absl::OkStatus();
 }
 
-// 0 (keep float) or lo..hi.
-absl::Status CheckBits(absl::string_view field, int64_t v, int64_t hi) {
-  if (v != 0 && (v < 2 || v > hi)) {
-    return Invalid(field, absl::StrCat(v, " is not 0 (float) or 2..", hi));
-  }
-  return absl::OkStatus();
-}
-
 std::vector<int> CandidateBits(const v1::QuantizationConfig& config) {
   if (config.candidate_bits().empty()) return {2, 4, 8};
   return {config.candidate_bits().begin(), config.candidate_bits().end()};
