@@ -202,7 +202,10 @@ int main(int argc, char** argv) {
   auto credentials = Credentials();
   if (!credentials.ok()) return Fail(credentials.status());
 
-  const std::string data_dir = absl::GetFlag(FLAGS_data_dir);
+  // Absolute: every path handed to a worker (and so in any message it
+  // reports) then starts with it, which is what keeps them from tenants.
+  const std::string data_dir =
+      fs::absolute(absl::GetFlag(FLAGS_data_dir)).lexically_normal().string();
   std::error_code ec;
   fs::create_directories(data_dir, ec);
   if (ec) {
