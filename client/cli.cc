@@ -16,6 +16,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/config_limits.h"
 #include "proto/config_check.h"
 
 namespace zeroq::client {
@@ -369,7 +370,8 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     if (p.Get("budget").empty()) return UsageError("--budget: empty");
     c->set_budget(p.Get("budget"));
   }
-  // Numbers parse here; their ranges are checked below, as the server does.
+  // Ranges from common/config_limits.h; the whole config is checked below,
+  // as the server does.
   auto int_flag = [&](const char* name, int64_t lo, int64_t hi,
                       auto set) -> absl::Status {
     if (!p.Has(name)) return absl::OkStatus();
@@ -379,25 +381,25 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     return absl::OkStatus();
   };
   absl::Status s;
-  if (!(s = int_flag("weight_bits", 0, 8,
+  if (!(s = int_flag("weight_bits", 0, kWeightBits.hi,
                      [&](int64_t v) { c->set_weight_bits(v); }))
            .ok() ||
-      !(s = int_flag("activation_bits", 0, 16,
+      !(s = int_flag("activation_bits", 0, kActivationBits.hi,
                      [&](int64_t v) { c->set_activation_bits(v); }))
            .ok() ||
       !(s = int_flag(
-            "iterations", 0, 1000000,
+            "iterations", kIterations.lo, kIterations.hi,
             [&](int64_t v) { c->mutable_distillation()->set_iterations(v); }))
            .ok() ||
       !(s = int_flag(
-            "batch_size", 1, 100000,
+            "batch_size", kBatchSize.lo, kBatchSize.hi,
             [&](int64_t v) { c->mutable_distillation()->set_batch_size(v); }))
            .ok() ||
       !(s = int_flag(
             "seed", 0, std::numeric_limits<int64_t>::max(),
             [&](int64_t v) { c->mutable_distillation()->set_seed(v); }))
            .ok() ||
-      !(s = int_flag("threads", 1, 4096, [&](int64_t v) { c->set_threads(v); }))
+      !(s = int_flag("threads", kThreads.lo, kThreads.hi, [&](int64_t v) { c->set_threads(v); }))
            .ok() ||
       !(s = int_flag("priority", -100, 100, [&](int64_t v) {
           r.set_priority(v);
@@ -406,7 +408,8 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
   }
   if (p.Has("candidate_bits")) {
     absl::StatusOr<std::vector<int>> bits =
-        ParseIntList("candidate_bits", p.Get("candidate_bits"), 0, 8);
+        ParseIntList("candidate_bits", p.Get("candidate_bits"), kCandidateBits.lo,
+                     kCandidateBits.hi);
     if (!bits.ok()) return bits.status();
     for (int b : *bits) c->add_candidate_bits(b);
   }
