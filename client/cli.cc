@@ -278,8 +278,10 @@ std::string MainHelp(const std::vector<CommandSpec>& commands,
       "usage: zeroq [global options] COMMAND [arguments] [options]\n"
       "\n"
       "commands:\n";
+  size_t width = 0;
+  for (const CommandSpec& c : commands) width = std::max(width, c.name.size());
   for (const CommandSpec& c : commands) {
-    absl::StrAppend(&out, "  ", Pad(c.name, 10), c.summary, "\n");
+    absl::StrAppend(&out, "  ", Pad(c.name, width + 2), c.summary, "\n");
   }
   absl::StrAppend(
       &out, "\nglobal options (before or after the command):\n",

@@ -207,6 +207,15 @@ absl::StatusOr<v1::Job> Client::CancelJob(const std::string& id) {
   return job;
 }
 
+absl::StatusOr<int64_t> Client::DeleteJob(const std::string& id) {
+  auto ctx = NewContext();
+  v1::DeleteJobRequest req;
+  req.set_job_id(id);
+  v1::DeleteJobResponse resp;
+  ZQ_RETURN_IF_ERROR(FromGrpc(stub_->DeleteJob(ctx.get(), req, &resp)));
+  return resp.freed_bytes();
+}
+
 absl::StatusOr<v1::Job> Client::WatchJob(const std::string& id,
                                          int64_t after_seq,
                                          const EventFn& on_event) {

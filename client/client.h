@@ -76,6 +76,8 @@ class Client {
       const std::string& page_token = "",
       v1::JobView view = v1::JOB_VIEW_SUMMARY);
   absl::StatusOr<v1::Job> CancelJob(const std::string& id);
+  // Removes a finished job and its artifacts; returns the bytes freed.
+  absl::StatusOr<int64_t> DeleteJob(const std::string& id);
 
   // Calls on_event for each event with seq > after_seq (heartbeats too) until
   // the job finishes; returns the finished job. on_event returning false

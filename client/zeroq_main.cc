@@ -149,6 +149,23 @@ std::vector<CommandSpec> Commands() {
                {},
                1,
                1});
+  c.push_back({"delete-job",
+               "JOB",
+               "delete a finished job and its artifacts",
+               "Frees the job's artifacts from your stored bytes (the\n"
+               "stored_bytes quota), except any that another of your jobs or\n"
+               "models holds too. A queued or running job must be cancelled\n"
+               "first.",
+               {},
+               1,
+               1});
+  c.push_back({"delete-model",
+               "MODEL",
+               "delete a model",
+               "Its jobs stay. Refused while a queued or running job uses it.",
+               {},
+               1,
+               1});
   c.push_back(
       {"download",
        "JOB [ARTIFACT...]",
@@ -362,6 +379,8 @@ class Cli {
     if (command == "get") return Get();
     if (command == "watch") return Watch();
     if (command == "cancel") return Cancel();
+    if (command == "delete-job") return DeleteJob();
+    if (command == "delete-model") return DeleteModel();
     if (command == "download") return Download();
     if (command == "frontier") return Frontier();
     if (command == "quantize") return Quantize();
@@ -589,6 +608,27 @@ class Cli {
               ? ": cancellation requested, the worker is stopping"
               : ""));
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status DeleteJob() {
+    ZQ_RETURN_IF_ERROR(Connect());
+    ZQ_ASSIGN_OR_RETURN(int64_t freed, client_->DeleteJob(p_.args[0]));
+    if (json_) {
+      v1::DeleteJobResponse response;
+      response.set_freed_bytes(freed);
+      PrintJson(response);
+    } else {
+      Print(absl::StrFormat("deleted job %s; %s freed\n", p_.args[0],
+                            FormatBytes(static_cast<double>(freed))));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DeleteModel() {
+    ZQ_RETURN_IF_ERROR(Connect());
+    ZQ_RETURN_IF_ERROR(client_->DeleteModel(p_.args[0]));
+    if (!json_) Print(absl::StrFormat("deleted model %s\n", p_.args[0]));
     return absl::OkStatus();
   }
 

@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "server/sha256.h"
 
@@ -179,9 +180,11 @@ class FileBlobWriter : public BlobWriter {
     if (rc != 0) return ErrnoError(errno, "close", temp_path_);
 
     const std::string final_path = BlobPath(root_, info.sha256);
-    struct stat st;
-    if (stat(final_path.c_str(), &st) == 0) {
-      // Same name means same bytes: the stored copy stands, ours goes.
+    // Same name means same bytes: the stored copy stands, ours goes. Its time
+    // is renewed (a sweep of unreferenced blobs spares recent commits, which
+    // the caller is about to refer to); if it vanished meanwhile, ours is put
+    // in its place below.
+    if (utimensat(AT_FDCWD, final_path.c_str(), nullptr, 0) == 0) {
       Discard();
       return info;
     }
@@ -346,12 +349,12 @@ absl::StatusOr<int> FileBlobStore::RemoveTemporaries() {
   return removed;
 }
 
-int64_t FileBlobStore::StoredBytes() {
-  // Scanning (rather than keeping a counter) stays right when blobs are
+std::vector<BlobEntry> FileBlobStore::List() {
+  // Scanning (rather than keeping an index) stays right when blobs are
   // added or removed by another process sharing the root.
-  int64_t total = 0;
+  std::vector<BlobEntry> out;
   DIR* root = opendir(root_.c_str());
-  if (root == nullptr) return 0;
+  if (root == nullptr) return out;
   std::vector<std::string> shards;
   while (struct dirent* entry = readdir(root)) {
     const absl::string_view name = entry->d_name;
@@ -369,11 +372,19 @@ int64_t FileBlobStore::StoredBytes() {
       if (!IsSha256Hex(name) || !absl::StartsWith(name, shard)) continue;
       struct stat st;
       const std::string path = absl::StrCat(dir, "/", name);
-      if (stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode))
-        total += st.st_size;
+      if (stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+        out.push_back({std::string(name), st.st_size,
+                       absl::TimeFromTimespec(st.st_mtim)});
+      }
     }
     closedir(d);
   }
+  return out;
+}
+
+int64_t FileBlobStore::StoredBytes() {
+  int64_t total = 0;
+  for (const BlobEntry& blob : List()) total += blob.size_bytes;
   return total;
 }
 

@@ -19,12 +19,21 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 namespace zeroq::server {
+
+// A committed blob, as List finds it.
+struct BlobEntry {
+  std::string sha256;
+  int64_t size_bytes = 0;
+  absl::Time modified;  // when it was last committed
+};
 
 struct BlobInfo {
   std::string sha256;  // lowercase hex
@@ -60,6 +69,9 @@ class BlobStore {
   // Removes temp files of writes that never committed (a previous run that
   // died mid-upload); returns how many. Call at start, before any writer.
   virtual absl::StatusOr<int> RemoveTemporaries() = 0;
+  // Every committed blob (a commit of bytes already stored publishes them
+  // again, so `modified` is the newest commit).
+  virtual std::vector<BlobEntry> List() = 0;
   // Total bytes of committed blobs.
   virtual int64_t StoredBytes() = 0;
 };
@@ -79,6 +91,7 @@ class FileBlobStore : public BlobStore {
   std::string Path(absl::string_view sha256) override;
   absl::Status Delete(absl::string_view sha256) override;
   absl::StatusOr<int> RemoveTemporaries() override;
+  std::vector<BlobEntry> List() override;
   int64_t StoredBytes() override;
 
  private:

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -237,23 +238,16 @@ absl::Status JobManager::Start() {
     EnqueueLocked(rt);
   }
   for (const v1::Model& m : inspecting) pending_inspections_.push_back(m.id());
-  // What each tenant holds, for the stored_bytes quota and the gauge.
-  for (v1::ModelState state :
-       {v1::MODEL_INSPECTING, v1::MODEL_READY, v1::MODEL_INVALID}) {
-    ZQ_ASSIGN_OR_RETURN(std::vector<v1::Model> models,
-                        store_->ModelsInState(state));
-    for (const v1::Model& m : models)
-      AddStoredBytesLocked(m.tenant(), m.size_bytes());
-  }
-  ZQ_ASSIGN_OR_RETURN(std::vector<v1::Job> succeeded,
-                      store_->JobsInStates({v1::JOB_SUCCEEDED}));
-  for (const v1::Job& j : succeeded) {
-    for (const v1::Artifact& a : j.result().artifacts()) {
-      AddStoredBytesLocked(j.tenant(), a.size_bytes());
-    }
+  // What each tenant holds, for the gauge.
+  ZQ_ASSIGN_OR_RETURN(auto held, store_->StoredBytesByTenant());
+  if (options_.metrics) {
+    for (const auto& [tenant, bytes] : held)
+      options_.metrics->SetStoredBytes(tenant, bytes);
   }
   UpdateGaugesLocked();
   scheduler_ = std::thread([this] { SchedulerLoop(); });
+  if (options_.job_retention > absl::ZeroDuration())
+    retention_ = std::thread([this] { RetentionLoop(); });
   return absl::OkStatus();
 }
 
@@ -263,8 +257,10 @@ void JobManager::Stop(absl::Duration grace) {
     if (!started_ || stopping_) return;
     stopping_ = true;
     wake_scheduler_.SignalAll();
+    retention_wake_.SignalAll();
   }
   if (scheduler_.joinable()) scheduler_.join();
+  if (retention_.joinable()) retention_.join();
   std::vector<std::unique_ptr<WorkerProcess>> reap;
   {
     absl::MutexLock lock(&mu_);
@@ -324,11 +320,27 @@ const Quotas* JobManager::QuotasOf(const std::string& tenant) const {
   return t == nullptr ? nullptr : &t->quotas;
 }
 
-void JobManager::AddStoredBytesLocked(const std::string& tenant,
-                                      int64_t delta) {
-  int64_t& bytes = stored_bytes_[tenant];
-  bytes = std::max<int64_t>(0, bytes + delta);
-  if (options_.metrics) options_.metrics->SetStoredBytes(tenant, bytes);
+int64_t JobManager::RefreshStoredBytesLocked(const std::string& tenant) {
+  absl::StatusOr<int64_t> bytes = store_->StoredBytes(tenant);
+  if (!bytes.ok()) {
+    LogWarning({tenant, "", ""},
+               absl::StrCat("reading stored bytes: ", bytes.status().message()));
+    return 0;
+  }
+  if (options_.metrics) options_.metrics->SetStoredBytes(tenant, *bytes);
+  return *bytes;
+}
+
+std::string JobManager::LargestHoldingsLocked(const std::string& tenant) {
+  absl::StatusOr<std::vector<Holding>> largest =
+      store_->LargestHoldings(tenant, 3);
+  if (!largest.ok() || largest->empty()) return "";
+  std::vector<std::string> parts;
+  for (const Holding& h : *largest) {
+    parts.push_back(absl::StrCat(h.is_model ? "model " : "job ", h.owner, " (",
+                                 h.bytes, " bytes)"));
+  }
+  return absl::StrCat("; the largest: ", absl::StrJoin(parts, ", "));
 }
 
 void JobManager::UpdateGaugesLocked() {
@@ -610,6 +622,22 @@ void JobManager::OnWorkerExit(const std::string& job_id,
     }
   }
   absl::MutexLock lock(&mu_);
+  if (store_status.ok() && outcome.kind == WorkerOutcome::Kind::kSucceeded &&
+      outcome.result) {
+    // A DeleteJob of another job with the same bytes may have removed a blob
+    // between the copy above and the lock (deletes run under it): store it
+    // again, now that nothing can.
+    fs::path out = fs::path(JobDir(job_id)) / "out";
+    for (const v1::Artifact& a : outcome.result->artifacts()) {
+      if (blobs_->Exists(a.sha256())) continue;
+      absl::StatusOr<BlobInfo> info = blobs_->PutFile((out / a.name()).string());
+      if (!info.ok()) {
+        store_status = absl::InternalError(absl::StrCat(
+            "storing artifact ", a.name(), ": ", info.status().message()));
+        break;
+      }
+    }
+  }
   auto it = active_.find(job_id);
   if (it == active_.end()) return;
   std::shared_ptr<JobRuntime> rt = it->second;
@@ -646,10 +674,8 @@ void JobManager::OnWorkerExit(const std::string& job_id,
         return;
       }
       *rt->job.mutable_result() = *std::move(outcome.result);
-      for (const v1::Artifact& a : rt->job.result().artifacts()) {
-        AddStoredBytesLocked(rt->job.tenant(), a.size_bytes());
-      }
       FinishLocked(rt, v1::JOB_SUCCEEDED, absl::OkStatus());
+      RefreshStoredBytesLocked(rt->job.tenant());
       return;
     case Kind::kFailed:
       if (rt->job.cancel_requested() &&
@@ -859,18 +885,18 @@ absl::Status JobManager::CheckUploadQuota(const std::string& tenant,
         "quota model_bytes: the model is ", size_bytes, " bytes, tenant ",
         tenant, "'s limit is ", quotas->model_bytes, " bytes per model"));
   }
-  if (quotas->stored_bytes > 0 &&
-      store_->GetModel(ModelId(tenant, metadata.sha256(), metadata.input_shape()))
-          .ok()) {
-    return absl::OkStatus();  // a re-upload: deduplicated, nothing stored
-  }
+  if (quotas->stored_bytes <= 0) return absl::OkStatus();
   absl::MutexLock lock(&mu_);
-  int64_t held = stored_bytes_[tenant];
-  if (quotas->stored_bytes > 0 && held + size_bytes > quotas->stored_bytes) {
+  ZQ_ASSIGN_OR_RETURN(bool held_already,
+                      store_->TenantHoldsBlob(tenant, metadata.sha256()));
+  if (held_already) return absl::OkStatus();  // deduplicated: nothing new
+  const int64_t held = RefreshStoredBytesLocked(tenant);
+  if (held + size_bytes > quotas->stored_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "quota stored_bytes: tenant ", tenant, " holds ", held, " bytes; ",
         size_bytes, " more would pass its limit of ", quotas->stored_bytes,
-        " bytes. Delete models you no longer need"));
+        " bytes. Delete jobs or models you no longer need",
+        LargestHoldingsLocked(tenant)));
   }
   return absl::OkStatus();
 }
@@ -916,7 +942,7 @@ absl::StatusOr<v1::Model> JobManager::RegisterModel(
   model.set_state(v1::MODEL_INSPECTING);
   SetNow(model.mutable_create_time());
   ZQ_RETURN_IF_ERROR(store_->PutModel(model));
-  AddStoredBytesLocked(tenant, model.size_bytes());
+  RefreshStoredBytesLocked(tenant);
   LogInfo({tenant, "", id},
           absl::StrCat("uploaded \"", model.name(), "\", ", model.size_bytes(),
                        " bytes; inspecting"));
@@ -952,11 +978,18 @@ absl::Status JobManager::DeleteModel(const std::string& tenant,
                      "; cancel them or wait for them to finish"));
   }
   ZQ_RETURN_IF_ERROR(store_->DeleteModel(id));
-  AddStoredBytesLocked(tenant, -model.size_bytes());
   LogInfo({tenant, "", id}, "deleted");
-  ZQ_ASSIGN_OR_RETURN(int64_t users,
-                      store_->CountModelsWithSha(model.sha256()));
-  if (users == 0) ZQ_RETURN_IF_ERROR(blobs_->Delete(model.sha256()));
+  absl::Status removed = RemoveBlobIfUnusedLocked(model.sha256());
+  RefreshStoredBytesLocked(tenant);
+  return removed;
+}
+
+absl::Status JobManager::RemoveBlobIfUnusedLocked(const std::string& sha256) {
+  if (sha256.empty()) return absl::OkStatus();
+  ZQ_ASSIGN_OR_RETURN(int64_t users, store_->CountBlobRefs(sha256));
+  if (users > 0 || !blobs_->Exists(sha256)) return absl::OkStatus();
+  ZQ_RETURN_IF_ERROR(blobs_->Delete(sha256));
+  if (options_.metrics) options_.metrics->BlobRemoved();
   return absl::OkStatus();
 }
 
@@ -1055,6 +1088,19 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
           quotas->queued_jobs, "; wait for some to start or cancel them"));
     }
   }
+  if (quotas != nullptr && quotas->stored_bytes > 0 &&
+      (r.request_id().empty() || !IsRetryLocked(tenant, r.request_id()))) {
+    // A job's results are stored bytes too: at the limit, free some first.
+    const int64_t held = RefreshStoredBytesLocked(tenant);
+    if (held >= quotas->stored_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "quota stored_bytes: tenant ", tenant, " holds ", held,
+          " bytes, its limit is ", quotas->stored_bytes,
+          ", and a job's results would add more. Delete jobs or models you "
+          "no longer need",
+          LargestHoldingsLocked(tenant)));
+    }
+  }
   ZQ_ASSIGN_OR_RETURN(CreateJobResult created, store_->CreateJob(job));
   if (!created.created) {
     auto it = active_.find(created.job.id());
@@ -1144,6 +1190,99 @@ absl::StatusOr<std::shared_ptr<EventLog>> JobManager::Watch(
   ZQ_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
                       store_->ListEvents(id, 0));
   return std::make_shared<EventLog>(std::move(events), IsTerminal(job.state()));
+}
+
+absl::StatusOr<int64_t> JobManager::DeleteJob(const std::string& tenant,
+                                              const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  auto it = active_.find(id);
+  if (it != active_.end() && it->second->job.tenant() == tenant) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", id, " is ", StateName(it->second->job.state()),
+        "; cancel it first (CancelJob), then delete it"));
+  }
+  ZQ_ASSIGN_OR_RETURN(v1::Job job, OwnedBy(store_->GetJob(id), tenant, "job", id));
+  if (!IsTerminal(job.state())) {
+    // Stored as running but not active: a restart is re-queuing it.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", id, " is ", StateName(job.state()), "; cancel it first"));
+  }
+  for (const auto& [other_id, rt] : active_) {
+    if (rt->job.config().sensitivity_from_job() == id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job ", other_id, " (", StateName(rt->job.state()),
+          ") re-plans from job ", id,
+          "; delete it once that job has finished"));
+    }
+  }
+  const int64_t before = RefreshStoredBytesLocked(tenant);
+  ZQ_RETURN_IF_ERROR(DeleteJobLocked(job, "request"));
+  return std::max<int64_t>(0, before - RefreshStoredBytesLocked(tenant));
+}
+
+absl::Status JobManager::DeleteJobLocked(const v1::Job& job,
+                                         const std::string& reason) {
+  ZQ_RETURN_IF_ERROR(store_->DeleteJob(job.id()));
+  LogInfo({job.tenant(), job.id(), job.model_id()},
+          absl::StrCat("deleted (", reason, ")"));
+  if (options_.metrics) options_.metrics->JobDeleted(reason);
+  absl::Status status;
+  for (const v1::Artifact& a : job.result().artifacts()) {
+    status.Update(RemoveBlobIfUnusedLocked(a.sha256()));
+  }
+  return status;
+}
+
+absl::StatusOr<int> JobManager::SweepRetention() {
+  if (options_.job_retention <= absl::ZeroDuration()) return 0;
+  const int64_t cutoff =
+      absl::ToUnixSeconds(absl::Now() - options_.job_retention);
+  int deleted = 0;
+  absl::flat_hash_set<std::string> tenants;
+  while (true) {
+    // In batches, so that the lock is never held for long.
+    ZQ_ASSIGN_OR_RETURN(std::vector<v1::Job> old,
+                        store_->JobsEndedBefore(cutoff, 100));
+    if (old.empty()) break;
+    absl::MutexLock lock(&mu_);
+    for (const v1::Job& job : old) {
+      ZQ_RETURN_IF_ERROR(DeleteJobLocked(job, "retention"));
+      tenants.insert(job.tenant());
+      ++deleted;
+    }
+  }
+  // Blobs nothing refers to: left by a crash between storing bytes and
+  // recording their model or job. Recent ones may be about to be recorded.
+  const absl::Time old_enough = absl::Now() - options_.orphan_blob_min_age;
+  for (const BlobEntry& blob : blobs_->List()) {
+    if (blob.modified > old_enough) continue;
+    absl::MutexLock lock(&mu_);
+    ZQ_RETURN_IF_ERROR(RemoveBlobIfUnusedLocked(blob.sha256));
+  }
+  absl::MutexLock lock(&mu_);
+  for (const std::string& tenant : tenants) RefreshStoredBytesLocked(tenant);
+  return deleted;
+}
+
+void JobManager::RetentionLoop() {
+  absl::Duration every = options_.retention_sweep_interval;
+  if (every <= absl::ZeroDuration()) {
+    every = std::clamp(options_.job_retention / 4, absl::Seconds(1),
+                       absl::Minutes(10));
+  }
+  while (true) {
+    absl::StatusOr<int> deleted = SweepRetention();
+    if (!deleted.ok()) {
+      LogWarning({}, absl::StrCat("retention sweep: ",
+                                  deleted.status().message()));
+    }
+    absl::MutexLock lock(&mu_);
+    const absl::Time until = absl::Now() + every;
+    while (!stopping_ && absl::Now() < until) {
+      retention_wake_.WaitWithDeadline(&mu_, until);
+    }
+    if (stopping_) return;
+  }
 }
 
 absl::StatusOr<ArtifactRef> JobManager::GetArtifact(const std::string& tenant,

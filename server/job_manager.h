@@ -66,6 +66,17 @@ struct ManagerOptions {
   // machine down each time still ends.
   int max_server_restarts = 10;
   int max_concurrent_inspections = 2;
+  // Finished jobs older than this (since they ended) are deleted in the
+  // background, with their artifacts; blobs that no model or job uses are
+  // removed too. Zero: keep everything.
+  absl::Duration job_retention = absl::ZeroDuration();
+  // How often that sweep runs (zero: a quarter of job_retention, between 1 s
+  // and 10 min).
+  absl::Duration retention_sweep_interval = absl::ZeroDuration();
+  // The sweep leaves an unused blob alone until it is this old: an upload's
+  // or a job's bytes are stored a moment before the model or job that uses
+  // them is recorded.
+  absl::Duration orphan_blob_min_age = absl::Hours(1);
   int64_t max_model_bytes = int64_t{2} << 30;
   // Quotas per tenant; nullptr: none. Must outlive the manager.
   const TenantRegistry* tenants = nullptr;
@@ -97,8 +108,9 @@ class JobManager {
   // ---- quotas
   // Before an upload's bytes are received: RESOURCE_EXHAUSTED naming the
   // quota and the limit when the model is over the tenant's model_bytes or
-  // would take it over stored_bytes. A model the tenant already has (same
-  // bytes and input shape) stores nothing new and passes stored_bytes.
+  // would take it over stored_bytes (the message names the tenant's largest
+  // models and jobs, which it can delete). Bytes the tenant already holds (as
+  // a model or an artifact) store nothing new and pass stored_bytes.
   absl::Status CheckUploadQuota(const std::string& tenant,
                                 const v1::ModelMetadata& metadata);
 
@@ -127,6 +139,16 @@ class JobManager {
                                          const std::string& model_id,
                                          int page_size,
                                          const std::string& page_token);
+  // Removes a finished job with its events and the artifacts nothing else
+  // uses; returns by how much the tenant's stored bytes went down.
+  // FAILED_PRECONDITION while it is queued or running or a queued or running
+  // re-plan reads it.
+  absl::StatusOr<int64_t> DeleteJob(const std::string& tenant,
+                                    const std::string& id);
+  // One pass of the retention sweep (what the background thread runs every
+  // retention_sweep_interval when job_retention is set); returns the jobs
+  // deleted.
+  absl::StatusOr<int> SweepRetention();
   // A queued job is CANCELLED at once; a running one is stopped and becomes
   // CANCELLED when its worker has exited (within kill_grace and a moment);
   // a finished job is returned unchanged.
@@ -178,8 +200,20 @@ class JobManager {
   // Whether the tenant has a queued or running job with this request id.
   bool IsRetryLocked(const std::string& tenant, const std::string& request_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void AddStoredBytesLocked(const std::string& tenant, int64_t delta)
+  // Re-reads the tenant's stored bytes into the gauge; returns them.
+  int64_t RefreshStoredBytesLocked(const std::string& tenant)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The largest models and jobs of the tenant, for a quota message.
+  std::string LargestHoldingsLocked(const std::string& tenant)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Deletes the stored job and the blobs only it used; the caller checked
+  // that it is finished.
+  absl::Status DeleteJobLocked(const v1::Job& job, const std::string& reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Removes the blob if no model or artifact refers to it any more.
+  absl::Status RemoveBlobIfUnusedLocked(const std::string& sha256)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RetentionLoop();
   // Queue depth and per-device gauges.
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -191,6 +225,7 @@ class JobManager {
 
   absl::Mutex mu_;
   absl::CondVar wake_scheduler_;
+  absl::CondVar retention_wake_;
   DevicePool pool_ ABSL_GUARDED_BY(mu_);
   // QUEUED and RUNNING jobs.
   absl::flat_hash_map<std::string, std::shared_ptr<JobRuntime>> active_
@@ -199,7 +234,6 @@ class JobManager {
   absl::flat_hash_map<std::string, int> running_per_tenant_
       ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, int> queued_per_tenant_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, int64_t> stored_bytes_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> pending_inspections_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<WorkerProcess>> inspections_
       ABSL_GUARDED_BY(mu_);
@@ -210,6 +244,7 @@ class JobManager {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread scheduler_;
+  std::thread retention_;  // only with job_retention
 };
 
 }  // namespace zeroq::server

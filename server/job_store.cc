@@ -40,7 +40,12 @@ constexpr absl::string_view kJobTokenPrefix = "j";
 struct Migration {
   int version;
   const char* sql;
+  // Fills what SQL alone cannot (columns from the protobuf records); runs
+  // after `sql` in the same transaction. May be null.
+  absl::Status (*backfill)(sqlite3* db);
 };
+
+absl::Status BackfillVersion2(sqlite3* db);
 
 // Append only: a released migration never changes, since databases in the
 // field have already run it. Each runs in its own transaction together with
@@ -88,7 +93,27 @@ CREATE TABLE events (
   record BLOB NOT NULL,
   PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
-)sql"},
+)sql",
+     nullptr},
+    // Blob references, so that stored bytes and a blob's users need no scan
+    // of the records: one row per model (name '') and per artifact of a
+    // succeeded job. end_unix: when a job became SUCCEEDED, FAILED or
+    // CANCELLED (NULL before), for retention.
+    {2, R"sql(
+CREATE TABLE blob_refs (
+  owner TEXT NOT NULL,
+  name TEXT NOT NULL,
+  tenant TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  size_bytes INTEGER NOT NULL,
+  PRIMARY KEY (owner, name)
+) WITHOUT ROWID;
+CREATE INDEX blob_refs_by_sha256 ON blob_refs (sha256);
+CREATE INDEX blob_refs_by_tenant ON blob_refs (tenant, sha256);
+ALTER TABLE jobs ADD COLUMN end_unix INTEGER;
+CREATE INDEX jobs_by_end ON jobs (end_unix) WHERE end_unix IS NOT NULL;
+)sql",
+     BackfillVersion2},
 };
 
 static_assert(kMigrations[std::size(kMigrations) - 1].version ==
@@ -278,6 +303,96 @@ absl::StatusOr<int64_t> ReadInt64(Statement& query, absl::string_view what) {
   return SqliteError(query.db(), rc, what);
 }
 
+bool IsTerminal(v1::JobState state) {
+  return state == v1::JOB_SUCCEEDED || state == v1::JOB_FAILED ||
+         state == v1::JOB_CANCELLED;
+}
+
+// When a terminal job ended, in unix seconds (its end time; the creation time
+// for a record that lacks one).
+int64_t EndUnix(const v1::Job& job) {
+  return job.has_end_time() ? job.end_time().seconds()
+                            : job.create_time().seconds();
+}
+
+constexpr const char* kInsertRef =
+    "INSERT OR REPLACE INTO blob_refs (owner, name, tenant, sha256, "
+    "size_bytes) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+// Rows of blob_refs for a model's upload.
+absl::Status InsertModelRef(Statement& insert, const v1::Model& model) {
+  insert.BindText(1, model.id());
+  insert.BindText(2, "");
+  insert.BindText(3, model.tenant());
+  insert.BindText(4, model.sha256());
+  insert.BindInt64(5, model.size_bytes());
+  const int rc = insert.Step();
+  insert.Reset();
+  if (rc != SQLITE_DONE)
+    return SqliteError(insert.db(), rc, absl::StrCat("refs of model ", model.id()));
+  return absl::OkStatus();
+}
+
+// ... and for a job's artifacts (none unless it SUCCEEDED).
+absl::Status InsertJobRefs(Statement& insert, const v1::Job& job) {
+  for (const v1::Artifact& a : job.result().artifacts()) {
+    if (a.sha256().empty()) continue;
+    insert.BindText(1, job.id());
+    insert.BindText(2, a.name());
+    insert.BindText(3, job.tenant());
+    insert.BindText(4, a.sha256());
+    insert.BindInt64(5, a.size_bytes());
+    const int rc = insert.Step();
+    insert.Reset();
+    if (rc != SQLITE_DONE)
+      return SqliteError(insert.db(), rc, absl::StrCat("refs of job ", job.id()));
+  }
+  return absl::OkStatus();
+}
+
+// A statement prepared for the backfill only (not cached).
+class OwnedStatement {
+ public:
+  ~OwnedStatement() { sqlite3_finalize(stmt_); }
+  absl::StatusOr<Statement> Prepare(sqlite3* db, const char* sql) {
+    const int rc = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
+    if (rc != SQLITE_OK) return SqliteError(db, rc, sql);
+    return Statement(db, stmt_);
+  }
+
+ private:
+  sqlite3_stmt* stmt_ = nullptr;
+};
+
+absl::Status BackfillVersion2(sqlite3* db) {
+  OwnedStatement insert_owned, models_owned, jobs_owned, end_owned;
+  ZQ_ASSIGN_OR_RETURN(Statement insert, insert_owned.Prepare(db, kInsertRef));
+  {
+    ZQ_ASSIGN_OR_RETURN(Statement models,
+                        models_owned.Prepare(db, "SELECT record FROM models"));
+    ZQ_ASSIGN_OR_RETURN(std::vector<v1::Model> all,
+                        ReadAll<v1::Model>(models, "model"));
+    for (const v1::Model& m : all) ZQ_RETURN_IF_ERROR(InsertModelRef(insert, m));
+  }
+  ZQ_ASSIGN_OR_RETURN(Statement jobs,
+                      jobs_owned.Prepare(db, "SELECT record FROM jobs WHERE "
+                                             "state IN (3, 4, 5)"));
+  ZQ_ASSIGN_OR_RETURN(std::vector<v1::Job> ended,
+                      ReadAll<v1::Job>(jobs, "job"));
+  ZQ_ASSIGN_OR_RETURN(
+      Statement set_end,
+      end_owned.Prepare(db, "UPDATE jobs SET end_unix = ?2 WHERE id = ?1"));
+  for (const v1::Job& job : ended) {
+    ZQ_RETURN_IF_ERROR(InsertJobRefs(insert, job));
+    set_end.BindText(1, job.id());
+    set_end.BindInt64(2, EndUnix(job));
+    const int rc = set_end.Step();
+    set_end.Reset();
+    if (rc != SQLITE_DONE) return SqliteError(db, rc, "backfill end_unix");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 struct SqliteJobStore::Impl {
@@ -349,6 +464,9 @@ struct SqliteJobStore::Impl {
                            " failed: ", error != nullptr ? error : "unknown"));
         }
         sqlite3_free(error);
+        if (status.ok() && migration.backfill != nullptr) {
+          status = migration.backfill(db);
+        }
         if (status.ok()) {
           status =
               Exec(absl::StrCat("PRAGMA user_version = ", migration.version));
@@ -411,13 +529,14 @@ struct SqliteJobStore::Impl {
       ZQ_ASSIGN_OR_RETURN(
           Statement query,
           Query("UPDATE jobs SET tenant = ?2, model_id = ?3, state = ?4, "
-                "request_id = ?5, record = ?6 WHERE id = ?1"));
+                "request_id = ?5, record = ?6, end_unix = ?7 WHERE id = ?1"));
       query.BindText(1, job.id());
       query.BindText(2, job.tenant());
       query.BindText(3, job.model_id());
       query.BindInt64(4, job.state());
       query.BindText(5, job.request_id());
       query.BindBlob(6, record);
+      if (IsTerminal(job.state())) query.BindInt64(7, EndUnix(job));  // else NULL
       const int rc = query.Step();
       if (IsConstraintError(rc)) {
         return absl::AlreadyExistsError(absl::StrCat(
@@ -430,6 +549,13 @@ struct SqliteJobStore::Impl {
         return absl::NotFoundError(
             absl::StrCat("job ", job.id(), " not found"));
       }
+    }
+    if (IsTerminal(job.state())) {
+      // Only a terminal record can carry artifacts; progress updates (the
+      // many) skip this.
+      ZQ_RETURN_IF_ERROR(DeleteRefs(job.id()));
+      ZQ_ASSIGN_OR_RETURN(Statement insert, Query(kInsertRef));
+      ZQ_RETURN_IF_ERROR(InsertJobRefs(insert, job));
     }
     ZQ_ASSIGN_OR_RETURN(
         Statement query,
@@ -451,6 +577,31 @@ struct SqliteJobStore::Impl {
       }
       query.Reset();
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status DeleteRefs(const std::string& owner)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ZQ_ASSIGN_OR_RETURN(Statement query,
+                        Query("DELETE FROM blob_refs WHERE owner = ?1"));
+    query.BindText(1, owner);
+    const int rc = query.Step();
+    if (rc != SQLITE_DONE)
+      return SqliteError(db, rc, absl::StrCat("delete refs of ", owner));
+    return absl::OkStatus();
+  }
+
+  // Runs a DELETE of the row with id ?1; NOT_FOUND when there was none.
+  absl::Status DeleteById(const std::string& sql, absl::string_view what,
+                          const std::string& id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ZQ_ASSIGN_OR_RETURN(Statement query, Query(sql));
+    query.BindText(1, id);
+    const int rc = query.Step();
+    if (rc != SQLITE_DONE)
+      return SqliteError(db, rc, absl::StrCat("delete ", what, " ", id));
+    if (sqlite3_changes(db) == 0)
+      return absl::NotFoundError(absl::StrCat(what, " ", id, " not found"));
     return absl::OkStatus();
   }
 
@@ -524,24 +675,29 @@ absl::Status SqliteJobStore::PutModel(const v1::Model& model) {
     return absl::InvalidArgumentError("PutModel: model id is empty");
   ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(model, "model"));
   absl::MutexLock lock(&impl_->mu);
-  // An upsert, not INSERT OR REPLACE: replacing would delete the row and
-  // give it a new created_seq, moving the model in the listing order.
-  ZQ_ASSIGN_OR_RETURN(
-      Statement query,
-      impl_->Query("INSERT INTO models (id, tenant, sha256, state, record) "
-                   "VALUES (?1, ?2, ?3, ?4, ?5) "
-                   "ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, "
-                   "sha256 = excluded.sha256, state = excluded.state, "
-                   "record = excluded.record"));
-  query.BindText(1, model.id());
-  query.BindText(2, model.tenant());
-  query.BindText(3, model.sha256());
-  query.BindInt64(4, model.state());
-  query.BindBlob(5, record);
-  const int rc = query.Step();
-  if (rc != SQLITE_DONE)
-    return SqliteError(impl_->db, rc, absl::StrCat("put model ", model.id()));
-  return absl::OkStatus();
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  auto body = [&]() -> absl::Status {
+    // An upsert, not INSERT OR REPLACE: replacing would delete the row and
+    // give it a new created_seq, moving the model in the listing order.
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        impl_->Query("INSERT INTO models (id, tenant, sha256, state, record) "
+                     "VALUES (?1, ?2, ?3, ?4, ?5) "
+                     "ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, "
+                     "sha256 = excluded.sha256, state = excluded.state, "
+                     "record = excluded.record"));
+    query.BindText(1, model.id());
+    query.BindText(2, model.tenant());
+    query.BindText(3, model.sha256());
+    query.BindInt64(4, model.state());
+    query.BindBlob(5, record);
+    const int rc = query.Step();
+    if (rc != SQLITE_DONE)
+      return SqliteError(impl_->db, rc, absl::StrCat("put model ", model.id()));
+    ZQ_ASSIGN_OR_RETURN(Statement insert, impl_->Query(kInsertRef));
+    return InsertModelRef(insert, model);
+  };
+  return impl_->Finish(body());
 }
 
 absl::StatusOr<v1::Model> SqliteJobStore::GetModel(const std::string& id) {
@@ -581,26 +737,86 @@ absl::StatusOr<std::vector<v1::Model>> SqliteJobStore::ModelsInState(
 
 absl::Status SqliteJobStore::DeleteModel(const std::string& id) {
   absl::MutexLock lock(&impl_->mu);
-  ZQ_ASSIGN_OR_RETURN(Statement query,
-                      impl_->Query("DELETE FROM models WHERE id = ?1"));
-  query.BindText(1, id);
-  const int rc = query.Step();
-  if (rc != SQLITE_DONE)
-    return SqliteError(impl_->db, rc, absl::StrCat("delete model ", id));
-  if (sqlite3_changes(impl_->db) == 0) {
-    return absl::NotFoundError(absl::StrCat("model ", id, " not found"));
-  }
-  return absl::OkStatus();
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  absl::Status status =
+      impl_->DeleteById("DELETE FROM models WHERE id = ?1", "model", id);
+  if (status.ok()) status = impl_->DeleteRefs(id);
+  return impl_->Finish(std::move(status));
 }
 
-absl::StatusOr<int64_t> SqliteJobStore::CountModelsWithSha(
+// ---------------------------------------------------------------- blob refs
+
+absl::StatusOr<int64_t> SqliteJobStore::CountBlobRefs(
     const std::string& sha256) {
   absl::MutexLock lock(&impl_->mu);
   ZQ_ASSIGN_OR_RETURN(
       Statement query,
-      impl_->Query("SELECT COUNT(*) FROM models WHERE sha256 = ?1"));
+      impl_->Query("SELECT COUNT(*) FROM blob_refs WHERE sha256 = ?1"));
   query.BindText(1, sha256);
-  return ReadInt64(query, "count models by sha256");
+  return ReadInt64(query, "count blob references");
+}
+
+absl::StatusOr<int64_t> SqliteJobStore::StoredBytes(const std::string& tenant) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT COALESCE(SUM(size_bytes), 0) FROM (SELECT DISTINCT "
+                   "sha256, size_bytes FROM blob_refs WHERE tenant = ?1)"));
+  query.BindText(1, tenant);
+  return ReadInt64(query, "stored bytes");
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, int64_t>>>
+SqliteJobStore::StoredBytesByTenant() {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT tenant, SUM(size_bytes) FROM (SELECT DISTINCT "
+                   "tenant, sha256, size_bytes FROM blob_refs) GROUP BY "
+                   "tenant ORDER BY tenant"));
+  std::vector<std::pair<std::string, int64_t>> out;
+  while (true) {
+    const int rc = query.Step();
+    if (rc == SQLITE_DONE) return out;
+    if (rc != SQLITE_ROW)
+      return SqliteError(impl_->db, rc, "stored bytes by tenant");
+    out.emplace_back(std::string(query.ColumnBlob(0)), query.ColumnInt64(1));
+  }
+}
+
+absl::StatusOr<bool> SqliteJobStore::TenantHoldsBlob(
+    const std::string& tenant, const std::string& sha256) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT EXISTS (SELECT 1 FROM blob_refs WHERE tenant = ?1 "
+                   "AND sha256 = ?2)"));
+  query.BindText(1, tenant);
+  query.BindText(2, sha256);
+  ZQ_ASSIGN_OR_RETURN(int64_t found, ReadInt64(query, "look up a blob"));
+  return found != 0;
+}
+
+absl::StatusOr<std::vector<Holding>> SqliteJobStore::LargestHoldings(
+    const std::string& tenant, int limit) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT owner, MIN(name) = '', SUM(size_bytes) AS bytes "
+                   "FROM blob_refs WHERE tenant = ?1 GROUP BY owner "
+                   "ORDER BY bytes DESC, owner LIMIT ?2"));
+  query.BindText(1, tenant);
+  query.BindInt64(2, limit);
+  std::vector<Holding> out;
+  while (true) {
+    const int rc = query.Step();
+    if (rc == SQLITE_DONE) return out;
+    if (rc != SQLITE_ROW) return SqliteError(impl_->db, rc, "largest holdings");
+    Holding& h = out.emplace_back();
+    h.owner = std::string(query.ColumnBlob(0));
+    h.is_model = query.ColumnInt64(1) != 0;
+    h.bytes = query.ColumnInt64(2);
+  }
 }
 
 // ---------------------------------------------------------------- jobs
@@ -677,6 +893,35 @@ absl::StatusOr<std::vector<v1::Job>> SqliteJobStore::JobsInStates(
   for (size_t i = 0; i < states.size(); ++i) {
     query.BindInt64(static_cast<int>(i + 1), states[i]);
   }
+  return ReadAll<v1::Job>(query, "job");
+}
+
+absl::Status SqliteJobStore::DeleteJob(const std::string& id) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  auto body = [&]() -> absl::Status {
+    // Events first: they refer to the job row.
+    ZQ_ASSIGN_OR_RETURN(Statement events,
+                        impl_->Query("DELETE FROM events WHERE job_id = ?1"));
+    events.BindText(1, id);
+    const int rc = events.Step();
+    if (rc != SQLITE_DONE)
+      return SqliteError(impl_->db, rc, absl::StrCat("delete events of ", id));
+    ZQ_RETURN_IF_ERROR(impl_->DeleteRefs(id));
+    return impl_->DeleteById("DELETE FROM jobs WHERE id = ?1", "job", id);
+  };
+  return impl_->Finish(body());
+}
+
+absl::StatusOr<std::vector<v1::Job>> SqliteJobStore::JobsEndedBefore(
+    int64_t unix_seconds, int limit) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT record FROM jobs WHERE end_unix IS NOT NULL AND "
+                   "end_unix < ?1 ORDER BY end_unix LIMIT ?2"));
+  query.BindInt64(1, unix_seconds);
+  query.BindInt64(2, limit <= 0 ? -1 : limit);
   return ReadAll<v1::Job>(query, "job");
 }
 

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -38,6 +39,14 @@ struct Page {
 struct CreateJobResult {
   v1::Job job;
   bool created = false;  // false: (tenant, request_id) existed; job is that one
+};
+
+// What a tenant's stored bytes are made of, largest first: a model's upload
+// or a succeeded job's artifacts.
+struct Holding {
+  std::string owner;  // a model id or a job id
+  bool is_model = false;
+  int64_t bytes = 0;
 };
 
 struct JobFilter {
@@ -64,9 +73,25 @@ class JobStore {
       v1::ModelState state) = 0;
   // NOT_FOUND when absent.
   virtual absl::Status DeleteModel(const std::string& id) = 0;
-  // How many model records (any tenant) point at this blob.
-  virtual absl::StatusOr<int64_t> CountModelsWithSha(
-      const std::string& sha256) = 0;
+
+  // ---- stored bytes
+  // The store keeps, beside the records, which blobs each model (its upload)
+  // and each succeeded job (its artifacts) refers to, so that these need no
+  // scan of the records.
+  // How many models and artifacts (any tenant) refer to this blob.
+  virtual absl::StatusOr<int64_t> CountBlobRefs(const std::string& sha256) = 0;
+  // The bytes of the distinct blobs the tenant's models and artifacts refer
+  // to: what it really stores (one blob referred to twice counts once).
+  virtual absl::StatusOr<int64_t> StoredBytes(const std::string& tenant) = 0;
+  // StoredBytes of every tenant that holds anything.
+  virtual absl::StatusOr<std::vector<std::pair<std::string, int64_t>>>
+  StoredBytesByTenant() = 0;
+  // Whether one of the tenant's models or artifacts already is this blob.
+  virtual absl::StatusOr<bool> TenantHoldsBlob(const std::string& tenant,
+                                               const std::string& sha256) = 0;
+  // The tenant's `limit` largest models and jobs, by the bytes they refer to.
+  virtual absl::StatusOr<std::vector<Holding>> LargestHoldings(
+      const std::string& tenant, int limit) = 0;
 
   // ---- jobs
   // Inserts a new job, unless job.request_id is not empty and the tenant
@@ -84,6 +109,13 @@ class JobStore {
   // Every tenant's jobs in any of `states`, oldest first (recovery at start).
   virtual absl::StatusOr<std::vector<v1::Job>> JobsInStates(
       const std::vector<v1::JobState>& states) = 0;
+  // Removes the job with its events and blob references. NOT_FOUND when
+  // absent. The blobs themselves are the caller's (see CountBlobRefs).
+  virtual absl::Status DeleteJob(const std::string& id) = 0;
+  // Jobs (any tenant) that reached SUCCEEDED, FAILED or CANCELLED before
+  // `unix_seconds`, oldest end first, at most `limit`.
+  virtual absl::StatusOr<std::vector<v1::Job>> JobsEndedBefore(
+      int64_t unix_seconds, int limit) = 0;
   // Jobs of the model that are QUEUED or RUNNING.
   virtual absl::StatusOr<int64_t> CountActiveJobsForModel(
       const std::string& model_id) = 0;
@@ -101,7 +133,7 @@ class JobStore {
 // from a newer server is refused with FAILED_PRECONDITION.
 class SqliteJobStore : public JobStore {
  public:
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
   // Creates the file (and the schema) when absent.
   static absl::StatusOr<std::unique_ptr<SqliteJobStore>> Open(
       const std::string& path);
@@ -115,8 +147,14 @@ class SqliteJobStore : public JobStore {
   absl::StatusOr<std::vector<v1::Model>> ModelsInState(
       v1::ModelState state) override;
   absl::Status DeleteModel(const std::string& id) override;
-  absl::StatusOr<int64_t> CountModelsWithSha(
-      const std::string& sha256) override;
+  absl::StatusOr<int64_t> CountBlobRefs(const std::string& sha256) override;
+  absl::StatusOr<int64_t> StoredBytes(const std::string& tenant) override;
+  absl::StatusOr<std::vector<std::pair<std::string, int64_t>>>
+  StoredBytesByTenant() override;
+  absl::StatusOr<bool> TenantHoldsBlob(const std::string& tenant,
+                                       const std::string& sha256) override;
+  absl::StatusOr<std::vector<Holding>> LargestHoldings(
+      const std::string& tenant, int limit) override;
   absl::StatusOr<CreateJobResult> CreateJob(const v1::Job& job) override;
   absl::Status UpdateJob(const v1::Job& job,
                          const std::vector<v1::JobEvent>& events) override;
@@ -126,6 +164,9 @@ class SqliteJobStore : public JobStore {
       const std::string& page_token) override;
   absl::StatusOr<std::vector<v1::Job>> JobsInStates(
       const std::vector<v1::JobState>& states) override;
+  absl::Status DeleteJob(const std::string& id) override;
+  absl::StatusOr<std::vector<v1::Job>> JobsEndedBefore(int64_t unix_seconds,
+                                                       int limit) override;
   absl::StatusOr<int64_t> CountActiveJobsForModel(
       const std::string& model_id) override;
   absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(

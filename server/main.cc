@@ -62,6 +62,9 @@ ABSL_FLAG(int, max_attempts, 3,
 ABSL_FLAG(int, max_server_restarts, 10,
           "server crashes or restarts a job may live through (they do not "
           "count against --max_attempts)");
+ABSL_FLAG(absl::Duration, job_retention, absl::ZeroDuration(),
+          "delete finished jobs (and their artifacts) this long after they "
+          "ended, e.g. 720h, and blobs nothing uses (0: keep everything)");
 ABSL_FLAG(absl::Duration, job_time_limit, absl::Hours(4),
           "default time limit of a job");
 ABSL_FLAG(absl::Duration, kill_grace, absl::Seconds(1),
@@ -248,6 +251,10 @@ int main(int argc, char** argv) {
   options.max_server_restarts = absl::GetFlag(FLAGS_max_server_restarts);
   options.default_time_limit = absl::GetFlag(FLAGS_job_time_limit);
   options.kill_grace = absl::GetFlag(FLAGS_kill_grace);
+  options.job_retention = absl::GetFlag(FLAGS_job_retention);
+  if (options.job_retention < absl::ZeroDuration()) {
+    return Fail(absl::InvalidArgumentError("--job_retention must be >= 0"));
+  }
   options.max_model_bytes = absl::GetFlag(FLAGS_max_model_mb) << 20;
   options.tenants = &tenants;
   options.metrics = metrics->get();

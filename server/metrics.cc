@@ -174,6 +174,8 @@ struct Metrics::Impl {
   prometheus::Family<prometheus::Counter>& worker_crashes_family;
   prometheus::Family<prometheus::Counter>& worker_restarts_family;
   prometheus::Family<prometheus::Counter>& inspections;
+  prometheus::Family<prometheus::Counter>& jobs_deleted;
+  prometheus::Family<prometheus::Counter>& blobs_removed_family;
   prometheus::Family<prometheus::Counter>& uploaded_bytes;
   prometheus::Family<prometheus::Gauge>& stored_bytes;
   prometheus::Family<prometheus::Gauge>& watch_streams_family;
@@ -186,6 +188,7 @@ struct Metrics::Impl {
   prometheus::Counter& worker_crashes;
   prometheus::Counter& worker_restarts;
   prometheus::Gauge& watch_streams;
+  prometheus::Counter& blobs_removed;
 
   absl::Mutex rpc_mu;
   // Keyed by the full method name gRPC reports; a handful of entries.
@@ -255,6 +258,16 @@ Metrics::Impl::Impl()
                       .Help("Uploaded models inspected, by result (ready, "
                             "invalid).")
                       .Register(*registry)),
+      jobs_deleted(prometheus::BuildCounter()
+                       .Name("zeroq_jobs_deleted_total")
+                       .Help("Finished jobs deleted, by reason (request: "
+                             "DeleteJob; retention: --job_retention).")
+                       .Register(*registry)),
+      blobs_removed_family(prometheus::BuildCounter()
+                               .Name("zeroq_blobs_removed_total")
+                               .Help("Stored blobs removed because no model "
+                                     "or job used them any more.")
+                               .Register(*registry)),
       uploaded_bytes(prometheus::BuildCounter()
                          .Name("zeroq_uploaded_bytes_total")
                          .Help("Bytes of committed model uploads, by tenant.")
@@ -280,7 +293,8 @@ Metrics::Impl::Impl()
       queue_wait(queue_wait_family.Add({}, JobBuckets())),
       worker_crashes(worker_crashes_family.Add({})),
       worker_restarts(worker_restarts_family.Add({})),
-      watch_streams(watch_streams_family.Add({})) {
+      watch_streams(watch_streams_family.Add({})),
+      blobs_removed(blobs_removed_family.Add({})) {
   for (const char* result : kJobResults) {
     jobs_finished.Add({{"result", result}});
     job_duration.Add({{"result", result}}, JobBuckets());
@@ -290,6 +304,8 @@ Metrics::Impl::Impl()
   }
   inspections.Add({{"result", "ready"}});
   inspections.Add({{"result", "invalid"}});
+  jobs_deleted.Add({{"reason", "request"}});
+  jobs_deleted.Add({{"reason", "retention"}});
 }
 
 Metrics::Impl::RpcSeries& Metrics::Impl::SeriesFor(
@@ -473,6 +489,12 @@ void Metrics::SetDevice(const std::string& device, int64_t running,
 void Metrics::WorkerCrashed() { impl_->worker_crashes.Increment(); }
 
 void Metrics::WorkerRestarted() { impl_->worker_restarts.Increment(); }
+
+void Metrics::JobDeleted(const std::string& reason) {
+  impl_->jobs_deleted.Add({{"reason", reason}}).Increment();
+}
+
+void Metrics::BlobRemoved() { impl_->blobs_removed.Increment(); }
 
 void Metrics::InspectionFinished(bool ready) {
   impl_->inspections.Add({{"result", ready ? "ready" : "invalid"}}).Increment();

@@ -10,28 +10,34 @@
 // created on first use and cached by the families. Names follow the
 // Prometheus guide: base units, `_total` counters, `_seconds`, `_bytes`.
 //
-//   zeroq_jobs_submitted_total{tenant}          counter
-//   zeroq_jobs_finished_total{result}           counter
-//   succeeded|failed|cancelled zeroq_queue_depth gauge    QUEUED jobs
-//   zeroq_queue_wait_seconds                    histogram submit (or re-queue)
-//   -> RUNNING zeroq_job_duration_seconds{result}          histogram RUNNING ->
-//   finished zeroq_stage_duration_seconds{stage}         histogram
-//   inspect|distill|sensitivity|pareto|calibrate|export
-//   zeroq_running_jobs{device}                  gauge    device: cpu, cuda:0,
-//   ... zeroq_busy_slots{device}, zeroq_slots{device} gauges
-//   zeroq_worker_crashes_total                  counter  workers ended by a
-//   signal or without a result zeroq_worker_restarts_total counter  jobs
-//   re-queued after a server restart zeroq_inspections_total{result} counter
-//   ready|invalid zeroq_uploaded_bytes_total{tenant}          counter  bytes of
-//   committed uploads zeroq_stored_bytes{tenant}                  gauge models
-//   and artifacts the tenant holds zeroq_watch_streams gauge    open WatchJob
-//   streams zeroq_rpcs_total{method,code}               counter  method:
-//   "UploadModel", ..., "Health/Check";
-//                                                        "unknown" for
-//                                                        unregistered methods;
-//                                                        code: "OK",
-//                                                        "NOT_FOUND", ...
-//   zeroq_rpc_duration_seconds{method}          histogram
+//   zeroq_jobs_submitted_total{tenant}     counter
+//   zeroq_jobs_finished_total{result}      counter   succeeded|failed|cancelled
+//   zeroq_jobs_deleted_total{reason}       counter   request|retention
+//   zeroq_blobs_removed_total              counter   blobs no model or job uses
+//   zeroq_queue_depth                      gauge     QUEUED jobs
+//   zeroq_queue_wait_seconds               histogram submit (or re-queue)
+//                                                    -> RUNNING
+//   zeroq_job_duration_seconds{result}     histogram RUNNING -> finished
+//   zeroq_stage_duration_seconds{stage}    histogram inspect|distill|
+//                                                    sensitivity|pareto|
+//                                                    calibrate|export
+//   zeroq_running_jobs{device}             gauge     device: cpu, cuda:0, ...
+//   zeroq_busy_slots{device}, zeroq_slots{device}    gauges
+//   zeroq_worker_crashes_total             counter   workers ended by a signal
+//                                                    or without a result
+//   zeroq_worker_restarts_total            counter   jobs re-queued after a
+//                                                    server restart
+//   zeroq_inspections_total{result}        counter   ready|invalid
+//   zeroq_uploaded_bytes_total{tenant}     counter   bytes of committed uploads
+//   zeroq_stored_bytes{tenant}             gauge     distinct blobs of the
+//                                                    tenant's models and
+//                                                    artifacts
+//   zeroq_watch_streams                    gauge     open WatchJob streams
+//   zeroq_rpcs_total{method,code}          counter   method: "UploadModel",
+//                                                    ..., "Health/Check",
+//                                                    "unknown"; code: "OK",
+//                                                    "NOT_FOUND", ...
+//   zeroq_rpc_duration_seconds{method}     histogram
 //
 // Thread-safe.
 #ifndef ZEROQ_SERVER_METRICS_H_
@@ -84,6 +90,9 @@ class Metrics {
   void Uploaded(const std::string& tenant, int64_t bytes);
   void SetStoredBytes(const std::string& tenant, int64_t bytes);
   void SetWatchStreams(int64_t open);
+  // reason: "request" (DeleteJob) or "retention" (--job_retention).
+  void JobDeleted(const std::string& reason);
+  void BlobRemoved();
 
  private:
   struct Impl;

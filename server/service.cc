@@ -469,6 +469,16 @@ grpc::ServerUnaryReactor* ZeroQService::CancelJob(
   return Done(context, job.status());
 }
 
+grpc::ServerUnaryReactor* ZeroQService::DeleteJob(
+    grpc::CallbackServerContext* context, const v1::DeleteJobRequest* request,
+    v1::DeleteJobResponse* response) {
+  ZQ_TENANT_OR_FINISH(tenant, context);
+  absl::StatusOr<int64_t> freed =
+      manager_->DeleteJob(tenant, request->job_id());
+  if (freed.ok()) response->set_freed_bytes(*freed);
+  return Done(context, freed.status());
+}
+
 #undef ZQ_TENANT_OR_FINISH
 
 grpc::ServerWriteReactor<v1::JobEvent>* ZeroQService::WatchJob(

@@ -659,10 +659,10 @@ TEST(JobStore, ModelsInStateCountAndDelete) {
                           store->ModelsInState(v1::MODEL_INVALID));
   EXPECT_TRUE(invalid.empty());
 
-  ZQ_ASSERT_OK_AND_ASSIGN(int64_t count, store->CountModelsWithSha(sha));
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t count, store->CountBlobRefs(sha));
   EXPECT_EQ(count, 3);
   ZQ_ASSERT_OK_AND_ASSIGN(count,
-                          store->CountModelsWithSha(Sha256Hex("nothing")));
+                          store->CountBlobRefs(Sha256Hex("nothing")));
   EXPECT_EQ(count, 0);
 
   // Jobs and their events outlive their model.
@@ -672,7 +672,7 @@ TEST(JobStore, ModelsInStateCountAndDelete) {
   ZQ_ASSERT_OK(store->DeleteModel("a1"));
   EXPECT_EQ(store->GetModel("a1").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store->DeleteModel("a1").code(), absl::StatusCode::kNotFound);
-  ZQ_ASSERT_OK_AND_ASSIGN(count, store->CountModelsWithSha(sha));
+  ZQ_ASSERT_OK_AND_ASSIGN(count, store->CountBlobRefs(sha));
   EXPECT_EQ(count, 2);
   ZQ_ASSERT_OK_AND_ASSIGN(inspecting,
                           store->ModelsInState(v1::MODEL_INSPECTING));
@@ -1026,6 +1026,143 @@ TEST(JobStoreRecovery, NewerSchemaIsRefused) {
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition)
       << store.status();
   EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion + 1);
+}
+
+// A SUCCEEDED job with the given artifacts (name -> sha) of 100 bytes each,
+// ended at `end_unix`.
+v1::Job SucceededJob(const std::string& id, const std::string& tenant,
+                     const std::vector<std::pair<std::string, std::string>>&
+                         artifacts,
+                     int64_t end_unix = 1000) {
+  v1::Job job = MakeJob(id, tenant, "m", v1::JOB_SUCCEEDED);
+  for (const auto& [name, sha] : artifacts) {
+    v1::Artifact* a = job.mutable_result()->add_artifacts();
+    a->set_name(name);
+    a->set_sha256(sha);
+    a->set_size_bytes(100);
+  }
+  job.mutable_end_time()->set_seconds(end_unix);
+  return job;
+}
+
+TEST(JobStore, BlobRefsCountWhatIsReallyStored) {
+  ScratchDir dir;
+  auto store = OpenStore(dir.Sub("zeroq.db"));
+  ASSERT_NE(store, nullptr);
+  const std::string model_sha = Sha256Hex("model bytes");
+  const std::string a = Sha256Hex("artifact a");
+  const std::string b = Sha256Hex("artifact b");
+  // acme: one model (1234 bytes) and two jobs; j2's second artifact is the
+  // model's own bytes (a downloaded export uploaded again, say), and j1 and
+  // j2 share artifact a.
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme", v1::MODEL_READY, model_sha)));
+  for (const std::string& id : {"j1", "j2", "j3"}) {
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob(id, "acme", "m")).status());
+  }
+  ZQ_ASSERT_OK(store->UpdateJob(SucceededJob("j1", "acme", {{"x", a}}, 30),
+                                {MakeEvent(1)}));
+  ZQ_ASSERT_OK(store->UpdateJob(
+      SucceededJob("j2", "acme", {{"x", a}, {"y", b}}, 10)));
+  // A running job holds nothing yet and has not ended.
+  ZQ_ASSERT_OK(store->UpdateJob(MakeJob("j3", "acme", "m", v1::JOB_RUNNING)));
+  // initech holds artifact a too.
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("k1", "initech", "m")).status());
+  ZQ_ASSERT_OK(store->UpdateJob(SucceededJob("k1", "initech", {{"x", a}}, 20)));
+
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t refs, store->CountBlobRefs(a));
+  EXPECT_EQ(refs, 3);
+  ZQ_ASSERT_OK_AND_ASSIGN(refs, store->CountBlobRefs(model_sha));
+  EXPECT_EQ(refs, 1);
+  // Distinct blobs: 1234 + 100 (a) + 100 (b), not 1234 + 3 * 100.
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t bytes, store->StoredBytes("acme"));
+  EXPECT_EQ(bytes, 1434);
+  ZQ_ASSERT_OK_AND_ASSIGN(bytes, store->StoredBytes("nobody"));
+  EXPECT_EQ(bytes, 0);
+  ZQ_ASSERT_OK_AND_ASSIGN(auto by_tenant, store->StoredBytesByTenant());
+  EXPECT_EQ(by_tenant, (std::vector<std::pair<std::string, int64_t>>{
+                           {"acme", 1434}, {"initech", 100}}));
+  ZQ_ASSERT_OK_AND_ASSIGN(bool holds, store->TenantHoldsBlob("initech", a));
+  EXPECT_TRUE(holds);
+  ZQ_ASSERT_OK_AND_ASSIGN(holds, store->TenantHoldsBlob("initech", b));
+  EXPECT_FALSE(holds);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<Holding> largest,
+                          store->LargestHoldings("acme", 2));
+  ASSERT_EQ(largest.size(), 2u);
+  EXPECT_EQ(largest[0].owner, "m");
+  EXPECT_TRUE(largest[0].is_model);
+  EXPECT_EQ(largest[0].bytes, 1234);
+  EXPECT_EQ(largest[1].owner, "j2");
+  EXPECT_FALSE(largest[1].is_model);
+  EXPECT_EQ(largest[1].bytes, 200);
+
+  // Ended jobs, oldest end first; the running one is not among them.
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::Job> ended,
+                          store->JobsEndedBefore(25, 0));
+  EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j2", "k1"}));
+  ZQ_ASSERT_OK_AND_ASSIGN(ended, store->JobsEndedBefore(1000, 2));
+  EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j2", "k1"}));
+  ZQ_ASSERT_OK_AND_ASSIGN(ended, store->JobsEndedBefore(1000, 0));
+  EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j2", "k1", "j1"}));
+
+  // Deleting a job takes its events and references, nothing else.
+  ZQ_ASSERT_OK(store->DeleteJob("j1"));
+  EXPECT_EQ(store->GetJob("j1").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store->DeleteJob("j1").code(), absl::StatusCode::kNotFound);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
+                          store->ListEvents("j1", 0));
+  EXPECT_TRUE(events.empty());
+  ZQ_ASSERT_OK_AND_ASSIGN(refs, store->CountBlobRefs(a));
+  EXPECT_EQ(refs, 2);
+  ZQ_ASSERT_OK_AND_ASSIGN(bytes, store->StoredBytes("acme"));
+  EXPECT_EQ(bytes, 1434);  // j2 still holds a
+  ZQ_ASSERT_OK(store->DeleteJob("j2"));
+  ZQ_ASSERT_OK_AND_ASSIGN(bytes, store->StoredBytes("acme"));
+  EXPECT_EQ(bytes, 1234);
+  ZQ_ASSERT_OK(store->DeleteModel("m"));
+  ZQ_ASSERT_OK_AND_ASSIGN(bytes, store->StoredBytes("acme"));
+  EXPECT_EQ(bytes, 0);
+  ZQ_ASSERT_OK_AND_ASSIGN(refs, store->CountBlobRefs(a));
+  EXPECT_EQ(refs, 1);  // initech's
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Job running, store->GetJob("j3"));
+  EXPECT_EQ(running.state(), v1::JOB_RUNNING);
+}
+
+TEST(JobStoreRecovery, Version1DatabaseGetsItsBlobRefsOnMigration) {
+  ScratchDir dir;
+  const std::string path = dir.Sub("zeroq.db");
+  const std::string a = Sha256Hex("artifact a");
+  {
+    auto store = OpenStore(path);
+    ASSERT_NE(store, nullptr);
+    ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m")).status());
+    ZQ_ASSERT_OK(store->UpdateJob(SucceededJob("j1", "acme", {{"x", a}}, 50)));
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob("j2", "acme", "m")).status());
+  }
+  {
+    // Back to what a version 1 server wrote.
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    const char* sql =
+        "DROP TABLE blob_refs; DROP INDEX jobs_by_end; "
+        "ALTER TABLE jobs DROP COLUMN end_unix; PRAGMA user_version = 1;";
+    char* error = nullptr;
+    EXPECT_EQ(sqlite3_exec(db, sql, nullptr, nullptr, &error), SQLITE_OK)
+        << (error ? error : "");
+    sqlite3_free(error);
+    sqlite3_close(db);
+  }
+  EXPECT_EQ(ReadUserVersion(path), 1);
+  auto store = OpenStore(path);
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion);
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t bytes, store->StoredBytes("acme"));
+  EXPECT_EQ(bytes, 1234 + 100);
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t refs, store->CountBlobRefs(a));
+  EXPECT_EQ(refs, 1);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::Job> ended,
+                          store->JobsEndedBefore(51, 0));
+  EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j1"}));
 }
 
 TEST(JobStoreRecovery, NotADatabaseIsAnError) {

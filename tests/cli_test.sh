@@ -112,7 +112,7 @@ start_server
 echo "zeroq-server on 127.0.0.1:$port"
 
 # --- Help -------------------------------------------------------------------
-commands=(upload models submit jobs get watch cancel download frontier quantize)
+commands=(upload models submit jobs get watch cancel delete-job delete-model download frontier quantize)
 run help help
 expect "zeroq help" 0 "exit status"
 for c in "${commands[@]}"; do
@@ -271,6 +271,21 @@ run cancel_again cancel "$long"
 expect "cancel of a finished job" 0 "CANCELLED"
 run cancelled_download download "$long" -o "$tmp/x"
 expect "download of a cancelled job" 1 "FAILED_PRECONDITION"
+run running submit "$model" --budget MP4 --iterations 100000 --batch_size 8 --threads 1
+expect "submit another long job" 0
+running=$(head -n 1 "$tmp/running.out")
+run delete_running delete-job "$running"
+expect "delete-job of a queued or running job" 1 "cancel it first"
+run delete_model_in_use delete-model "$model"
+expect "delete-model while a job uses it" 1 "FAILED_PRECONDITION"
+run cancel_running cancel "$running"
+expect "cancel the other long job" 0
+run delete_cancelled delete-job "$long"
+expect "delete-job of a cancelled job" 0 "deleted job $long; 0 B freed"
+run get_deleted get "$long"
+expect "get of a deleted job" 1 "NOT_FOUND"
+run delete_uniform --json delete-job "$uniform"
+expect "delete-job --json" 0 "freedBytes"
 
 # --- One-shot quantize --------------------------------------------------------
 run quantize quantize "$MODEL" --input_shape 1,28,28 --budget MP4 \

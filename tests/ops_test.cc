@@ -179,6 +179,7 @@ TEST_F(OpsTest, EveryRpcNeedsAValidKey) {
     EXPECT_EQ(code(c->GetJob("j-1").status()), kUnauth);
     EXPECT_EQ(code(c->ListJobs().status()), kUnauth);
     EXPECT_EQ(code(c->CancelJob("j-1").status()), kUnauth);
+    EXPECT_EQ(code(c->DeleteJob("j-1").status()), kUnauth);
     EXPECT_EQ(code(c->WatchJob("j-1", 0, nullptr).status()), kUnauth);
     EXPECT_EQ(
         code(c->DownloadArtifact("j-1", "recipe.json", dir_ + "/x").status()),
@@ -206,6 +207,7 @@ TEST_F(OpsTest, AnotherTenantsIdsAreNotFoundEverywhere) {
   EXPECT_EQ(b->SubmitJob(QuickJob(model.id())).status().code(), kNotFound);
   EXPECT_EQ(b->GetJob(job->id()).status().code(), kNotFound);
   EXPECT_EQ(b->CancelJob(job->id()).status().code(), kNotFound);
+  EXPECT_EQ(b->DeleteJob(job->id()).status().code(), kNotFound);
   EXPECT_EQ(b->WatchJob(job->id(), 0, nullptr).status().code(), kNotFound);
   EXPECT_EQ(b->DownloadArtifact(job->id(), "recipe.json", dir_ + "/r")
                 .status()
@@ -250,13 +252,21 @@ TEST_F(OpsTest, QuotasAreResourceExhaustedNamingQuotaAndLimit) {
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("model_bytes"));
   EXPECT_THAT(std::string(s.message()), HasSubstr(std::to_string(size + 10)));
-  // stored_bytes: the first model fits, a second (other shape) would not.
+  // stored_bytes: the first model fits, a second (other bytes) would not;
+  // the message names what the tenant could delete.
   v1::Model model = Upload(a.get());
   ASSERT_EQ(model.state(), v1::MODEL_READY);
-  s = a->UploadModel(ModelPath("fashion_cnn.pt"), "again", {1, 28, 29})
+  s = a->UploadModel(ModelPath("mini_densenet.pt"), "other", {1, 28, 28})
           .status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("stored_bytes"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model " + model.id()));
+  // The same bytes under another input shape are another model but store
+  // nothing new: accepted.
+  absl::StatusOr<v1::Model> reshaped =
+      a->UploadModel(ModelPath("fashion_cnn.pt"), "again", {1, 28, 29});
+  ASSERT_TRUE(reshaped.ok()) << reshaped.status();
+  EXPECT_NE(reshaped->id(), model.id());
   // Re-uploading the same model near the limit stores nothing new: accepted
   // (it was once refused).
   absl::StatusOr<v1::Model> again =
@@ -285,6 +295,142 @@ TEST_F(OpsTest, QuotasAreResourceExhaustedNamingQuotaAndLimit) {
   WaitFor(a.get(), j2->id(),
           [](const v1::Job& j) { return j.state() != v1::JOB_QUEUED; });
   ASSERT_TRUE(a->CancelJob(j2->id()).ok());
+}
+
+// The blob file of `sha256` under the server's data folder.
+std::string BlobFile(const ServerProcess& server, const std::string& sha256) {
+  return server.data_dir() + "/blobs/" + sha256.substr(0, 2) + "/" + sha256;
+}
+
+TEST_F(OpsTest, DeletingJobsFreesWhatTheStoredBytesQuotaCounts) {
+  const int64_t size =
+      static_cast<int64_t>(fs::file_size(ModelPath("fashion_cnn.pt")));
+  // Room for the model and little else: one job's results pass the limit.
+  const int port = FreePort();
+  Start({"--devices=cpu:1", "--metrics_listen=127.0.0.1:" + std::to_string(port),
+         "--tenants_file=" +
+             WriteTenants(dir_, absl::StrCat(R"({"stored_bytes": )", size + 1,
+                                             "}"))});
+  auto a = As(kKeyA);
+  auto b = As(kKeyB);
+  v1::Model model = Upload(a.get());
+  ASSERT_EQ(model.state(), v1::MODEL_READY);
+  absl::StatusOr<v1::Job> first = a->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(first.ok()) << first.status();
+  v1::Job done = WaitFor(a.get(), first->id(), Finished);
+  ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED);
+  int64_t artifact_bytes = 0;
+  for (const v1::Artifact& art : done.result().artifacts()) {
+    artifact_bytes += art.size_bytes();
+    EXPECT_TRUE(fs::exists(BlobFile(*server_, art.sha256()))) << art.name();
+  }
+  ASSERT_GT(artifact_bytes, 0);
+  std::string metrics = HttpGet(port, "/metrics");
+  EXPECT_EQ(Sample(metrics, "zeroq_stored_bytes", {"tenant=\"acme\""}),
+            size + artifact_bytes);
+
+  // Over the limit: the next job is refused, naming what to delete.
+  absl::Status s = a->SubmitJob(QuickJob(model.id())).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("stored_bytes"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("job " + first->id()));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model " + model.id()));
+
+  // A queued or running job cannot be deleted; another tenant's is not found.
+  v1::Model zmodel = Upload(b.get());
+  absl::StatusOr<v1::Job> running = b->SubmitJob(QuickJob(zmodel.id(), 100000));
+  ASSERT_TRUE(running.ok()) << running.status();
+  s = b->DeleteJob(running->id()).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("cancel it first"));
+  EXPECT_EQ(a->DeleteJob(running->id()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(b->DeleteJob(first->id()).status().code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_TRUE(b->CancelJob(running->id()).ok());
+  ASSERT_EQ(WaitFor(b.get(), running->id(), Finished).state(),
+            v1::JOB_CANCELLED);
+  absl::StatusOr<int64_t> freed = b->DeleteJob(running->id());
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_EQ(*freed, 0);  // a cancelled job holds no artifacts
+  EXPECT_EQ(b->GetJob(running->id()).status().code(),
+            absl::StatusCode::kNotFound);
+
+  // Deleting the finished job frees its artifacts, files included; then jobs
+  // are accepted again.
+  freed = a->DeleteJob(first->id());
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_EQ(*freed, artifact_bytes);
+  for (const v1::Artifact& art : done.result().artifacts()) {
+    EXPECT_FALSE(fs::exists(BlobFile(*server_, art.sha256()))) << art.name();
+  }
+  EXPECT_EQ(a->GetJob(first->id()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(a->WatchJob(first->id(), 0, nullptr).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(a->DeleteJob(first->id()).status().code(),
+            absl::StatusCode::kNotFound);
+  metrics = HttpGet(port, "/metrics");
+  EXPECT_EQ(Sample(metrics, "zeroq_stored_bytes", {"tenant=\"acme\""}), size);
+  EXPECT_EQ(Sample(metrics, "zeroq_jobs_deleted_total", {"reason=\"request\""}),
+            2);
+  absl::StatusOr<v1::Job> second = a->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(WaitFor(a.get(), second->id(), Finished).state(),
+            v1::JOB_SUCCEEDED);
+
+  // The model's bytes are zeta's too: deleting acme's model keeps the blob.
+  absl::StatusOr<int64_t> gone = a->DeleteJob(second->id());
+  ASSERT_TRUE(gone.ok()) << gone.status();
+  ASSERT_TRUE(a->DeleteModel(model.id()).ok());
+  EXPECT_TRUE(fs::exists(BlobFile(*server_, zmodel.sha256())));
+  absl::StatusOr<v1::Job> z = b->SubmitJob(QuickJob(zmodel.id()));
+  ASSERT_TRUE(z.ok()) << z.status();
+  EXPECT_EQ(WaitFor(b.get(), z->id(), Finished).state(), v1::JOB_SUCCEEDED);
+  metrics = HttpGet(port, "/metrics");
+  EXPECT_EQ(Sample(metrics, "zeroq_stored_bytes", {"tenant=\"acme\""}), 0);
+}
+
+TEST_F(OpsTest, RetentionRemovesOldJobsAndUnusedBlobs) {
+  // Unused blobs left as a crash leaves them: one old, one just written.
+  auto put_blob = [](const std::string& root, const std::string& bytes) {
+    const std::string sha = server::Sha256Hex(bytes);
+    fs::create_directories(root + "/blobs/" + sha.substr(0, 2));
+    std::ofstream(root + "/blobs/" + sha.substr(0, 2) + "/" + sha) << bytes;
+    return sha;
+  };
+  const int port = FreePort();
+  server_ = std::make_unique<ServerProcess>(std::vector<std::string>{
+      "--devices=cpu:1", "--job_retention=2s",
+      "--metrics_listen=127.0.0.1:" + std::to_string(port)});
+  const std::string root = server_->data_dir();
+  const std::string old_sha = put_blob(root, "left by a crash long ago");
+  const std::string new_sha = put_blob(root, "stored a moment ago");
+  fs::last_write_time(BlobFile(*server_, old_sha),
+                      fs::file_time_type::clock::now() - std::chrono::hours(2));
+  ASSERT_TRUE(server_->Start()) << server_->Log();
+  auto c = server_->NewClient();
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> job = c->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(job.ok()) << job.status();
+  v1::Job done = WaitFor(c.get(), job->id(), Finished);
+  ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED);
+  // Within a few sweeps past its 2 s the job is gone, artifacts and all.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (c->GetJob(job->id()).ok() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  EXPECT_EQ(c->GetJob(job->id()).status().code(), absl::StatusCode::kNotFound);
+  for (const v1::Artifact& art : done.result().artifacts()) {
+    EXPECT_FALSE(fs::exists(BlobFile(*server_, art.sha256()))) << art.name();
+  }
+  EXPECT_TRUE(fs::exists(BlobFile(*server_, model.sha256())));  // in use
+  EXPECT_FALSE(fs::exists(BlobFile(*server_, old_sha)));
+  EXPECT_TRUE(fs::exists(BlobFile(*server_, new_sha)));  // may be about to be used
+  const std::string metrics = HttpGet(port, "/metrics");
+  EXPECT_EQ(
+      Sample(metrics, "zeroq_jobs_deleted_total", {"reason=\"retention\""}), 1);
+  EXPECT_GE(Sample(metrics, "zeroq_blobs_removed_total"), 2);
+  EXPECT_TRUE(c->GetModel(model.id()).ok());  // models are kept
 }
 
 TEST_F(OpsTest, OpenOnlyOnLoopbackUnlessInsecure) {
@@ -417,7 +563,7 @@ TEST_F(OpsTest, HealthAndReflection) {
     for (const auto& service : file.service()) {
       if (service.name() != "ZeroQ") continue;
       found = true;
-      EXPECT_EQ(service.method_size(), 10);
+      EXPECT_EQ(service.method_size(), 11);
     }
   }
   EXPECT_TRUE(found);

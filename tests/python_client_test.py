@@ -82,6 +82,13 @@ with tempfile.TemporaryDirectory() as tmp:
             check(False, "unknown job found")
         except grpc.RpcError as err:
             check(err.code() == grpc.StatusCode.NOT_FOUND, f"code {err.code()}")
+        freed = c.delete_job(job.id)
+        check(freed == sum(a.size_bytes for a in done.result.artifacts), f"freed {freed}")
+        try:
+            c.get_job(job.id)
+            check(False, "deleted job found")
+        except grpc.RpcError as err:
+            check(err.code() == grpc.StatusCode.NOT_FOUND, f"code {err.code()}")
         print(f"python client: {checks} checks passed (job {job.id}, {len(seqs)} events)")
     finally:
         server.send_signal(signal.SIGTERM)

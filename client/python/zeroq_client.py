@@ -67,6 +67,14 @@ class ZeroQClient:
     def cancel_job(self, job_id):
         return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=self.metadata)
 
+    def delete_job(self, job_id):
+        """Deletes a finished job and its artifacts; returns the bytes freed."""
+        return self.stub.DeleteJob(pb.DeleteJobRequest(job_id=job_id),
+                                   metadata=self.metadata).freed_bytes
+
+    def delete_model(self, model_id):
+        self.stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id), metadata=self.metadata)
+
     def watch_job(self, job_id, after_seq=0, heartbeats=False):
         """Yields events until the job finishes, reconnecting after a drop."""
         cursor = after_seq
