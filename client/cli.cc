@@ -16,7 +16,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "common/config_limits.h"
+#include "common/config_schema.h"
 #include "proto/config_check.h"
 
 namespace zeroq::client {
@@ -81,9 +81,27 @@ std::string FlagLines(const std::vector<FlagSpec>& flags) {
     } else {
       head += "\n" + std::string(kColumn, ' ');
     }
-    // Continuation lines of a long help text line up under its start.
+    // Long lines are wrapped at word boundaries; continuation lines line up
+    // under the text's start.
+    constexpr size_t kWidth = 50;
+    std::string wrapped;
+    for (absl::string_view line : absl::StrSplit(f.help, '\n')) {
+      size_t used = 0;
+      if (!wrapped.empty()) wrapped += "\n";
+      for (absl::string_view word : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
+        if (used > 0 && used + 1 + word.size() > kWidth) {
+          wrapped += "\n";
+          used = 0;
+        } else if (used > 0) {
+          wrapped += " ";
+          ++used;
+        }
+        absl::StrAppend(&wrapped, word);
+        used += word.size();
+      }
+    }
     out += head +
-           absl::StrReplaceAll(f.help,
+           absl::StrReplaceAll(wrapped,
                                {{"\n", "\n" + std::string(kColumn, ' ')}}) +
            "\n";
   }
@@ -372,8 +390,8 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     if (p.Get("budget").empty()) return UsageError("--budget: empty");
     c->set_budget(p.Get("budget"));
   }
-  // Ranges from common/config_limits.h; the whole config is checked below,
-  // as the server does.
+  // Ranges from common/config_schema.h (ParseInt bounds the number; the whole
+  // config is then checked below, as the server does).
   auto int_flag = [&](const char* name, int64_t lo, int64_t hi,
                       auto set) -> absl::Status {
     if (!p.Has(name)) return absl::OkStatus();
@@ -382,26 +400,30 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     set(*v);
     return absl::OkStatus();
   };
+  auto field_flag = [&](const char* name, const IntField& field, auto set) {
+    return int_flag(name, field.zero != nullptr ? 0 : field.lo, field.hi, set);
+  };
   absl::Status s;
-  if (!(s = int_flag("weight_bits", 0, kWeightBits.hi,
-                     [&](int64_t v) { c->set_weight_bits(v); }))
+  if (!(s = field_flag("weight_bits", kWeightBits,
+                       [&](int64_t v) { c->set_weight_bits(v); }))
            .ok() ||
-      !(s = int_flag("activation_bits", 0, kActivationBits.hi,
-                     [&](int64_t v) { c->set_activation_bits(v); }))
+      !(s = field_flag("activation_bits", kActivationBits,
+                       [&](int64_t v) { c->set_activation_bits(v); }))
            .ok() ||
-      !(s = int_flag(
-            "iterations", kIterations.lo, kIterations.hi,
+      !(s = field_flag(
+            "iterations", kIterations,
             [&](int64_t v) { c->mutable_distillation()->set_iterations(v); }))
            .ok() ||
-      !(s = int_flag(
-            "batch_size", kBatchSize.lo, kBatchSize.hi,
+      !(s = field_flag(
+            "batch_size", kBatchSize,
             [&](int64_t v) { c->mutable_distillation()->set_batch_size(v); }))
            .ok() ||
       !(s = int_flag(
             "seed", 0, std::numeric_limits<int64_t>::max(),
             [&](int64_t v) { c->mutable_distillation()->set_seed(v); }))
            .ok() ||
-      !(s = int_flag("threads", kThreads.lo, kThreads.hi, [&](int64_t v) { c->set_threads(v); }))
+      !(s = field_flag("threads", kThreads,
+                       [&](int64_t v) { c->set_threads(v); }))
            .ok() ||
       !(s = int_flag("priority", -100, 100, [&](int64_t v) {
           r.set_priority(v);

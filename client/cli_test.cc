@@ -194,7 +194,7 @@ TEST(BuildSubmitRequestTest, BadValuesAreUsageErrors) {
            {"m-1", "--weight_bits", "9"},
            {"m-1", "--activation_bits", "x"},
            {"m-1", "--priority", "101"},
-           {"m-1", "--threads", "0"},
+           {"m-1", "--threads", "257"},
            {"m-1", "--device", "tpu"},
            {"m-1", "--candidate_bits", "2,16"},
            {"m-1", "--budget="}}) {

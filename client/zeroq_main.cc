@@ -38,6 +38,7 @@
 #include "client/cli.h"
 #include "client/client.h"
 #include "client/svg.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
@@ -72,13 +73,14 @@ std::vector<FlagSpec> SubmitFlags() {
       {"budget", "SPEC",
        "mixed precision within a weight budget: MP4 or 4\n"
        "(average bits), 8x (compression), 120KB, 1.5MiB"},
-      {"weight_bits", "N", "uniform weight width, 2..8 (0: float; default 8)"},
-      {"activation_bits", "N", "activation width, 2..16 (0: float; default 8)"},
-      {"candidate_bits", "LIST", "mixed-precision widths (default 2,4,8)"},
-      {"iterations", "N", "distillation iterations (default 500)"},
-      {"batch_size", "N", "distilled samples (default 32)"},
+      // Ranges, defaults and help: common/config_schema.h.
+      {"weight_bits", "N", kWeightBits.help},
+      {"activation_bits", "N", kActivationBits.help},
+      {"candidate_bits", "LIST", kCandidateBits.help},
+      {"iterations", "N", kIterations.help},
+      {"batch_size", "N", kBatchSize.help},
       {"seed", "N", "random seed (default 0)"},
-      {"threads", "N", "threads of a CPU job (default: the server's)"},
+      {"threads", "N", kThreads.help},
       {"priority", "N", "-100..100, higher runs first (default 0)"},
       {"device", "KIND", "cpu, cuda or any (default any)"},
       {"sensitivity_from", "JOB",

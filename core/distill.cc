@@ -6,7 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "common/config_limits.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "core/graph_util.h"
 #include "core/torch_status.h"
@@ -87,7 +87,8 @@ absl::Status ValidateDistillOptions(const DistillOptions& o) {
     return bad("num_batches", o.num_batches, kNumBatches.Describe());
   if (!kIterations.Contains(o.iterations))
     return bad("iterations", o.iterations, kIterations.Describe());
-  if (!LrOk(o.lr)) return bad("lr", o.lr, kLrRange);
+  if (!kLearningRate.Contains(o.lr))
+    return bad("lr", o.lr, kLearningRate.Describe());
   if (!(o.plateau_factor > 0 && o.plateau_factor < 1))
     return bad("plateau_factor", o.plateau_factor, "in (0, 1)");
   if (o.plateau_patience < 0)

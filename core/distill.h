@@ -47,7 +47,7 @@ struct DistilledData {
 };
 
 // INVALID_ARGUMENT naming the option when one is out of its range (the
-// ranges of common/config_limits.h, which SubmitJob checks too).
+// ranges of common/config_schema.h, which SubmitJob checks too).
 absl::Status ValidateDistillOptions(const DistillOptions& options);
 
 // `sample_shape` is one input without the batch dimension, e.g. {1, 28, 28}.

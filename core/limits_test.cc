@@ -1,14 +1,18 @@
 // One config schema: at every edge of every range, SubmitJob's check of a
 // QuantizationConfig (the worker runs the same one) and the core's own checks
 // (which zeroq-quantize goes through) give the same verdict, and it is the
-// verdict of common/config_limits.h. A config the server accepts is never
+// verdict of common/config_schema.h. A config the server accepts is never
 // refused later for a range reason.
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
-#include "common/config_limits.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/config_schema.h"
 #include "core/distill.h"
+#include "core/pipeline.h"
 #include "core/quantized_model.h"
 #include "core/test_util.h"
 #include "gtest/gtest.h"
@@ -17,69 +21,116 @@
 namespace zeroq::core {
 namespace {
 
-struct IntCase {
-  const char* field;
-  IntLimit limit;
-  std::function<void(v1::QuantizationConfig&, int64_t)> set;
-  std::function<absl::Status(int64_t)> core;
+// How to set one integer field in a QuantizationConfig and in a core JobSpec
+// (with a budget, so candidate widths are read).
+struct Setter {
+  std::function<void(v1::QuantizationConfig&, int64_t)> config;
+  std::function<void(JobSpec&, int64_t)> spec;
 };
+
+std::map<std::string, Setter> Setters() {
+  return {
+      {"weight_bits",
+       {[](auto& c, int64_t v) { c.set_weight_bits(v); },
+        [](JobSpec& s, int64_t v) { s.quant.weight_bits = v; }}},
+      {"layer_bits",
+       {[](auto& c, int64_t v) { (*c.mutable_layer_bits())["fc"] = v; },
+        [](JobSpec& s, int64_t v) { s.quant.layer_bits["fc"] = v; }}},
+      {"candidate_bits",
+       {[](auto& c, int64_t v) {
+          c.set_budget("MP8");  // reached by any single width
+          c.add_candidate_bits(v);
+        },
+        [](JobSpec& s, int64_t v) {
+          s.budget = *ParseBudget("MP8");
+          s.sensitivity.bits = {static_cast<int>(v)};
+        }}},
+      {"activation_bits",
+       {[](auto& c, int64_t v) { c.set_activation_bits(v); },
+        [](JobSpec& s, int64_t v) { s.quant.activation_bits = v; }}},
+      {"distillation.batch_size",
+       {[](auto& c, int64_t v) { c.mutable_distillation()->set_batch_size(v); },
+        [](JobSpec& s, int64_t v) { s.distill.batch_size = v; }}},
+      {"distillation.num_batches",
+       {[](auto& c, int64_t v) { c.mutable_distillation()->set_num_batches(v); },
+        [](JobSpec& s, int64_t v) { s.distill.num_batches = v; }}},
+      {"distillation.iterations",
+       {[](auto& c, int64_t v) { c.mutable_distillation()->set_iterations(v); },
+        [](JobSpec& s, int64_t v) { s.distill.iterations = v; }}},
+      {"threads",
+       {[](auto& c, int64_t v) { c.set_threads(v); },
+        [](JobSpec& s, int64_t v) { s.threads = v; }}},
+  };
+}
 
 TEST(LimitsTest, ServerAndCoreAgreeAtEveryIntegerEdge) {
   std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
   ASSERT_NE(model, nullptr);
-  auto quant = [&](auto edit) {
-    return [&, edit](int64_t v) {
-      QuantOptions o;
-      edit(o, v);
-      return ValidateQuantOptions(*model, o);
-    };
-  };
-  auto distill = [](auto edit) {
-    return [edit](int64_t v) {
-      DistillOptions o;
-      edit(o, v);
-      return ValidateDistillOptions(o);
-    };
-  };
-  const std::vector<IntCase> cases = {
-      {"weight_bits", kWeightBits,
-       [](auto& c, int64_t v) { c.set_weight_bits(v); },
-       quant([](QuantOptions& o, int64_t v) { o.weight_bits = v; })},
-      {"activation_bits", kActivationBits,
-       [](auto& c, int64_t v) { c.set_activation_bits(v); },
-       quant([](QuantOptions& o, int64_t v) { o.activation_bits = v; })},
-      {"layer_bits", kLayerBits,
-       [](auto& c, int64_t v) { (*c.mutable_layer_bits())["fc"] = v; },
-       quant([](QuantOptions& o, int64_t v) { o.layer_bits["fc"] = v; })},
-      {"distillation.batch_size", kBatchSize,
-       [](auto& c, int64_t v) { c.mutable_distillation()->set_batch_size(v); },
-       distill([](DistillOptions& o, int64_t v) { o.batch_size = v; })},
-      {"distillation.num_batches", kNumBatches,
-       [](auto& c, int64_t v) { c.mutable_distillation()->set_num_batches(v); },
-       distill([](DistillOptions& o, int64_t v) { o.num_batches = v; })},
-      {"distillation.iterations", kIterations,
-       [](auto& c, int64_t v) { c.mutable_distillation()->set_iterations(v); },
-       distill([](DistillOptions& o, int64_t v) { o.iterations = v; })},
-  };
-  for (const IntCase& c : cases) {
-    std::vector<int64_t> edges = {c.limit.lo - 1, c.limit.lo, c.limit.hi,
-                                  c.limit.hi + 1, -1, 0, 1};
+  const std::map<std::string, Setter> setters = Setters();
+  for (const IntField* field : kIntFields) {
+    auto it = setters.find(field->name);
+    ASSERT_NE(it, setters.end()) << "no setter for " << field->name;
+    std::vector<int64_t> edges = {field->lo - 1, field->lo, field->hi,
+                                  field->hi + 1, -1, 0, 1};
     for (int64_t v : edges) {
       v1::QuantizationConfig config;
-      c.set(config, v);
-      const bool want = c.limit.Contains(v);
+      it->second.config(config, v);
+      JobSpec spec;
+      it->second.spec(spec, v);
+      const bool want = field->Contains(v);
       absl::Status server = ValidateQuantizationConfig(config);
-      absl::Status core = c.core(v);
-      EXPECT_EQ(server.ok(), want) << c.field << " = " << v << ": " << server;
-      EXPECT_EQ(core.ok(), want) << c.field << " = " << v << ": " << core;
+      absl::Status core = ValidateJobSpec(*model, spec);
+      EXPECT_EQ(server.ok(), want) << field->name << " = " << v << ": " << server;
+      EXPECT_EQ(core.ok(), want) << field->name << " = " << v << ": " << core;
       if (!server.ok()) {
         EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
-        EXPECT_NE(server.message().find(std::string("config.") + c.field),
+        EXPECT_NE(server.message().find(std::string("config.") + field->name),
                   std::string::npos)
             << server;
       }
     }
   }
+}
+
+// The help texts (zeroq-quantize's flags, the zeroq command line) state each
+// field's range and default as the schema has them.
+TEST(LimitsTest, HelpTextsStateTheRangeAndDefault) {
+  for (const IntField* field : kIntFields) {
+    const std::string help = field->help;
+    EXPECT_NE(help.find(absl::StrCat(field->lo, "..", field->hi)),
+              std::string::npos)
+        << field->name << ": " << help;
+    if (field->zero != nullptr) {
+      EXPECT_NE(help.find("(0: "), std::string::npos) << field->name;
+    }
+    if (field->def != 0 && std::string(field->name) != "layer_bits") {
+      EXPECT_NE(help.find(absl::StrCat("default ", field->def)),
+                std::string::npos)
+          << field->name << ": " << help;
+    }
+  }
+  EXPECT_NE(std::string(kCandidateBits.help).find("default 2,4,8"),
+            std::string::npos);
+  for (const RealField* field : kRealFields) {
+    const std::string help = field->help;
+    EXPECT_NE(help.find(field->Describe()), std::string::npos)
+        << field->name << ": " << help << " vs " << field->Describe();
+    EXPECT_NE(help.find(absl::StrFormat("default %g", field->def)),
+              std::string::npos)
+        << field->name << ": " << help;
+  }
+  // And the core's defaults are the schema's.
+  const DistillOptions d;
+  const QuantOptions q;
+  const SensitivityOptions s;
+  EXPECT_EQ(d.batch_size, kBatchSize.def);
+  EXPECT_EQ(d.num_batches, kNumBatches.def);
+  EXPECT_EQ(d.iterations, kIterations.def);
+  EXPECT_EQ(d.lr, kLearningRate.def);
+  EXPECT_EQ(q.weight_bits, kWeightBits.def);
+  EXPECT_EQ(q.activation_bits, kActivationBits.def);
+  EXPECT_EQ(q.activation_percentile, kActivationPercentile.def);
+  EXPECT_EQ(s.bits, (std::vector<int>{2, 4, 8}));
 }
 
 TEST(LimitsTest, ServerAndCoreAgreeOnPercentileAndLearningRate) {
@@ -91,7 +142,7 @@ TEST(LimitsTest, ServerAndCoreAgreeOnPercentileAndLearningRate) {
     config.set_activation_percentile(p);
     QuantOptions o;
     o.activation_percentile = p;
-    const bool want = PercentileOk(p);
+    const bool want = kActivationPercentile.Contains(p);
     EXPECT_EQ(ValidateQuantizationConfig(config).ok(), want) << p;
     EXPECT_EQ(ValidateQuantOptions(*model, o).ok(), want) << p;
   }
@@ -100,7 +151,7 @@ TEST(LimitsTest, ServerAndCoreAgreeOnPercentileAndLearningRate) {
     config.mutable_distillation()->set_lr(lr);
     DistillOptions o;
     o.lr = lr;
-    const bool want = LrOk(lr);
+    const bool want = kLearningRate.Contains(lr);
     EXPECT_EQ(ValidateQuantizationConfig(config).ok(), want) << lr;
     EXPECT_EQ(ValidateDistillOptions(o).ok(), want) << lr;
   }

@@ -11,9 +11,12 @@
 #define ZEROQ_CORE_OPTIONS_H_
 
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
+
+#include "common/config_schema.h"
 
 namespace zeroq::core {
 
@@ -34,10 +37,11 @@ enum class DistillStats {
 };
 
 struct DistillOptions {
-  int batch_size = 32;         // images per batch
-  int num_batches = 1;         // batches, each optimised on its own
-  int iterations = 500;        // Adam steps per batch
-  double lr = 0.5;             // Adam learning rate
+  // Defaults and ranges: common/config_schema.h.
+  int batch_size = static_cast<int>(kBatchSize.def);    // images per batch
+  int num_batches = static_cast<int>(kNumBatches.def);  // each optimised alone
+  int iterations = static_cast<int>(kIterations.def);   // Adam steps per batch
+  double lr = kLearningRate.def;                        // Adam learning rate
   bool plateau_scheduler = true;  // ReduceLROnPlateau on the loss, per step
   double plateau_factor = 0.1;
   int plateau_patience = 100;
@@ -52,21 +56,23 @@ struct DistillOptions {
 struct QuantOptions {
   // Uniform weight width for every conv/linear layer, 2..8; 0 keeps weights
   // in float. `layer_bits` overrides it per layer (module path name -> bits).
-  int weight_bits = 8;
+  int weight_bits = static_cast<int>(kWeightBits.def);
   std::map<std::string, int> layer_bits;
   // Activation width, 2..16; 0 keeps activations in float.
-  int activation_bits = 8;
+  int activation_bits = static_cast<int>(kActivationBits.def);
   // Reference: only ReLU/ReLU6 outputs are quantized. This also quantizes the
   // input of every conv/linear layer (network input, residual sums, pooled
   // features before the classifier).
   bool quantize_layer_inputs = false;
   // 100 = min/max range (reference); below 100, e.g. 99.99, clips the range to
   // the [100 - p, p] percentiles of the calibration activations.
-  double activation_percentile = 100.0;
+  double activation_percentile = kActivationPercentile.def;
 };
 
 struct SensitivityOptions {
-  std::vector<int> bits = {2, 4, 8};  // candidate widths, each 2..8
+  // Candidate widths, each 2..8.
+  std::vector<int> bits = {std::begin(kDefaultCandidateBits),
+                           std::end(kDefaultCandidateBits)};
   bool others_at_8bit = false;        // other layers' weights at 8 bits
   bool slice_graph = true;            // false: naive full forwards
 };

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "common/status_macros.h"
 
@@ -348,6 +349,41 @@ double LowerBound(const Problem& p, const Buckets& bk, int64_t budget_bits) {
 }
 
 }  // namespace
+
+std::string BudgetText(const Budget& budget) {
+  switch (budget.kind) {
+    case Budget::kAverageBits:
+      return absl::StrFormat("MP%g", budget.value);
+    case Budget::kCompressionRatio:
+      return absl::StrFormat("%gx", budget.value);
+    case Budget::kBytes:
+      break;
+  }
+  return absl::StrFormat("%.0fB", budget.value);
+}
+
+absl::Status CheckBudgetReachable(const std::string& text, const Budget& budget,
+                                  const std::vector<LayerCost>& layers,
+                                  const std::map<std::string, int>& pins) {
+  int64_t smallest = 0;
+  int64_t params = 0;
+  for (const LayerCost& l : layers) {
+    int lowest = l.bits.empty() ? 32 : *std::min_element(l.bits.begin(), l.bits.end());
+    auto pin = pins.find(l.name);
+    if (pin != pins.end()) lowest = pin->second == 0 ? 32 : pin->second;
+    smallest += l.params * lowest;
+    params += l.params;
+  }
+  ZQ_ASSIGN_OR_RETURN(int64_t bits, BudgetToBits(budget, layers));
+  if (bits < smallest) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "\"%s\" is %d weight bytes, below the smallest size the candidate "
+        "widths reach (%d bytes, %.2f bits per weight)",
+        text, bits / 8, smallest / 8,
+        static_cast<double>(smallest) / std::max<int64_t>(1, params)));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<int64_t> BudgetToBits(const Budget& budget,
                                      const std::vector<LayerCost>& layers) {

@@ -63,6 +63,7 @@
 #define ZEROQ_CORE_PARETO_H_
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -100,6 +101,20 @@ struct Budget {
 // kind, or layers that PlanMixedPrecision would reject.
 absl::StatusOr<int64_t> BudgetToBits(const Budget& budget,
                                      const std::vector<LayerCost>& layers);
+
+// Whether the budget (written as `text`) is reachable at all: not below the
+// size of every layer at its lowest candidate width, a pinned layer at its
+// pin in `pins` (by layer name; 0: float, 32 bits).
+// INVALID_ARGUMENT saying both sizes, e.g. "\"MP4\" is 21128 weight bytes,
+// below the smallest size the candidate widths reach (42256 bytes, 8.00 bits
+// per weight)". The server checks this at SubmitJob and the core before it
+// runs, with this one function.
+// The budget as a user would write it: "MP4", "8x", "120000B".
+std::string BudgetText(const Budget& budget);
+
+absl::Status CheckBudgetReachable(const std::string& text, const Budget& budget,
+                                  const std::vector<LayerCost>& layers,
+                                  const std::map<std::string, int>& pins);
 
 // One configuration: a width per layer, in the order of the layers.
 struct ParetoPoint {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <set>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -20,6 +21,7 @@
 #include "absl/strings/strip.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "core/distill.h"
 #include "core/export.h"
@@ -123,6 +125,50 @@ const char* StageName(Stage stage) {
   return "UNKNOWN";
 }
 
+absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec) {
+  ZQ_RETURN_IF_ERROR(ValidateQuantOptions(model, spec.quant));
+  ZQ_RETURN_IF_ERROR(ValidateDistillOptions(spec.distill));
+  if (!kThreads.Contains(spec.threads)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "threads = ", spec.threads, ": must be ", kThreads.Describe()));
+  }
+  if (spec.budget.has_value()) {
+    if (spec.sensitivity.bits.empty()) {
+      return absl::InvalidArgumentError("candidate_bits: none given");
+    }
+    std::set<int> seen;
+    for (int k : spec.sensitivity.bits) {
+      if (!kCandidateBits.Contains(k)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "candidate_bits: ", k, " is outside ", kCandidateBits.Describe()));
+      }
+      if (!seen.insert(k).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("candidate_bits: ", k, " is repeated"));
+      }
+    }
+    // A re-plan without explicit widths plans with the stored table's.
+    if (spec.precomputed_sensitivity.empty() || !spec.replan_widths.empty()) {
+      std::vector<LayerCost> layers;
+      for (const QuantLayer& l : model.summary().layers) {
+        LayerCost cost;
+        cost.name = l.name;
+        cost.params = l.params;
+        cost.bits = spec.sensitivity.bits;
+        cost.sensitivity.assign(cost.bits.size(), 0.0);
+        layers.push_back(std::move(cost));
+      }
+      absl::Status reachable = CheckBudgetReachable(
+          BudgetText(*spec.budget), *spec.budget, layers, spec.quant.layer_bits);
+      if (!reachable.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("budget: ", reachable.message()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress,
                                  const CancellationToken* cancel) {
   auto emit = [&](ProgressEvent e) {
@@ -157,7 +203,7 @@ absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress
   std::vector<int64_t> shape = {1};
   shape.insert(shape.end(), spec.input_shape.begin(), spec.input_shape.end());
   ZQ_RETURN_IF_ERROR(model->CheckInputShape(shape));
-  ZQ_RETURN_IF_ERROR(ValidateQuantOptions(*model, spec.quant));
+  ZQ_RETURN_IF_ERROR(ValidateJobSpec(*model, spec));
   const ModelSummary& summary = model->summary();
   result.bn_layers = static_cast<int>(summary.bn_layers.size());
   result.quantizable_params = summary.quantizable_params;

@@ -35,6 +35,8 @@
 
 namespace zeroq::core {
 
+class Model;
+
 enum class Stage { kInspect, kDistill, kSensitivity, kPareto, kCalibrate, kExport };
 const char* StageName(Stage stage);
 
@@ -135,6 +137,12 @@ void SetUpProcess(int threads);
 
 // INVALID_ARGUMENT / FAILED_PRECONDITION for bad models, shapes and options
 // (Model, Distill, QuantizedModel say which); CANCELLED via the token.
+// Every option of the spec against its range (common/config_schema.h) and
+// the model's layers: quantization, distillation, candidate widths (with a
+// budget; no repeats), threads. INVALID_ARGUMENT naming the option. RunJob
+// runs it first; zeroq-quantize --check_config runs only this.
+absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec);
+
 absl::StatusOr<JobResult> RunJob(const JobSpec& spec,
                                  const ProgressFn& progress = {},
                                  const CancellationToken* cancel = nullptr);

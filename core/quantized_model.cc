@@ -8,7 +8,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
-#include "common/config_limits.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "core/graph_util.h"
 #include "core/outputs.h"
@@ -84,10 +84,10 @@ absl::Status ValidateQuantOptions(const Model& model,
         absl::StrCat("activation_bits = ", options.activation_bits,
                      ": activation widths are ", kActivationBits.Describe()));
   }
-  if (!PercentileOk(options.activation_percentile)) {
+  if (!kActivationPercentile.Contains(options.activation_percentile)) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation_percentile = ", options.activation_percentile,
-                     ": must be in (50, 100]"));
+                     ": must be in ", kActivationPercentile.Describe()));
   }
   return absl::OkStatus();
 }

@@ -144,9 +144,9 @@ absl::StatusOr<std::vector<LayerSensitivity>> ComputeSensitivity(
     return absl::InvalidArgumentError("no candidate bit widths given");
   }
   for (int k : options.bits) {
-    if (k < 2 || k > 8) {
+    if (!kCandidateBits.Contains(k)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "candidate width ", k, " is outside 2..8"));
+          "candidate width ", k, " is outside ", kCandidateBits.Describe()));
     }
   }
   const std::vector<QuantLayer>& layers = model.summary().layers;

@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/config_limits.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "core/pareto.h"
 
@@ -17,7 +17,7 @@ absl::Status Invalid(absl::string_view field, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
 }
 
-absl::Status Check(absl::string_view field, int64_t v, const IntLimit& limit) {
+absl::Status Check(absl::string_view field, int64_t v, const IntField& limit) {
   if (limit.Contains(v)) return absl::OkStatus();
   return Invalid(field, absl::StrCat(v, " is outside ", limit.Describe()));
 }
@@ -52,10 +52,11 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
     return Invalid("config.candidate_bits",
                    "only used with a budget (mixed precision)");
   }
-  if (c.has_activation_percentile() && !PercentileOk(c.activation_percentile())) {
+  if (c.has_activation_percentile() &&
+      !kActivationPercentile.Contains(c.activation_percentile())) {
     return Invalid("config.activation_percentile",
                    absl::StrFormat("%g is outside %s", c.activation_percentile(),
-                                   kPercentileRange));
+                                   kActivationPercentile.Describe()));
   }
   const v1::DistillationConfig& d = c.distillation();
   if (d.has_batch_size())
@@ -67,9 +68,10 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
   if (d.has_iterations())
     ZQ_RETURN_IF_ERROR(
         Check("config.distillation.iterations", d.iterations(), kIterations));
-  if (d.has_lr() && !LrOk(d.lr())) {
+  if (d.has_lr() && !kLearningRate.Contains(d.lr())) {
     return Invalid("config.distillation.lr",
-                   absl::StrFormat("%g is outside %s", d.lr(), kLrRange));
+                   absl::StrFormat("%g is outside %s", d.lr(),
+                                   kLearningRate.Describe()));
   }
   if (!v1::CalibrationSource_IsValid(c.calibration())) {
     return Invalid(

@@ -4,7 +4,7 @@
 //
 // SubmitJob runs it before a job is accepted and the worker runs it again
 // before converting the config for the core, with the ranges of
-// common/config_limits.h that the core itself enforces: a config the server
+// common/config_schema.h that the core itself enforces: a config the server
 // accepts is never refused later for a range reason. INVALID_ARGUMENT names
 // the field ("config.distillation.batch_size: 2048 is outside 1..1024").
 // Needs only the messages (zeroq_proto) and the planner's budget parser.

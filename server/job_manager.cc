@@ -556,7 +556,8 @@ absl::StatusOr<v1::RunRequest> JobManager::BuildRunRequest(const v1::Job& job,
   *run.mutable_input_shape() = model.input_shape();
   *run.mutable_config() = job.config();
   run.set_output_dir((fs::path(JobDir(job.id())) / "out").string());
-  run.set_threads(job.config().has_threads() ? job.config().threads()
+  // 0 (or unset): the server's per-job share.
+  run.set_threads(job.config().threads() > 0 ? job.config().threads()
                                              : options_.cpu_threads_per_job);
   run.set_device(slot.core_device);
   const std::string& from = job.config().sensitivity_from_job();

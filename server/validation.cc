@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -114,31 +115,18 @@ absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c,
   ZQ_ASSIGN_OR_RETURN(core::Budget budget, core::ParseBudget(c.budget()));
   std::vector<int> candidates = CandidateBits(c);
   std::vector<core::LayerCost> layers;
-  int64_t smallest = 0;
   for (const v1::QuantizableLayer& l : s.layers()) {
     core::LayerCost cost;
     cost.name = l.name();
     cost.params = l.params();
     cost.bits = candidates;
     cost.sensitivity.assign(candidates.size(), 0.0);
-    int lowest = *std::min_element(candidates.begin(), candidates.end());
-    auto pin = c.layer_bits().find(l.name());
-    if (pin != c.layer_bits().end())
-      lowest = pin->second == 0 ? 32 : pin->second;
-    smallest += l.params() * lowest;
     layers.push_back(std::move(cost));
   }
-  absl::StatusOr<int64_t> bits = core::BudgetToBits(budget, layers);
-  if (!bits.ok()) return Invalid("config.budget", bits.status().message());
-  if (*bits < smallest) {
-    return Invalid(
-        "config.budget",
-        absl::StrFormat(
-            "\"%s\" is %d weight bytes, below the smallest size the "
-            "candidate widths reach (%d bytes, %.2f bits per weight)",
-            c.budget(), *bits / 8, smallest / 8,
-            static_cast<double>(smallest) / s.quantizable_params()));
-  }
+  absl::Status reachable = core::CheckBudgetReachable(
+      c.budget(), budget, layers,
+      std::map<std::string, int>(c.layer_bits().begin(), c.layer_bits().end()));
+  if (!reachable.ok()) return Invalid("config.budget", reachable.message());
   return absl::OkStatus();
 }
 

@@ -103,7 +103,7 @@ TEST(Validation, SubmitNamesTheBadField) {
        "config.distillation.lr"},
       {[](auto* r) { r->mutable_config()->set_sensitivity_from_job("j-1"); },
        "config.sensitivity_from_job"},
-      {[](auto* r) { r->mutable_config()->set_threads(0); }, "config.threads"},
+      {[](auto* r) { r->mutable_config()->set_threads(257); }, "config.threads"},
       {[](auto* r) { r->set_device(static_cast<v1::DeviceKind>(7)); },
        "device"},
   };

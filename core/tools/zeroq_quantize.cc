@@ -24,20 +24,23 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "common/config_schema.h"
+#include "core/model.h"
 #include "core/pipeline.h"
 
 ABSL_FLAG(std::string, model, "", "TorchScript model file (required)");
 ABSL_FLAG(std::string, input_shape, "",
           "one input sample without the batch, e.g. 3,224,224 (required)");
 ABSL_FLAG(std::string, out, "", "output folder, created if missing (required)");
-ABSL_FLAG(int, weight_bits, 8, "weight width for every layer, 2..8 (0: float)");
+ABSL_FLAG(int, weight_bits, zeroq::kWeightBits.def, zeroq::kWeightBits.help);
 ABSL_FLAG(std::string, layer_bits, "",
           "per-layer widths overriding --weight_bits: name=bits,name=bits");
-ABSL_FLAG(int, activation_bits, 8, "activation width, 2..16 (0: float)");
+ABSL_FLAG(int, activation_bits, zeroq::kActivationBits.def,
+          zeroq::kActivationBits.help);
 ABSL_FLAG(bool, quantize_layer_inputs, false,
           "also quantize every conv/linear input, not only ReLU outputs");
-ABSL_FLAG(double, activation_percentile, 100.0,
-          "activation range percentile; 100 = min/max");
+ABSL_FLAG(double, activation_percentile, zeroq::kActivationPercentile.def,
+          zeroq::kActivationPercentile.help);
 ABSL_FLAG(std::string, budget, "",
           "mixed precision within a weight budget: MP4 or 4 (average bits), "
           "8x (compression against float), 120KB / 1.5MiB / 30000B");
@@ -49,10 +52,10 @@ ABSL_FLAG(bool, sensitivity_others_8bit, false,
 ABSL_FLAG(std::string, sensitivity_from, "",
           "re-plan from the sensitivity table in an earlier report.json "
           "(pass its distilled.pt as --calibration to reuse its data)");
-ABSL_FLAG(int, batch_size, 32, "distilled images per batch");
-ABSL_FLAG(int, num_batches, 1, "distilled batches");
-ABSL_FLAG(int, iterations, 500, "distillation iterations per batch");
-ABSL_FLAG(double, lr, 0.5, "distillation Adam learning rate");
+ABSL_FLAG(int, batch_size, zeroq::kBatchSize.def, zeroq::kBatchSize.help);
+ABSL_FLAG(int, num_batches, zeroq::kNumBatches.def, zeroq::kNumBatches.help);
+ABSL_FLAG(int, iterations, zeroq::kIterations.def, zeroq::kIterations.help);
+ABSL_FLAG(double, lr, zeroq::kLearningRate.def, zeroq::kLearningRate.help);
 ABSL_FLAG(bool, plateau, true, "ReduceLROnPlateau on the distillation loss");
 ABSL_FLAG(std::string, init, "reference",
           "distillation start: reference (tiny uniform noise) or gaussian");
@@ -62,10 +65,13 @@ ABSL_FLAG(double, eps, 1e-6, "eps in sqrt(var + eps)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed");
 ABSL_FLAG(std::string, calibration, "distilled",
           "calibration data: distilled, gaussian, or a tensor file [N,...]");
-ABSL_FLAG(int, threads, 0, "intra-op threads (0: all cores)");
+ABSL_FLAG(int, threads, zeroq::kThreads.def, zeroq::kThreads.help);
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
 ABSL_FLAG(std::string, progress, "auto", "auto, bar, lines or none");
 ABSL_FLAG(bool, json, false, "print the report as JSON instead of a table");
+ABSL_FLAG(bool, check_config, false,
+          "check the options against their ranges and the model's layers, "
+          "print \"config ok\" and exit, without quantizing");
 
 namespace {
 
@@ -168,8 +174,10 @@ int main(int argc, char** argv) {
     return Usage("--input_shape is required, e.g. --input_shape=3,224,224");
   }
   spec.output_dir = absl::GetFlag(FLAGS_out);
-  if (spec.output_dir.empty()) return Usage("--out is required");
-  if (std::system(absl::StrCat("mkdir -p '", spec.output_dir, "'").c_str()) != 0) {
+  const bool check_only = absl::GetFlag(FLAGS_check_config);
+  if (spec.output_dir.empty() && !check_only) return Usage("--out is required");
+  if (!check_only &&
+      std::system(absl::StrCat("mkdir -p '", spec.output_dir, "'").c_str()) != 0) {
     return Usage(absl::StrCat("cannot create ", spec.output_dir));
   }
 
@@ -254,8 +262,21 @@ int main(int argc, char** argv) {
     spec.calibration_file = calibration;
   }
   spec.threads = absl::GetFlag(FLAGS_threads);
-  if (spec.threads < 0) return Usage("--threads must be >= 0");
   spec.device = absl::GetFlag(FLAGS_device);
+
+  if (check_only) {
+    zeroq::core::SetUpProcess(1);
+    absl::StatusOr<std::unique_ptr<zeroq::core::Model>> model =
+        zeroq::core::Model::LoadFromFile(spec.model_path, spec.device);
+    absl::Status status = model.status();
+    if (status.ok()) status = zeroq::core::ValidateJobSpec(**model, spec);
+    if (!status.ok()) {
+      return Usage(absl::StrCat(absl::StatusCodeToString(status.code()), ": ",
+                                status.message()));
+    }
+    std::cout << "config ok\n";
+    return 0;
+  }
 
   const std::string mode = absl::GetFlag(FLAGS_progress);
   if (mode != "auto" && mode != "bar" && mode != "lines" && mode != "none") {

@@ -141,9 +141,8 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   if (request.threads() < 0) {
     return Invalid("threads", absl::StrCat(request.threads(), " is negative"));
   }
-  spec.threads = request.threads() > 0  ? request.threads()
-                 : config.has_threads() ? config.threads()
-                                        : 0;
+  spec.threads = request.threads() > 0 ? request.threads()
+                                       : config.threads();  // 0: all cores
   spec.device = request.device().empty() ? "cpu" : request.device();
   return spec;
 }

@@ -1,0 +1,115 @@
+// config_schema.h: a quantization config's fields, in one place for every
+// layer that reads them: the range, what 0 means where it means something,
+// the default, and the help text.
+//
+//   if (!kBatchSize.Contains(v)) return Invalid(kBatchSize.name, kBatchSize.Describe());
+//   ABSL_FLAG(int, batch_size, kBatchSize.def, kBatchSize.help);
+//
+// SubmitJob's validation (proto/config_check.cc, which the worker runs again),
+// the core's own option checks (core/distill.cc, core/quantized_model.cc,
+// core/pipeline.cc's ValidateJobSpec), the core's defaults (core/options.h),
+// zeroq-quantize's flags and the zeroq command line all read these, so a
+// config that one of them accepts is never refused later by another for a
+// range reason. Tests: core's LimitsTest walks every edge through both
+// checks; tests/config_schema_test.cc walks them through a real server's
+// SubmitJob and the zeroq-quantize binary; the help texts are checked
+// against the ranges and defaults.
+// Plain C++ (no Abseil, no LibTorch): every layer may include it.
+#ifndef ZEROQ_COMMON_CONFIG_SCHEMA_H_
+#define ZEROQ_COMMON_CONFIG_SCHEMA_H_
+
+#include <cstdint>
+#include <string>
+
+namespace zeroq {
+
+// An integer field: an inclusive range, and 0 besides it where `zero` says
+// what 0 means.
+struct IntField {
+  const char* name;  // as in QuantizationConfig, e.g. "distillation.batch_size"
+  int64_t lo;
+  int64_t hi;
+  const char* zero;  // nullptr: 0 is only valid inside [lo, hi]
+  int64_t def;       // the value when the field is not set
+  // One line for a flag's help; states the range and the default.
+  const char* help;
+
+  constexpr bool Contains(int64_t v) const {
+    return (zero != nullptr && v == 0) || (v >= lo && v <= hi);
+  }
+  // "0 (float) or 2..8", "1..1024".
+  std::string Describe() const {
+    std::string range = std::to_string(lo) + ".." + std::to_string(hi);
+    if (zero == nullptr) return range;
+    return "0 (" + std::string(zero) + ") or " + range;
+  }
+};
+
+inline constexpr IntField kWeightBits{
+    "weight_bits", 2, 8, "float", 8,
+    "weight width of every layer, 2..8 (0: float; default 8)"};
+inline constexpr IntField kLayerBits{
+    "layer_bits", 2, 8, "float", 8,
+    "per-layer weight widths overriding weight_bits, 2..8 (0: float)"};
+inline constexpr IntField kCandidateBits{
+    "candidate_bits", 2, 8, nullptr, 0,
+    "mixed-precision widths to choose from, each 2..8 (default 2,4,8)"};
+// The default set of kCandidateBits.
+inline constexpr int kDefaultCandidateBits[] = {2, 4, 8};
+inline constexpr IntField kActivationBits{
+    "activation_bits", 2, 16, "float", 8,
+    "activation width, 2..16 (0: float; default 8)"};
+inline constexpr IntField kBatchSize{
+    "distillation.batch_size", 1, 1024, nullptr, 32,
+    "distilled images per batch, 1..1024 (default 32)"};
+inline constexpr IntField kNumBatches{
+    "distillation.num_batches", 1, 64, nullptr, 1,
+    "distilled batches, 1..64 (default 1)"};
+inline constexpr IntField kIterations{
+    "distillation.iterations", 0, 100000, nullptr, 500,
+    "distillation iterations per batch, 0..100000 (default 500)"};
+inline constexpr IntField kThreads{
+    "threads", 1, 256, "the default", 0,
+    "intra-op threads of a CPU job, 1..256 (0: the default: the server's "
+    "per-job share, or all cores offline)"};
+
+// Every integer field, for tables that walk them.
+inline constexpr const IntField* kIntFields[] = {
+    &kWeightBits, &kLayerBits,  &kCandidateBits, &kActivationBits,
+    &kBatchSize,  &kNumBatches, &kIterations,    &kThreads};
+
+// A real field on a half-open range (lo, hi].
+struct RealField {
+  const char* name;
+  double lo;  // excluded
+  double hi;  // included
+  double def;
+  const char* help;
+
+  constexpr bool Contains(double v) const { return v > lo && v <= hi; }
+  std::string Describe() const {
+    auto text = [](double v) {
+      std::string s = std::to_string(v);
+      s.erase(s.find_last_not_of('0') + 1);
+      if (!s.empty() && s.back() == '.') s.pop_back();
+      return s;
+    };
+    return "(" + text(lo) + ", " + text(hi) + "]";
+  }
+};
+
+// At 50 a site's range would be the median alone (zero width).
+inline constexpr RealField kActivationPercentile{
+    "activation_percentile", 50.0, 100.0, 100.0,
+    "percentile of each activation's absolute values that sets its range, "
+    "in (50, 100] (default 100: min/max)"};
+inline constexpr RealField kLearningRate{
+    "distillation.lr", 0.0, 100.0, 0.5,
+    "distillation Adam learning rate, in (0, 100] (default 0.5)"};
+
+inline constexpr const RealField* kRealFields[] = {&kActivationPercentile,
+                                                   &kLearningRate};
+
+}  // namespace zeroq
+
+#endif  // ZEROQ_COMMON_CONFIG_SCHEMA_H_
