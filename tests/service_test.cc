@@ -549,6 +549,45 @@ TEST_F(ServiceTest, ServerKilledMidJobRequeuesItOnRestart) {
   EXPECT_EQ(leftovers, 0);
 }
 
+// A cancel taken just before the server died is not lost: the restart ends
+// the job CANCELLED instead of running it again.
+TEST_F(ServiceTest, CancelTakenBeforeACrashHoldsAfterTheRestart) {
+  StartServer({"--devices=cpu:1"});
+  v1::Model model = UploadReady("fashion_cnn.pt");
+  absl::StatusOr<v1::Job> job =
+      client_->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(job.ok()) << job.status();
+  WaitFor(job->id(), [](const v1::Job& j) {
+    return (j.stage() == v1::STAGE_DISTILL && j.step() > 0) || Finished(j);
+  });
+  // The worker is frozen, so it cannot act on the cancel before the crash.
+  pid_t worker = testing::FindWorkerPid(job->id());
+  ASSERT_GT(worker, 0);
+  ASSERT_EQ(kill(worker, SIGSTOP), 0);
+  absl::StatusOr<v1::Job> taken = client_->CancelJob(job->id());
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  EXPECT_EQ(taken->state(), v1::JOB_RUNNING);
+  EXPECT_TRUE(taken->cancel_requested());
+  server_->Kill();
+  kill(worker, SIGKILL);  // its death signal is pending while it is stopped
+
+  ASSERT_TRUE(server_->Start()) << server_->Log();
+  client_ = server_->NewClient();
+  std::vector<v1::JobEvent> events;
+  absl::StatusOr<v1::Job> done = WatchAll(client_.get(), job->id(), &events);
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->state(), v1::JOB_CANCELLED) << done->error().message();
+  EXPECT_EQ(done->attempts(), 1);  // never started again
+  ASSERT_FALSE(done->attempt_history().empty());
+  EXPECT_EQ(done->attempt_history().rbegin()->outcome(), "cancelled");
+  for (size_t i = 0; i < events.size(); ++i)
+    EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
+  // The slot is free: the next job runs.
+  absl::StatusOr<v1::Job> next = client_->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(WaitFor(next->id(), Finished).state(), v1::JOB_SUCCEEDED);
+}
+
 TEST_F(ServiceTest, LateAndReconnectingWatchersMissNothing) {
   StartServer();
   v1::Model model = UploadReady("fashion_cnn.pt");
