@@ -12,7 +12,9 @@ Cases, each a fresh server (metrics on, one CPU slot), median of --runs:
                      is stopped and re-queued at once)
   running job        one running job, --shutdown_grace=2s: takes the grace
 Prints seconds from SIGTERM to exit, and for the streams the status each
-watcher got and how long after SIGTERM the last one got it.
+watcher got and how long after SIGTERM the last one got it. Then the
+heartbeat period 10 watchers of a quiet job observe with
+--heartbeat_interval=500ms (gaps between heartbeats over 5 s).
 """
 import argparse
 import os
@@ -131,6 +133,37 @@ def main():
     for code, _ in last_status:
         codes[code] = codes.get(code, 0) + 1
     print(f"  watchers' status: {codes}; e.g. {last_status[0][1]!r}")
+
+    # The heartbeat period on quiet streams.
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, target, client, queued = busy_server(tmp, "--heartbeat_interval=500ms",
+                                                   "--shutdown_grace=0s")
+        gaps, lock = [], threading.Lock()
+
+        def heartbeats():
+            last = None
+            stream = client.stub.WatchJob(pb.WatchJobRequest(job_id=queued.id))
+            t_end = time.monotonic() + 5.0
+            for e in stream:
+                now = time.monotonic()
+                if e.type == pb.EVENT_HEARTBEAT:
+                    if last is not None:
+                        with lock:
+                            gaps.append(now - last)
+                    last = now
+                if now > t_end:
+                    stream.cancel()
+                    break
+
+        threads = [threading.Thread(target=heartbeats) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        stop(proc)
+    gaps.sort()
+    print(f"  heartbeat gap (500ms asked): median {statistics.median(gaps):.3f} s, "
+          f"min {gaps[0]:.3f} s, max {gaps[-1]:.3f} s over {len(gaps)} gaps")
 
 
 if __name__ == "__main__":
