@@ -19,8 +19,12 @@ PACKAGES=(
   # service
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libsqlite3-dev libssl-dev
+  # the HTTP/JSON API and its event streams (Boost.Beast on Asio, headers)
+  libboost1.74-dev
   # tests
-  libgtest-dev libgmock-dev googletest openssl
+  libgtest-dev libgmock-dev googletest openssl curl
+  # the dashboard's test in a real browser (headless, over WebDriver)
+  chromium chromium-driver
   # the virtual environment; Python's gRPC and Protobuf (seen from inside it)
   # for the Python client; Fashion-MNIST for the accuracy checks
   python3 python3-venv python3-grpcio python3-protobuf dataset-fashion-mnist
