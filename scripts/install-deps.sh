@@ -23,14 +23,22 @@ PACKAGES=(
   libboost1.74-dev
   # tests
   libgtest-dev libgmock-dev googletest openssl curl
-  # the dashboard's test in a real browser (headless, over WebDriver)
-  chromium chromium-driver
   # the virtual environment; Python's gRPC and Protobuf (seen from inside it)
   # for the Python client; Fashion-MNIST for the accuracy checks
   python3 python3-venv python3-grpcio python3-protobuf dataset-fashion-mnist
   # deployment checks: YAML parsing, promtool
   python3-yaml prometheus
 )
+
+# Only the tests use these; ZEROQ_SKIP_TEST_PACKAGES=1 (the image's build)
+# leaves them out.
+TEST_PACKAGES=(
+  # the dashboard's test in a real browser (headless, over WebDriver)
+  chromium chromium-driver
+)
+if [ "${ZEROQ_SKIP_TEST_PACKAGES:-0}" != 1 ]; then
+  PACKAGES+=("${TEST_PACKAGES[@]}")
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
