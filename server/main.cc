@@ -264,11 +264,12 @@ int main(int argc, char** argv) {
   if (!manager.ok()) return Fail(manager.status());
   if (absl::Status s = (*manager)->Start(); !s.ok()) return Fail(s);
 
-  zs::ServiceOptions service_options;
-  service_options.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
-  service_options.tenants = &tenants;
-  service_options.metrics = metrics->get();
-  zs::ZeroQService service(manager->get(), service_options);
+  zs::ApiOptions api_options;
+  api_options.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
+  api_options.tenants = &tenants;
+  api_options.metrics = metrics->get();
+  zs::Api api(manager->get(), api_options);
+  zs::ZeroQService service(&api, zs::ServiceOptions{});
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -308,7 +309,7 @@ int main(int argc, char** argv) {
   zs::LogInfo({}, absl::StrCat("signal ", signal_number, ": draining"));
   // New work is refused before health says NOT_SERVING: a client that sees
   // NOT_SERVING and submits anyway must get UNAVAILABLE, not a job.
-  service.Shutdown();
+  api.Shutdown();
   health->SetServingStatus(false);
   (*manager)->Stop(absl::GetFlag(FLAGS_shutdown_grace));
   // Watch streams have ended and jobs are settled; what is left are calls in

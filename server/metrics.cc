@@ -175,6 +175,9 @@ struct Metrics::Impl {
   prometheus::Family<prometheus::Counter>& worker_restarts_family;
   prometheus::Family<prometheus::Counter>& inspections;
   prometheus::Family<prometheus::Counter>& jobs_deleted;
+  prometheus::Family<prometheus::Gauge>& sse_streams_family;
+  prometheus::Family<prometheus::Counter>& http_requests;
+  prometheus::Family<prometheus::Histogram>& http_duration;
   prometheus::Family<prometheus::Counter>& blobs_removed_family;
   prometheus::Family<prometheus::Counter>& uploaded_bytes;
   prometheus::Family<prometheus::Gauge>& stored_bytes;
@@ -189,6 +192,7 @@ struct Metrics::Impl {
   prometheus::Counter& worker_restarts;
   prometheus::Gauge& watch_streams;
   prometheus::Counter& blobs_removed;
+  prometheus::Gauge& sse_streams;
 
   absl::Mutex rpc_mu;
   // Keyed by the full method name gRPC reports; a handful of entries.
@@ -263,6 +267,21 @@ Metrics::Impl::Impl()
                        .Help("Finished jobs deleted, by reason (request: "
                              "DeleteJob; retention: --job_retention).")
                        .Register(*registry)),
+      sse_streams_family(prometheus::BuildGauge()
+                             .Name("zeroq_sse_streams")
+                             .Help("HTTP event streams (GET "
+                                   "/v1/jobs/{id}/events) currently open.")
+                             .Register(*registry)),
+      http_requests(prometheus::BuildCounter()
+                        .Name("zeroq_http_requests_total")
+                        .Help("HTTP API requests answered, by route and "
+                              "status code.")
+                        .Register(*registry)),
+      http_duration(prometheus::BuildHistogram()
+                        .Name("zeroq_http_request_duration_seconds")
+                        .Help("Seconds from an HTTP request to the end of "
+                              "its response, by route.")
+                        .Register(*registry)),
       blobs_removed_family(prometheus::BuildCounter()
                                .Name("zeroq_blobs_removed_total")
                                .Help("Stored blobs removed because no model "
@@ -294,7 +313,8 @@ Metrics::Impl::Impl()
       worker_crashes(worker_crashes_family.Add({})),
       worker_restarts(worker_restarts_family.Add({})),
       watch_streams(watch_streams_family.Add({})),
-      blobs_removed(blobs_removed_family.Add({})) {
+      blobs_removed(blobs_removed_family.Add({})),
+      sse_streams(sse_streams_family.Add({})) {
   for (const char* result : kJobResults) {
     jobs_finished.Add({{"result", result}});
     job_duration.Add({{"result", result}}, JobBuckets());
@@ -495,6 +515,18 @@ void Metrics::JobDeleted(const std::string& reason) {
 }
 
 void Metrics::BlobRemoved() { impl_->blobs_removed.Increment(); }
+
+void Metrics::SetSseStreams(int64_t open) {
+  impl_->sse_streams.Set(static_cast<double>(open));
+}
+
+void Metrics::HttpRequest(const std::string& route, int status,
+                          double seconds) {
+  impl_->http_requests.Add({{"route", route}, {"code", std::to_string(status)}})
+      .Increment();
+  // Buckets of the RPC histogram: the same spread of latencies.
+  impl_->http_duration.Add({{"route", route}}, RpcBuckets()).Observe(seconds);
+}
 
 void Metrics::InspectionFinished(bool ready) {
   impl_->inspections.Add({{"result", ready ? "ready" : "invalid"}}).Increment();

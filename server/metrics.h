@@ -33,6 +33,10 @@
 //                                                    tenant's models and
 //                                                    artifacts
 //   zeroq_watch_streams                    gauge     open WatchJob streams
+//   zeroq_sse_streams                      gauge     open HTTP event streams
+//   zeroq_http_requests_total{route,code}  counter   route: "GET /v1/jobs/{id}",
+//                                                    ...; code: HTTP status
+//   zeroq_http_request_duration_seconds{route} histogram
 //   zeroq_rpcs_total{method,code}          counter   method: "UploadModel",
 //                                                    ..., "Health/Check",
 //                                                    "unknown"; code: "OK",
@@ -90,6 +94,10 @@ class Metrics {
   void Uploaded(const std::string& tenant, int64_t bytes);
   void SetStoredBytes(const std::string& tenant, int64_t bytes);
   void SetWatchStreams(int64_t open);
+  void SetSseStreams(int64_t open);
+  // One HTTP request answered: its route pattern ("GET /v1/jobs/{id}"), its
+  // status and how long it took (an event stream: until it ended).
+  void HttpRequest(const std::string& route, int status, double seconds);
   // reason: "request" (DeleteJob) or "retention" (--job_retention).
   void JobDeleted(const std::string& reason);
   void BlobRemoved();

@@ -1,15 +1,17 @@
 // service.h: the zeroq.v1.ZeroQ gRPC service on the callback API.
 //
-//   ZeroQService service(manager.get(), ServiceOptions{});
+//   Api api(manager.get(), ApiOptions{...});
+//   ZeroQService service(&api, ServiceOptions{});
 //   grpc::ServerBuilder builder;
 //   builder.RegisterService(&service);
 //   auto server = builder.BuildAndStart();
 //   ...
-//   service.Shutdown();          // ends WatchJob streams with UNAVAILABLE
+//   api.Shutdown();              // ends WatchJob streams with UNAVAILABLE
 //   server->Shutdown();
 //
-// Handlers only translate: protos in, JobManager calls, statuses out (one
-// conversion, ToGrpcStatus). Streams hold no thread: an upload is a read
+// Handlers only translate: the bearer key and the request in, one Api call
+// (server/api.h, shared with the HTTP API), the response and the status out
+// (one conversion, ToGrpcStatus). Streams hold no thread: an upload is a read
 // reactor, a watch a write reactor woken by its job's EventLog, a download a
 // write reactor reading the blob a chunk at a time. Thread-safe.
 #ifndef ZEROQ_SERVER_SERVICE_H_
@@ -23,34 +25,20 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "server/job_manager.h"
-#include "server/metrics.h"
-#include "server/tenants.h"
+#include "server/api.h"
 #include "zeroq/v1/zeroq.grpc.pb.h"
 
 namespace zeroq::server {
 
 struct ServiceOptions {
-  // Who may call; nullptr: everyone, as the open tenant. Must outlive the
-  // service.
-  const TenantRegistry* tenants = nullptr;
-  Metrics* metrics = nullptr;  // nullptr: none
-
-  absl::Duration heartbeat_interval =
-      absl::Seconds(10);  // on quiet watch streams
   int download_chunk_bytes = 1 << 20;
 };
 
-class WatchReactor;
-
 class ZeroQService final : public v1::ZeroQ::CallbackService {
  public:
-  ZeroQService(JobManager* manager, ServiceOptions options);
+  // `api` must outlive the service.
+  ZeroQService(Api* api, ServiceOptions options);
   ~ZeroQService() override;
-
-  // Uploads, submissions and new streams are refused with UNAVAILABLE and
-  // open watch streams end with UNAVAILABLE; reads still answer. Idempotent.
-  void Shutdown();
 
   grpc::ServerReadReactor<v1::UploadModelRequest>* UploadModel(
       grpc::CallbackServerContext* context, v1::Model* response) override;
@@ -90,17 +78,12 @@ class ZeroQService final : public v1::ZeroQ::CallbackService {
  private:
   // The caller's tenant from its bearer key; UNAUTHENTICATED without one.
   absl::StatusOr<std::string> TenantOf(grpc::CallbackServerContext* context);
-  bool IsShutDown();
-  void HeartbeatLoop();
+  template <typename Response, typename Call>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context,
+                                  Response* response, Call call);
 
-  JobManager* const manager_;
+  Api* const api_;
   const ServiceOptions options_;
-
-  absl::Mutex mu_;
-  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::weak_ptr<WatchReactor>> watches_ ABSL_GUARDED_BY(mu_);
-  absl::CondVar heartbeat_wake_;
-  std::thread heartbeat_;
 };
 
 }  // namespace zeroq::server
