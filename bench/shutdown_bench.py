@@ -47,7 +47,7 @@ def main():
     def start(tmp, *flags):
         port_file = os.path.join(tmp, "port")
         proc = subprocess.Popen(
-            [server_bin, f"--data_dir={tmp}/data", "--listen=127.0.0.1:0",
+            [server_bin, f"--data_dir={tmp}/data", "--listen=127.0.0.1:0", "--http_listen=",
              f"--port_file={port_file}", "--metrics_listen=127.0.0.1:0",
              f"--worker={worker_bin}", "--devices=cpu:1", "--threads_per_job=1", *flags],
             stderr=open(os.path.join(tmp, "server.log"), "a"))

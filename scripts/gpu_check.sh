@@ -27,7 +27,7 @@ ZEROQ_TEST_DEVICE=cuda:0 ./build/core/core_test \
 echo "== one job per device through the server"
 out=$(mktemp -d)
 trap 'kill -TERM "$server" 2> /dev/null || true; wait 2> /dev/null || true; rm -rf "$out"' EXIT
-./build/server/zeroq-server --data_dir="$out/data" --listen=127.0.0.1:0 \
+./build/server/zeroq-server --data_dir="$out/data" --listen=127.0.0.1:0 --http_listen=127.0.0.1:0 \
   --port_file="$out/port" --metrics_listen=127.0.0.1:0 \
   --devices=cuda:0:1,cpu:1 2> "$out/server.log" &
 server=$!

@@ -19,7 +19,7 @@ threads=$(nproc)
 rm -f "$out/port"
 # Any free ports: the gRPC one is written to $out/port, the metrics one is
 # in the log.
-./build/server/zeroq-server --data_dir="$data" --listen=127.0.0.1:0 \
+./build/server/zeroq-server --data_dir="$data" --listen=127.0.0.1:0 --http_listen=127.0.0.1:0 \
   --port_file="$out/port" --metrics_listen=127.0.0.1:0 \
   --threads_per_job="$threads" 2> "$out/server.log" &
 server=$!

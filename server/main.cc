@@ -34,6 +34,7 @@
 #include "server/job_store.h"
 #include "server/log.h"
 #include "server/metrics.h"
+#include "server/http_server.h"
 #include "server/service.h"
 #include "server/sha256.h"
 #include "server/tenants.h"
@@ -76,6 +77,12 @@ ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
 ABSL_FLAG(int64_t, max_model_mb, 2048, "largest model upload, MiB");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "address:port of the Prometheus /metrics endpoint (empty: none)");
+ABSL_FLAG(std::string, http_listen, "127.0.0.1:8080",
+          "address:port of the HTTP/JSON API, its event streams and the "
+          "dashboard (port 0: any free port; empty: none); TLS as --tls_*");
+ABSL_FLAG(std::string, http_port_file, "",
+          "write the bound HTTP port here once serving");
+ABSL_FLAG(int, http_threads, 2, "I/O threads of the HTTP API");
 ABSL_FLAG(std::string, tenants_file, "",
           "tenants, API key hashes and quotas (JSON, see README); empty: one "
           "open tenant");
@@ -195,9 +202,13 @@ int main(int argc, char** argv) {
         zs::TenantRegistry::LoadFile(absl::GetFlag(FLAGS_tenants_file));
     if (!loaded.ok()) return Fail(loaded.status());
     tenants = *std::move(loaded);
-  } else if (!IsLoopback(listen) && !absl::GetFlag(FLAGS_insecure_open)) {
+  } else if (!absl::GetFlag(FLAGS_insecure_open) &&
+             (!IsLoopback(listen) ||
+              (!absl::GetFlag(FLAGS_http_listen).empty() &&
+               !IsLoopback(absl::GetFlag(FLAGS_http_listen))))) {
     return Fail(absl::FailedPreconditionError(absl::StrCat(
-        "refusing to listen on ", listen,
+        "refusing to listen on ",
+        IsLoopback(listen) ? absl::GetFlag(FLAGS_http_listen) : listen,
         " without --tenants_file: anyone who can reach it could use the "
         "service. "
         "Give a tenants file, listen on 127.0.0.1, or pass --insecure_open")));
@@ -283,6 +294,18 @@ int main(int argc, char** argv) {
     return Fail(
         absl::UnavailableError(absl::StrCat("cannot listen on ", listen)));
   }
+  std::unique_ptr<zs::HttpServer> http;
+  if (!absl::GetFlag(FLAGS_http_listen).empty()) {
+    zs::HttpOptions http_options;
+    http_options.listen = absl::GetFlag(FLAGS_http_listen);
+    http_options.threads = absl::GetFlag(FLAGS_http_threads);
+    http_options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+    http_options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+    http_options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+    auto started = zs::HttpServer::Start(&api, http_options);
+    if (!started.ok()) return Fail(started.status());
+    http = *std::move(started);
+  }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
   health->SetServingStatus(zeroq::v1::ZeroQ::service_full_name(), true);
@@ -294,10 +317,17 @@ int main(int argc, char** argv) {
               options.cpu_threads_per_job, " threads per CPU job, ",
               tenants.open() ? std::string("one open tenant")
                              : absl::StrCat(tenants.names().size(), " tenants"),
+              ", HTTP on ",
+              http ? absl::StrCat("port ", http->port()) : std::string("none"),
               ", metrics on ",
               (*metrics)->port() > 0 ? absl::StrCat("port ", (*metrics)->port())
                                      : "none",
               ", worker ", options.worker_path));
+  if (http && !absl::GetFlag(FLAGS_http_port_file).empty()) {
+    std::string tmp = absl::GetFlag(FLAGS_http_port_file) + ".tmp";
+    std::ofstream(tmp) << http->port() << "\n";
+    fs::rename(tmp, absl::GetFlag(FLAGS_http_port_file), ec);
+  }
   if (!absl::GetFlag(FLAGS_port_file).empty()) {
     std::string tmp = absl::GetFlag(FLAGS_port_file) + ".tmp";
     std::ofstream(tmp) << port << "\n";
@@ -318,6 +348,7 @@ int main(int argc, char** argv) {
   // whenever a client channel is merely connected, so keep it short.
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(500));
+  if (http) http->Stop();
   zs::LogInfo({}, "stopped");
   return 0;
 }

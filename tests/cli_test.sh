@@ -47,7 +47,7 @@ if grep -q -- '--metrics_listen' <<< "$server_help"; then
 fi
 start_server() {
   rm -f "$tmp/port"
-  "$ZEROQ_SERVER_BIN" "${server_flags[@]}" --listen="127.0.0.1:${1:-0}" \
+  "$ZEROQ_SERVER_BIN" "${server_flags[@]}" --listen="127.0.0.1:${1:-0}" --http_listen= \
     2>> "$tmp/server.log" &
   server_pid=$!
   for _ in $(seq 400); do
@@ -402,12 +402,12 @@ check "zeroq-server stops cleanly on SIGTERM" test "$rc" -eq 0
 # without any GPU says it serves the CPU (checked only where there is none).
 if ! ls /dev/nvidia[0-9]* > /dev/null 2>&1; then
   rc=0
-  timeout 20 "$ZEROQ_SERVER_BIN" --data_dir="$tmp/data-cuda" --listen=127.0.0.1:0 \
+  timeout 20 "$ZEROQ_SERVER_BIN" --data_dir="$tmp/data-cuda" --listen=127.0.0.1:0 --http_listen= \
     --metrics_listen= --devices=cuda:0:1 2> "$tmp/cuda_start.err" || rc=$?
   check "--devices=cuda:0:1 without a GPU: zeroq-server exits 1" test "$rc" -eq 1
   check "... saying that CUDA device 0 is not on this machine" \
     grep -q "CUDA device 0 is not on this machine" "$tmp/cuda_start.err"
-  "$ZEROQ_SERVER_BIN" --data_dir="$tmp/data-auto" --listen=127.0.0.1:0 \
+  "$ZEROQ_SERVER_BIN" --data_dir="$tmp/data-auto" --listen=127.0.0.1:0 --http_listen= \
     --port_file="$tmp/port-auto" --metrics_listen= --devices=auto \
     2> "$tmp/auto_start.err" &
   auto_pid=$!

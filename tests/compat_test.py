@@ -187,7 +187,7 @@ class Server:
             os.remove(self.port_file)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [args.server, "--listen=127.0.0.1:0", "--port_file=" + self.port_file,
+            [args.server, "--listen=127.0.0.1:0", "--http_listen=", "--port_file=" + self.port_file,
              "--data_dir=" + os.path.join(work, "server-data"), "--worker=" + args.worker,
              "--devices=cpu:1", f"--threads_per_job={args.threads}", "--metrics_listen="],
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)

@@ -285,7 +285,7 @@ assert any(sys.argv[1] in p["title"].lower() for p in dash["panels"]), sys.argv[
 done
 
 metrics_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$ZEROQ_SERVER_BIN" --data_dir="$tmp/data" --listen=127.0.0.1:0 \
+"$ZEROQ_SERVER_BIN" --data_dir="$tmp/data" --listen=127.0.0.1:0 --http_listen= \
   --port_file="$tmp/port" --worker="$ZEROQ_WORKER" \
   --metrics_listen="127.0.0.1:$metrics_port" 2> "$tmp/server.log" &
 server_pid=$!

@@ -31,7 +31,7 @@ def check(cond, what):
 with tempfile.TemporaryDirectory() as tmp:
     port_file = os.path.join(tmp, "port")
     log = open(os.path.join(tmp, "server.log"), "w")
-    server = subprocess.Popen([server_bin, "--listen=127.0.0.1:0", "--port_file=" + port_file,
+    server = subprocess.Popen([server_bin, "--listen=127.0.0.1:0", "--http_listen=", "--port_file=" + port_file,
                                "--data_dir=" + os.path.join(tmp, "data"), "--worker=" + worker_bin,
                                "--threads_per_job=1", "--metrics_listen="], stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -52,7 +52,9 @@ class ServerProcess {
                                      "--port_file=" + port_file,
                                      "--data_dir=" + dir_ + "/data",
                                      "--worker=" ZEROQ_WORKER,
-                                     "--threads_per_job=1", "--metrics_listen="};
+                                     "--threads_per_job=1", "--metrics_listen=",
+                                     "--http_listen=127.0.0.1:0",
+                                     "--http_port_file=" + dir_ + "/http_port"};
     args.insert(args.end(), flags_.begin(), flags_.end());
     pid_ = fork();
     if (pid_ == 0) {
@@ -100,6 +102,12 @@ class ServerProcess {
     return std::move(*client::Client::Connect(address(), options));
   }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  // The HTTP API's port (read once the server serves), 0 when none.
+  int http_port() const {
+    int port = 0;
+    std::ifstream(dir_ + "/http_port") >> port;
+    return port;
+  }
   pid_t pid() const { return pid_; }
   const std::string& dir() const { return dir_; }
   std::string data_dir() const { return dir_ + "/data"; }
