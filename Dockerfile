@@ -78,8 +78,8 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
 USER zeroq
 WORKDIR /var/lib/zeroq
 VOLUME /var/lib/zeroq
-# gRPC API, Prometheus /metrics.
-EXPOSE 50051 9464
+# gRPC API, Prometheus /metrics, HTTP/JSON API and dashboard.
+EXPOSE 50051 9464 8080
 
 # Healthy while the server answers: `zeroq` exits 3 only when it cannot
 # connect; an answer such as UNAUTHENTICATED (no key given here) exits 1
@@ -88,4 +88,5 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=3 \
   CMD zeroq --connect_timeout=5 models > /dev/null 2>&1; [ $? -ne 3 ]
 
 CMD ["zeroq-server", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9464", \
+     "--http_listen=0.0.0.0:8080", \
      "--data_dir=/var/lib/zeroq", "--tenants_file=/etc/zeroq/tenants.json"]

@@ -99,6 +99,7 @@ args = z["command"]
 assert args[0] == "zeroq-server", args
 assert "--listen=${ZEROQ_LISTEN_HOST:-127.0.0.1}:${ZEROQ_PORT:-50051}" in args, args
 assert "--metrics_listen=${ZEROQ_LISTEN_HOST:-127.0.0.1}:${ZEROQ_METRICS_PORT:-9464}" in args, args
+assert "--http_listen=${ZEROQ_LISTEN_HOST:-127.0.0.1}:${ZEROQ_HTTP_PORT:-8080}" in args, args
 assert "--tenants_file=/etc/zeroq/tenants.json" in args and "--data_dir=/var/lib/zeroq" in args
 assert z["environment"]["ZEROQ_SERVER"] == "127.0.0.1:${ZEROQ_PORT:-50051}"
 assert "profiles" not in z
@@ -131,7 +132,7 @@ for p in k.get("patches", []):
     assert os.path.isfile(os.path.join(d, p["path"])), p
 ' "$k"
 done
-check "the Deployment: one replica, no GPU, gRPC probes, both ports" "$PY" -c '
+check "the Deployment: one replica, no GPU, gRPC probes, its three ports" "$PY" -c '
 import yaml
 d = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
 assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate"
@@ -140,7 +141,8 @@ for kind in ("requests", "limits"):
     assert "nvidia.com/gpu" not in c["resources"].get(kind, {}), kind
 assert c["readinessProbe"]["grpc"]["port"] == 50051
 assert c["livenessProbe"]["grpc"]["port"] == 50051
-assert {p["containerPort"] for p in c["ports"]} == {50051, 9464}
+assert {p["containerPort"] for p in c["ports"]} == {50051, 9464, 8080}
+assert "--http_listen=0.0.0.0:8080" in c["args"]
 assert "--metrics_listen=0.0.0.0:9464" in c["args"]
 assert "--devices=auto" in c["args"]
 '
@@ -218,7 +220,7 @@ for b in build/server/zeroq-server build/core/worker/zeroq-worker build/client/z
   check "Dockerfile: the runtime stage copies $b" grep -q "COPY --from=builder .*/$b" <<< "$runtime"
 done
 check "Dockerfile: runs as user zeroq" grep -q "^USER zeroq$" <<< "$runtime"
-check "Dockerfile: exposes 50051 and 9464" grep -q "^EXPOSE 50051 9464$" <<< "$runtime"
+check "Dockerfile: exposes 50051, 9464 and 8080" grep -q "^EXPOSE 50051 9464 8080$" <<< "$runtime"
 check "Dockerfile: the health check runs zeroq" grep -q "^HEALTHCHECK .*CMD zeroq " <<< "$runtime"
 check "Dockerfile: the server's data is /var/lib/zeroq" grep -q "data_dir=/var/lib/zeroq" <<< "$runtime"
 # The packages the runtime stage installs.

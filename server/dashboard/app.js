@@ -31,6 +31,7 @@ const state = {
   streams: new Map(),  // id -> {ctrl: AbortController, seq, done}
   selected: null,      // id of the job in the detail pane
   detail: null,        // its full Job (GET /v1/jobs/{id})
+  detailFinal: false,  // ... fetched once the job had ended (with its result)
   detailLoad: null,    // the GET in flight
   loss: [],            // [step, loss] of its distillation, replay and live
   pareto: [],          // its EVENT_PARETO points, until the result has the frontier
@@ -116,8 +117,18 @@ async function apiError(res) {
   return err;
 }
 
+// fetch, with "Failed to fetch" said plainly.
+async function request(path, options) {
+  try {
+    return await fetch(path, options);
+  } catch (err) {
+    if (err.name === 'AbortError') throw err;
+    throw new Error('the server cannot be reached (retrying)');
+  }
+}
+
 async function api(path, method = 'GET') {
-  const res = await fetch(path, {method, headers: authHeaders()});
+  const res = await request(path, {method, headers: authHeaders()});
   if (!res.ok) throw await apiError(res);
   return res.json();
 }
@@ -165,7 +176,7 @@ async function loadJobs() {
   updateStreams();
   loadModels(jobs);
   const live = state.jobs.get(state.selected);
-  if (live && TERMINAL.has(live.state) && !TERMINAL.has(state.detail?.state)) loadDetail(live.id);
+  if (live && TERMINAL.has(live.state) && !state.detailFinal) loadDetail(live.id);
   return jobs.length;
 }
 
@@ -285,7 +296,7 @@ async function runStream(id, stream) {
     try {
       const headers = authHeaders({Accept: 'text/event-stream'});
       if (stream.seq > 0) headers['Last-Event-ID'] = String(stream.seq);
-      const res = await fetch(`/v1/jobs/${enc(id)}/events`, {headers, signal: stream.ctrl.signal});
+      const res = await request(`/v1/jobs/${enc(id)}/events`, {headers, signal: stream.ctrl.signal});
       if (!res.ok) {
         const err = await apiError(res);
         if (err.httpStatus < 500) {  // unknown job, bad key: retrying will not help
@@ -350,7 +361,7 @@ function onStreamEvent(id, stream, {id: seq, type, data}) {
   }
   if (type === 'end') {
     stream.done = true;
-    if (id === state.selected) loadDetail(id);
+    if (id === state.selected && !state.detailFinal) loadDetail(id);
     return true;
   }
   if (type === 'error') {  // e.g. the server is stopping: reconnect later
@@ -403,6 +414,7 @@ async function select(id) {
   if (old) closeStream(id, old);
   state.selected = id;
   state.detail = null;
+  state.detailFinal = false;
   state.loss = [];
   state.pareto = [];
   for (const [rowId, tr] of state.rows) tr.classList.toggle('selected', rowId === id);
@@ -424,6 +436,7 @@ function loadDetail(id) {
     try {
       const job = await api(`/v1/jobs/${enc(id)}`);
       if (state.selected !== id) return;
+      state.detailFinal = TERMINAL.has(job.state);
       const live = state.jobs.get(id);
       if (live && (live.liveSeq ?? 0) > num(job.lastSeq)) Object.assign(job, mergeJob(live, job));
       state.detail = job;
@@ -457,6 +470,7 @@ function renderDetail() {
 function renderLive() {
   const job = state.detail;
   if (!job) return;
+  $('#detail-message').hidden = TERMINAL.has(job.state);
   const errorBox = $('#detail-error');
   errorBox.textContent = errorText(job.error);
   errorBox.hidden = !job.error;
@@ -479,8 +493,16 @@ function renderLive() {
     ['Started', fmtTime(job.startTime)],
     ['Ended', fmtTime(job.endTime)],
     ['Attempts', attempts.length > 1 || attempts.some((a) => a.includes(':')) ? attempts.join('; ') : ''],
-    ['Config', JSON.stringify(c)],
+    ['Config', flatten(c).join(', ')],
   ]);
+}
+
+// {"a": 1, "b": {"c": 2}} -> ["a 1", "b.c 2"]
+function flatten(value, prefix = '') {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    return [`${prefix} ${Array.isArray(value) ? value.join(',') : value}`];
+  }
+  return Object.entries(value).flatMap(([k, v]) => flatten(v, prefix ? `${prefix}.${k}` : k));
 }
 
 function fillList(dl, pairs) {
@@ -526,7 +548,7 @@ function renderArtifacts(result) {
 async function download(id, name, button) {
   button.disabled = true;
   try {
-    const res = await fetch(`/v1/jobs/${enc(id)}/artifacts/${enc(name)}`, {headers: authHeaders()});
+    const res = await request(`/v1/jobs/${enc(id)}/artifacts/${enc(name)}`, {headers: authHeaders()});
     if (!res.ok) throw await apiError(res);
     const url = URL.createObjectURL(await res.blob());
     const link = el('a', {href: url, download: name});
@@ -688,7 +710,7 @@ function drawFrontier(result) {
   let points = (result?.frontier ?? []).map(point);
   let chosen = result?.chosen ? point(result.chosen) : null;
   if (!points.length && !result) {  // still running: the points streamed so far
-    points = state.pareto.filter((p) => !p.chosen);
+    points = state.pareto;
     chosen = state.pareto.findLast((p) => p.chosen) ?? null;
   }
   if (!points.length) {
