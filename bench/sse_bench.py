@@ -119,6 +119,8 @@ def probe_main(args):
                 r = conn.getresponse()
                 body = r.read()
                 ok = r.status == 200 and b'"id"' in body
+                if not ok:
+                    errors.append(f"status {r.status}: {body[:100]!r}")
                 if r.will_close:
                     reconnects += 1
                     conn.close()
@@ -129,8 +131,6 @@ def probe_main(args):
                 conn.close()
                 conn = http.client.HTTPConnection(host, int(port), timeout=10)
             dt = (time.perf_counter() - t0) * 1e3
-            if not ok and len(errors) < 5:
-                errors.append(f"status {getattr(r, 'status', '?')}")
             if i >= 10 and ok:  # the first ten warm up
                 lat.append(dt)
             if args.interval:

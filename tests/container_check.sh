@@ -157,10 +157,11 @@ check "the image has no Python" bash -c '
 # --- The server in the container -------------------------------------------------
 port=$(free_port)
 metrics_port=$(free_port)
+http_port=$(free_port)
 container=$("$DOCKER" run -d --network host --name "zeroq-check-$$" \
   -e ZEROQ_SERVER="127.0.0.1:$port" "$IMAGE" \
   zeroq-server --listen="127.0.0.1:$port" --metrics_listen="127.0.0.1:$metrics_port" \
-  --data_dir=/var/lib/zeroq)
+  --http_listen="127.0.0.1:$http_port" --data_dir=/var/lib/zeroq)
 ready() {
   for _ in $(seq 120); do
     "$ZEROQ" --server "127.0.0.1:$port" --connect_timeout 2 models > /dev/null 2>&1 && return 0
@@ -175,6 +176,14 @@ if check "zeroq-server in the container answers $ZEROQ on 127.0.0.1:$port" ready
 import sys, urllib.request
 sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())
 " "http://127.0.0.1:$1/metrics" | grep -q "^zeroq_slots"' _ "$metrics_port"
+  check "its HTTP API and dashboard are served on 127.0.0.1:$http_port" bash -c '
+    /usr/bin/python3 -c "
+import json, sys, urllib.request
+page = urllib.request.urlopen(sys.argv[1] + \"/\", timeout=10).read().decode()
+assert \"<html\" in page.lower()
+jobs = json.load(urllib.request.urlopen(sys.argv[1] + \"/v1/jobs\", timeout=10))
+assert isinstance(jobs, dict)
+" "http://127.0.0.1:$1"' _ "$http_port"
   out=$tmp/out
   t0=$(date +%s)
   timeout 900 "$ZEROQ" --server "127.0.0.1:$port" quantize tests/models/fashion_cnn.pt \
