@@ -572,7 +572,7 @@ def report(args, result, load_start, wall, log_path):
     phases = result["phases"]
     kinds = list(phases)
     names = {"sse": f"{args.streams} SSE (HTTP)", "grpc": f"{args.streams} gRPC WatchJob"}
-    W = 24
+    W = 31
 
     def row(label, cells):
         print(f"  {label:<34}" + "".join(f"{c:>{W}}" for c in cells))
@@ -647,7 +647,7 @@ def report(args, result, load_start, wall, log_path):
     row("  one event's first-last receipt ms", [ev(phases[k], "spread") for k in kinds])
     row("events (seq) per stream", [ev(phases[k], "count") for k in kinds])
     row("streams checked (1..N, end)", [ev(phases[k], "ok") for k in kinds])
-    row("job: state, go-to-end", [ev(phases[k], "job") for k in kinds])
+    row("job: state, blocker cancel to end", [ev(phases[k], "job") for k in kinds])
     row("heartbeats received", [str(phases[k]["col"].heartbeats) if "col" in phases[k] else "-"
                                 for k in kinds])
     for k in kinds:
