@@ -467,10 +467,31 @@ void MakeCertificates(const std::string& d) {
   ASSERT_EQ(std::system(cmd.c_str()), 0);
 }
 
+// The HTTP status curl gets for `url` with `options` ("000": no answer,
+// e.g. a failed TLS handshake).
+std::string CurlStatus(const std::string& options, const std::string& url) {
+  FILE* f = popen(("curl -s -o /dev/null -w '%{http_code}' --max-time 10 " +
+                   options + " " + url + " 2>/dev/null")
+                      .c_str(),
+                  "r");
+  std::string out;
+  char buf[64];
+  while (f != nullptr && fgets(buf, sizeof(buf), f) != nullptr) out += buf;
+  if (f != nullptr) pclose(f);
+  return out;
+}
+
 TEST_F(OpsTest, TlsWithAndWithoutClientCertificates) {
   MakeCertificates(dir_);
   Start({"--tls_cert=" + dir_ + "/server.pem",
          "--tls_key=" + dir_ + "/server.key"});
+  // The HTTP API takes the same TLS flags.
+  const std::string https =
+      absl::StrCat("https://127.0.0.1:", server_->http_port(), "/v1/models");
+  EXPECT_EQ(CurlStatus("--cacert " + dir_ + "/ca.pem", https), "200");
+  EXPECT_EQ(CurlStatus("", absl::StrCat("http://127.0.0.1:",
+                                        server_->http_port(), "/v1/models")),
+            "000");  // plaintext against TLS: no HTTP answer
   client::ClientOptions tls;
   tls.tls_ca_file = dir_ + "/ca.pem";
   tls.rpc_timeout = absl::Seconds(10);
@@ -510,6 +531,14 @@ TEST_F(OpsTest, TlsWithAndWithoutClientCertificates) {
   mutual.tls_key_file = dir_ + "/client.key";
   auto with_cert = *client::Client::Connect(server_->address(), mutual);
   EXPECT_TRUE(with_cert->ListModels().ok()) << with_cert->ListModels().status();
+  // And over HTTP: no client certificate, no answer.
+  const std::string mtls =
+      absl::StrCat("https://127.0.0.1:", server_->http_port(), "/v1/models");
+  EXPECT_EQ(CurlStatus("--cacert " + dir_ + "/ca.pem", mtls), "000");
+  EXPECT_EQ(CurlStatus("--cacert " + dir_ + "/ca.pem --cert " + dir_ +
+                           "/client.pem --key " + dir_ + "/client.key",
+                       mtls),
+            "200");
 }
 
 TEST_F(OpsTest, HealthAndReflection) {
