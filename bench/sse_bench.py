@@ -37,6 +37,21 @@ pool) per stream unless --grpc_channels says fewer. GetJob latency is
 measured by a separate probe process (this script with --probe) so that the
 stream clients' work does not delay it: HTTP on one keep-alive connection
 (GET /v1/jobs/{id}), gRPC on one channel.
+
+Besides the latency over every stream, the table gives the latency of the
+first stream to receive each event (the store-to-socket path without the
+wait for the other 999) and the spread from the first to the last receipt
+of one event (the fan-out plus this client's serial handling of 1,000
+copies), and the CPU seconds of the server and of this client from the
+cancel to the last stream's end, also per event delivered. The worker
+thins progress events to one per 1% of a batch and 50 ms, so the number of
+events depends on how fast the job runs (and so on the load).
+
+The server: --listen/--http_listen=127.0.0.1:0 with port files,
+--metrics_listen= --devices=cpu:1 --threads_per_job=1
+--heartbeat_interval=10s --shutdown_grace=2s, its own data dir in a
+temporary folder, RLIMIT_NOFILE raised to the hard limit (as for this
+process); stopped with SIGTERM (SIGKILL after 30 s) whatever happens.
 """
 import argparse
 import asyncio
@@ -46,7 +61,6 @@ import os
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +89,13 @@ def proc_sample(pid):
                 rss = int(line.split()[1])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     return threads, rss, fds
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of a process (its threads, not children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values, p):
@@ -187,6 +208,7 @@ class Collector:
     def __init__(self):
         self.t_go = None          # events created after this are "live"
         self.latency = []         # s, live events of every stream
+        self.created = {}         # seq -> the event's time
         self.first_recv = {}      # seq -> first receipt (time.time())
         self.last_recv = {}       # seq -> last receipt
         self.opened = 0
@@ -204,6 +226,7 @@ class Collector:
             f = self.first_recv.get(seq)
             if f is None or now < f:
                 self.first_recv[seq] = now
+                self.created[seq] = created
             if now > self.last_recv.get(seq, 0):
                 self.last_recv[seq] = now
 
@@ -463,9 +486,12 @@ async def run_phases(args, proc, client, model, pb, pb_grpc, grpc, grpc_target, 
     async def call(fn, *a):
         return await loop.run_in_executor(None, fn, *a)
 
-    for kind in [k.strip() for k in args.order.split(",") if k.strip()]:
-        ph = {}
-        result["phases"][kind] = ph
+    for n, kind in enumerate([k.strip() for k in args.order.split(",") if k.strip()]):
+        if kind not in ("sse", "grpc"):
+            raise ValueError(f"--order: {kind!r} is neither sse nor grpc")
+        ph = {"kind": kind}
+        key = kind if kind not in result["phases"] else f"{kind}#{n + 1}"
+        result["phases"][key] = ph
         # 1. The slot busy; the measured job queued behind it.
         blocker = await call(client.submit_job, model.id, config(100000, 8, 1))
         t0 = time.monotonic()
@@ -532,6 +558,7 @@ async def run_phases(args, proc, client, model, pb, pb_grpc, grpc, grpc_target, 
                     await asyncio.sleep(0.25)
 
             sampler_task = asyncio.ensure_future(sampler())
+            cpu0 = (proc_cpu(proc.pid), time.process_time())
             await call(client.cancel_job, blocker.id)
             t_go = time.monotonic()
             try:
@@ -540,8 +567,10 @@ async def run_phases(args, proc, client, model, pb, pb_grpc, grpc, grpc_target, 
                                                       250, 0.02, probes)
             except asyncio.TimeoutError:
                 ph["getjob_fanout"] = {"lat": [], "errors": ["the job did not start"]}
-            done, pending = await asyncio.wait(tasks, timeout=args.timeout)
+            left = max(1.0, args.timeout - (time.monotonic() - t_go))
+            _, pending = await asyncio.wait(tasks, timeout=left)
             ph["job_s"] = time.monotonic() - t_go
+            ph["cpu"] = (proc_cpu(proc.pid) - cpu0[0], time.process_time() - cpu0[1])
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -572,7 +601,8 @@ def report(args, result, load_start, wall, log_path):
     phases = result["phases"]
     kinds = list(phases)
     names = {"sse": f"{args.streams} SSE (HTTP)", "grpc": f"{args.streams} gRPC WatchJob"}
-    W = 31
+    names.update({k: names[ph["kind"]] + k[len(ph["kind"]):] for k, ph in phases.items()})
+    W = 33
 
     def row(label, cells):
         print(f"  {label:<34}" + "".join(f"{c:>{W}}" for c in cells))
@@ -628,6 +658,16 @@ def report(args, result, load_start, wall, log_path):
             return f"{pct(lat, 50):6.1f} / {pct(lat, 99):6.1f}"
         if what == "max":
             return f"{max(col.latency) * 1e3:8.1f}" if col.latency else "n/a"
+        if what == "first":
+            first = [(col.first_recv[s] - col.created[s]) * 1e3 for s in col.first_recv]
+            return f"{pct(first, 50):6.1f} / {pct(first, 99):6.1f}" if first else "n/a"
+        if what == "cpu":
+            c = ph.get("cpu")
+            return f"server {c[0]:5.1f} s, bench {c[1]:5.1f} s" if c else "-"
+        if what == "cpu_per_event":
+            c, n = ph.get("cpu"), sum(col.events)
+            return (f"server {c[0] / n * 1e6:4.1f}, bench {c[1] / n * 1e6:5.1f}"
+                    if c and n else "-")
         if what == "spread":
             sp = [(col.last_recv[s] - col.first_recv[s]) * 1e3 for s in col.first_recv]
             return f"{pct(sp, 50):6.1f} / {pct(sp, 99):6.1f}" if sp else "n/a"
@@ -644,10 +684,13 @@ def report(args, result, load_start, wall, log_path):
                     f" (distill {ph.get('distill_s', 0):4.1f})")
     row("event latency p50 / p99 ms", [ev(phases[k], "lat") for k in kinds])
     row("  max ms", [ev(phases[k], "max") for k in kinds])
+    row("  the first stream to get it", [ev(phases[k], "first") for k in kinds])
     row("  one event's first-last receipt ms", [ev(phases[k], "spread") for k in kinds])
     row("events (seq) per stream", [ev(phases[k], "count") for k in kinds])
     row("streams checked (1..N, end)", [ev(phases[k], "ok") for k in kinds])
     row("job: state, blocker cancel to end", [ev(phases[k], "job") for k in kinds])
+    row("CPU from cancel to end", [ev(phases[k], "cpu") for k in kinds])
+    row("  per event delivered, us", [ev(phases[k], "cpu_per_event") for k in kinds])
     row("heartbeats received", [str(phases[k]["col"].heartbeats) if "col" in phases[k] else "-"
                                 for k in kinds])
     for k in kinds:
