@@ -41,6 +41,8 @@ RUN apt-get update \
       libabsl20220623 \
       libgrpc++1.51 \
       libgrpc29 \
+      libpq5 \
+      libpqxx-6.4 \
       libprotobuf32 \
       libprometheus-cpp-core1.0 \
       libprometheus-cpp-pull1.0 \

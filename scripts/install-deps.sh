@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project needs to build, test and run:
-#  - Debian 12 packages (toolchain, gRPC, Protobuf, Abseil, SQLite, ...);
+#  - Debian 12 packages (toolchain, gRPC, Protobuf, Abseil, SQLite,
+#    PostgreSQL, ...);
 #  - LibTorch from the pinned `torch` wheel (scripts/requirements-torch.txt,
 #    CUDA-enabled, runs on the CPU without a GPU) in a Python virtual
 #    environment outside the repo, $ZEROQ_VENV (default below), so that the
@@ -19,6 +20,8 @@ PACKAGES=(
   # service
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libsqlite3-dev libssl-dev
+  # the PostgreSQL job store (libpqxx 6.4 over libpq)
+  libpq-dev libpqxx-dev
   # the HTTP/JSON API and its event streams (Boost.Beast on Asio, headers)
   libboost1.74-dev
   # tests
@@ -35,6 +38,8 @@ PACKAGES=(
 TEST_PACKAGES=(
   # the dashboard's test in a real browser (headless, over WebDriver)
   chromium chromium-driver
+  # the PostgreSQL server of the JobStore tests (scripts/pg_test_server.sh)
+  postgresql-15
 )
 if [ "${ZEROQ_SKIP_TEST_PACKAGES:-0}" != 1 ]; then
   PACKAGES+=("${TEST_PACKAGES[@]}")

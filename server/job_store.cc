@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <iterator>
-#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -14,28 +13,28 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
-#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
+#include "server/job_store_common.h"
 
 namespace zeroq::server {
 namespace {
 
-constexpr int kDefaultPageSize = 50;
-constexpr int kMaxPageSize = 500;
+using store_common::ClampPageSize;
+using store_common::EndUnix;
+using store_common::IsTerminal;
+using store_common::kJobTokenPrefix;
+using store_common::kModelTokenPrefix;
+using store_common::ParsePageToken;
+using store_common::ParseRecord;
+using store_common::Serialize;
+
 // Another process (a backup, the sqlite3 shell) may hold the write lock for a
 // moment; wait rather than fail the RPC.
 constexpr int kBusyTimeoutMs = 5000;
-
-// Page tokens carry the last returned row's created_seq; the prefix keeps a
-// models token from being accepted by ListJobs and vice versa.
-constexpr absl::string_view kModelTokenPrefix = "m";
-constexpr absl::string_view kJobTokenPrefix = "j";
 
 struct Migration {
   int version;
@@ -195,16 +194,6 @@ class Statement {
   int bind_rc_ = SQLITE_OK;
 };
 
-template <typename Message>
-absl::Status ParseRecord(absl::string_view bytes, absl::string_view what,
-                         Message* out) {
-  if (!out->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
-    return absl::DataLossError(
-        absl::StrCat("stored ", what, " record does not parse"));
-  }
-  return absl::OkStatus();
-}
-
 // The record of the one row `query` selects by id: NOT_FOUND when none.
 template <typename T>
 absl::StatusOr<T> ReadRecordById(sqlite3* db, Statement& query,
@@ -220,40 +209,6 @@ absl::StatusOr<T> ReadRecordById(sqlite3* db, Statement& query,
   T record;
   ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), what, &record));
   return record;
-}
-
-template <typename Message>
-absl::StatusOr<std::string> Serialize(const Message& message,
-                                      absl::string_view what) {
-  std::string bytes;
-  if (!message.SerializeToString(&bytes)) {
-    return absl::InternalError(
-        absl::StrCat("cannot serialize ", what, " record"));
-  }
-  return bytes;
-}
-
-int ClampPageSize(int page_size) {
-  if (page_size <= 0) return kDefaultPageSize;
-  return page_size > kMaxPageSize ? kMaxPageSize : page_size;
-}
-
-// The created_seq below which the page starts; an empty token starts at the
-// newest row.
-absl::StatusOr<int64_t> ParsePageToken(absl::string_view token,
-                                       absl::string_view prefix) {
-  if (token.empty()) return std::numeric_limits<int64_t>::max();
-  absl::string_view digits = token;
-  bool ok = absl::ConsumePrefix(&digits, prefix) && !digits.empty() &&
-            digits.size() <= 19;
-  for (char c : digits)
-    ok = ok && absl::ascii_isdigit(static_cast<unsigned char>(c));
-  int64_t seq = 0;
-  if (!ok || !absl::SimpleAtoi(digits, &seq) || seq <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("malformed page token \"", token, "\""));
-  }
-  return seq;
 }
 
 // Reads rows of (created_seq, record), newest first, fetched with LIMIT
@@ -301,18 +256,6 @@ absl::StatusOr<int64_t> ReadInt64(Statement& query, absl::string_view what) {
   if (rc == SQLITE_DONE)
     return absl::InternalError(absl::StrCat(what, ": no row"));
   return SqliteError(query.db(), rc, what);
-}
-
-bool IsTerminal(v1::JobState state) {
-  return state == v1::JOB_SUCCEEDED || state == v1::JOB_FAILED ||
-         state == v1::JOB_CANCELLED;
-}
-
-// When a terminal job ended, in unix seconds (its end time; the creation time
-// for a record that lacks one).
-int64_t EndUnix(const v1::Job& job) {
-  return job.has_end_time() ? job.end_time().seconds()
-                            : job.create_time().seconds();
 }
 
 constexpr const char* kInsertRef =

@@ -1,6 +1,7 @@
 // zeroq-server: the ZeroQ quantization service.
 //
 //   zeroq-server --data_dir=/var/lib/zeroq --listen=127.0.0.1:50051
+//   zeroq-server --data_dir=/var/lib/zeroq --store=postgresql://zeroq@db/zeroq
 //
 // Flags are parsed here into the option structs of the layers below; see
 // --help. SIGTERM or SIGINT stops it gracefully: health turns NOT_SERVING,
@@ -30,11 +31,12 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/blob_store.h"
 #include "server/device_pool.h"
+#include "server/http_server.h"
 #include "server/job_manager.h"
 #include "server/job_store.h"
 #include "server/log.h"
 #include "server/metrics.h"
-#include "server/http_server.h"
+#include "server/pg_job_store.h"
 #include "server/service.h"
 #include "server/sha256.h"
 #include "server/tenants.h"
@@ -44,7 +46,11 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
 ABSL_FLAG(std::string, port_file, "",
           "write the bound port here once serving (for scripts and tests)");
 ABSL_FLAG(std::string, data_dir, "zeroq-data",
-          "job store (zeroq.db), blobs and job folders");
+          "blobs, job folders and the default job store (zeroq.db)");
+ABSL_FLAG(std::string, store, "",
+          "the job store: sqlite:PATH, or a PostgreSQL URI "
+          "(postgresql://USER@HOST:PORT/DB?..., postgres://...; a password in "
+          "it is never logged) (default: sqlite:DATA_DIR/zeroq.db)");
 ABSL_FLAG(std::string, worker, "",
           "the zeroq-worker executable (default: beside this program, else the "
           "build's)");
@@ -117,6 +123,33 @@ std::string DefaultWorker() {
 #else
   return "zeroq-worker";
 #endif
+}
+
+// --store: "sqlite:PATH" or a libpq URI. `description` says which store,
+// without a password, for the log.
+absl::StatusOr<std::unique_ptr<zs::JobStore>> OpenJobStore(
+    const std::string& spec, std::string* description) {
+  if (absl::StartsWith(spec, "sqlite:")) {
+    const std::string path = spec.substr(7);
+    if (path.empty()) {
+      return absl::InvalidArgumentError("--store=sqlite:PATH needs a path");
+    }
+    *description = absl::StrCat("SQLite ", path);
+    ZQ_ASSIGN_OR_RETURN(std::unique_ptr<zs::SqliteJobStore> store,
+                        zs::SqliteJobStore::Open(path));
+    return std::unique_ptr<zs::JobStore>(std::move(store));
+  }
+  if (zs::IsPostgresUri(spec)) {
+    *description = absl::StrCat("PostgreSQL ", zs::RedactPostgresUri(spec));
+    ZQ_ASSIGN_OR_RETURN(std::unique_ptr<zs::PostgresJobStore> store,
+                        zs::PostgresJobStore::Open(spec));
+    return std::unique_ptr<zs::JobStore>(std::move(store));
+  }
+  // Redacted: a mistyped scheme may still carry a password.
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--store must be sqlite:PATH or a PostgreSQL URI (postgresql://... or "
+      "postgres://...), not \"",
+      zs::RedactPostgresUri(spec), "\""));
 }
 
 int Fail(const absl::Status& s) {
@@ -226,8 +259,12 @@ int main(int argc, char** argv) {
     return Fail(absl::InternalError(
         absl::StrCat("creating ", data_dir, ": ", ec.message())));
   }
-  auto store =
-      zs::SqliteJobStore::Open((fs::path(data_dir) / "zeroq.db").string());
+  std::string store_spec = absl::GetFlag(FLAGS_store);
+  if (store_spec.empty()) {
+    store_spec = "sqlite:" + (fs::path(data_dir) / "zeroq.db").string();
+  }
+  std::string store_text;
+  auto store = OpenJobStore(store_spec, &store_text);
   if (!store.ok()) return Fail(store.status());
   auto blobs =
       zs::FileBlobStore::Create((fs::path(data_dir) / "blobs").string());
@@ -312,8 +349,8 @@ int main(int argc, char** argv) {
   zs::LogInfo(
       {}, absl::StrCat(
               "serving on port ", port,
-              absl::GetFlag(FLAGS_tls_cert).empty() ? "" : " (TLS)",
-              ", data in ", data_dir, ", devices ", pool_text, ", ",
+              absl::GetFlag(FLAGS_tls_cert).empty() ? "" : " (TLS)", ", store ",
+              store_text, ", data in ", data_dir, ", devices ", pool_text, ", ",
               options.cpu_threads_per_job, " threads per CPU job, ",
               tenants.open() ? std::string("one open tenant")
                              : absl::StrCat(tenants.names().size(), " tenants"),

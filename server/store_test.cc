@@ -1,4 +1,7 @@
-// Tests of the server's storage: Sha256, FileBlobStore and SqliteJobStore.
+// Tests of the server's storage: Sha256, FileBlobStore, and the JobStore
+// conformance suite run on both backends (SqliteJobStore, PostgresJobStore),
+// plus what is particular to each. The PostgreSQL tests use a fresh database
+// per test on the server ZEROQ_TEST_PG_URI names, and fail without one.
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -8,9 +11,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <ostream>
+#include <pqxx/pqxx>
 #include <random>
 #include <set>
 #include <string>
@@ -19,11 +26,14 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/status_macros.h"
 #include "gtest/gtest.h"
 #include "server/blob_store.h"
 #include "server/job_store.h"
+#include "server/pg_job_store.h"
 #include "server/sha256.h"
 
 namespace zeroq::server {
@@ -425,13 +435,233 @@ TEST(BlobStore, ConcurrentWritersOfTheSameBytes) {
 
 // ---------------------------------------------------------------- JobStore
 
+int64_t ReadUserVersion(const std::string& path) {
+  sqlite3* db = nullptr;
+  int64_t version = -1;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
+      SQLITE_OK) {
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, nullptr) ==
+            SQLITE_OK &&
+        sqlite3_step(stmt) == SQLITE_ROW) {
+      version = sqlite3_column_int64(stmt, 0);
+    }
+    sqlite3_finalize(stmt);
+  }
+  sqlite3_close(db);
+  return version;
+}
+
+std::string ReadJournalMode(const std::string& path) {
+  sqlite3* db = nullptr;
+  std::string mode;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
+      SQLITE_OK) {
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &stmt, nullptr) ==
+            SQLITE_OK &&
+        sqlite3_step(stmt) == SQLITE_ROW) {
+      mode = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+    }
+    sqlite3_finalize(stmt);
+  }
+  sqlite3_close(db);
+  return mode;
+}
+
 // Through the interface, as the server uses it (its default arguments live
-// there).
-std::unique_ptr<JobStore> OpenStore(const std::string& path) {
+// there). For the SQLite-only tests.
+std::unique_ptr<JobStore> OpenSqliteStore(const std::string& path) {
   auto store = SqliteJobStore::Open(path);
   EXPECT_TRUE(store.ok()) << store.status().ToString();
   return store.ok() ? std::move(store).value() : nullptr;
 }
+
+// ---- the backends under test
+
+// The database behind one test's stores: a fresh, empty one per test, of the
+// backend under test, removed with the test.
+class TestDatabase {
+ public:
+  virtual ~TestDatabase() = default;
+  // A store on it; each call opens it again (the same data every time).
+  virtual absl::StatusOr<std::unique_ptr<JobStore>> Open() = 0;
+  // The schema version the database records (-1 when it cannot be read),
+  // and one forged as a newer server would leave it.
+  virtual int64_t StoredSchemaVersion() = 0;
+  virtual absl::Status SetStoredSchemaVersion(int64_t version) = 0;
+  // The backend's kSchemaVersion.
+  virtual int CurrentSchemaVersion() const = 0;
+};
+
+class SqliteDatabase : public TestDatabase {
+ public:
+  absl::StatusOr<std::unique_ptr<JobStore>> Open() override {
+    ZQ_ASSIGN_OR_RETURN(std::unique_ptr<SqliteJobStore> store,
+                        SqliteJobStore::Open(path_));
+    if (store->schema_version() != SqliteJobStore::kSchemaVersion) {
+      return absl::InternalError(
+          absl::StrCat("opened at schema version ", store->schema_version()));
+    }
+    return std::unique_ptr<JobStore>(std::move(store));
+  }
+  int64_t StoredSchemaVersion() override { return ReadUserVersion(path_); }
+  absl::Status SetStoredSchemaVersion(int64_t version) override {
+    sqlite3* db = nullptr;
+    int rc = sqlite3_open(path_.c_str(), &db);
+    if (rc == SQLITE_OK) {
+      const std::string sql = absl::StrCat("PRAGMA user_version = ", version);
+      rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr);
+    }
+    sqlite3_close(db);
+    if (rc != SQLITE_OK)
+      return absl::InternalError(absl::StrCat("sqlite error ", rc));
+    return absl::OkStatus();
+  }
+  int CurrentSchemaVersion() const override {
+    return SqliteJobStore::kSchemaVersion;
+  }
+
+ private:
+  ScratchDir dir_;
+  std::string path_ = dir_.Sub("zeroq.db");
+};
+
+constexpr char kPgUriVariable[] = "ZEROQ_TEST_PG_URI";
+
+// `uri` (a libpq URI) naming database `name` instead of its own.
+std::string WithDatabase(const std::string& uri, const std::string& name) {
+  const size_t authority = uri.find("://") + 3;
+  size_t query = uri.find('?', authority);
+  if (query == std::string::npos) query = uri.size();
+  size_t path = uri.find('/', authority);
+  if (path == std::string::npos || path > query) path = query;
+  return absl::StrCat(uri.substr(0, path), "/", name, uri.substr(query));
+}
+
+// Runs `sql` (statements separated by semicolons) on its own connection to
+// `uri`; the first column of the first row of the last statement, "" when
+// there is none.
+absl::StatusOr<std::string> RunSql(const std::string& uri,
+                                   const std::string& sql) {
+  try {
+    pqxx::connection connection(uri);
+    pqxx::quiet_errorhandler quiet(connection);
+    pqxx::nontransaction txn(connection);
+    const pqxx::result rows = txn.exec(sql);
+    if (rows.empty() || rows.columns() == 0 || rows[0][0].is_null()) return "";
+    return std::string(rows[0][0].c_str());
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(sql, ": ", e.what()));
+  }
+}
+
+// A database of its own on the server of ZEROQ_TEST_PG_URI (ctest starts one
+// with scripts/pg_test_server.sh), dropped at the end of the test.
+class PostgresDatabase : public TestDatabase {
+ public:
+  static absl::StatusOr<std::unique_ptr<PostgresDatabase>> Create() {
+    const char* server = getenv(kPgUriVariable);
+    if (server == nullptr || server[0] == '\0') {
+      return absl::FailedPreconditionError(absl::StrCat(
+          kPgUriVariable,
+          " is not set: the PostgreSQL tests need a server. ctest starts one "
+          "(the fixture \"postgres\": scripts/pg_test_server.sh); by hand: "
+          "export ",
+          kPgUriVariable,
+          "=$(bash scripts/pg_test_server.sh start /tmp/zq-pg)"));
+    }
+    static std::atomic<int> counter{0};
+    const std::string name =
+        absl::StrCat("zq_test_", getpid(), "_", counter.fetch_add(1));
+    ZQ_RETURN_IF_ERROR(
+        RunSql(server, absl::StrCat("CREATE DATABASE ", name)).status());
+    return std::unique_ptr<PostgresDatabase>(
+        new PostgresDatabase(server, name));
+  }
+  ~PostgresDatabase() override {
+    // FORCE: a test that failed half way may have left a store open.
+    absl::StatusOr<std::string> dropped = RunSql(
+        server_uri_,
+        absl::StrCat("DROP DATABASE IF EXISTS ", name_, " WITH (FORCE)"));
+    EXPECT_TRUE(dropped.ok()) << dropped.status();
+  }
+
+  const std::string& uri() const { return uri_; }
+  const std::string& name() const { return name_; }
+  // Runs SQL in this database, or in the server's own (for what cannot run
+  // in the database itself, such as ALTER DATABASE).
+  absl::StatusOr<std::string> Sql(const std::string& sql) {
+    return RunSql(uri_, sql);
+  }
+  absl::StatusOr<std::string> ServerSql(const std::string& sql) {
+    return RunSql(server_uri_, sql);
+  }
+
+  absl::StatusOr<std::unique_ptr<JobStore>> Open() override {
+    ZQ_ASSIGN_OR_RETURN(std::unique_ptr<PostgresJobStore> store,
+                        PostgresJobStore::Open(uri_));
+    if (store->schema_version() != PostgresJobStore::kSchemaVersion) {
+      return absl::InternalError(
+          absl::StrCat("opened at schema version ", store->schema_version()));
+    }
+    return std::unique_ptr<JobStore>(std::move(store));
+  }
+  int64_t StoredSchemaVersion() override {
+    absl::StatusOr<std::string> version =
+        Sql("SELECT version FROM zeroq_schema_version");
+    int64_t out = -1;
+    if (!version.ok() || !absl::SimpleAtoi(*version, &out)) return -1;
+    return out;
+  }
+  absl::Status SetStoredSchemaVersion(int64_t version) override {
+    return Sql(absl::StrCat("UPDATE zeroq_schema_version SET version = ",
+                            version))
+        .status();
+  }
+  int CurrentSchemaVersion() const override {
+    return PostgresJobStore::kSchemaVersion;
+  }
+
+ private:
+  PostgresDatabase(std::string server_uri, std::string name)
+      : server_uri_(std::move(server_uri)),
+        name_(std::move(name)),
+        uri_(WithDatabase(server_uri_, name_)) {}
+
+  std::string server_uri_;  // the server's own database
+  std::string name_;
+  std::string uri_;  // this test's database
+};
+
+enum class Backend { kSqlite, kPostgres };
+
+void PrintTo(Backend backend, std::ostream* out) {
+  *out << (backend == Backend::kSqlite ? "SQLite" : "PostgreSQL");
+}
+
+// Every behavioural test of the JobStore interface, on both backends: the
+// same calls must give the same answers, error codes included.
+class JobStoreTest : public testing::TestWithParam<Backend> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == Backend::kSqlite) {
+      db_ = std::make_unique<SqliteDatabase>();
+      return;
+    }
+    ZQ_ASSERT_OK_AND_ASSIGN(db_, PostgresDatabase::Create());
+  }
+
+  // Through the interface, as the server uses it (its default arguments live
+  // there).
+  std::unique_ptr<JobStore> OpenStore() {
+    auto store = db_->Open();
+    EXPECT_TRUE(store.ok()) << store.status().ToString();
+    return store.ok() ? std::move(store).value() : nullptr;
+  }
+
+  std::unique_ptr<TestDatabase> db_;
+};
 
 JobFilter ForTenant(const std::string& tenant) {
   JobFilter filter;
@@ -526,12 +756,10 @@ void AllJobPages(JobStore& store, const JobFilter& filter, int page_size,
   } while (!token.empty());
 }
 
-TEST(JobStore, PutGetListModelsAcrossPages) {
-  ScratchDir dir;
-  ZQ_ASSERT_OK_AND_ASSIGN(std::unique_ptr<SqliteJobStore> sqlite,
-                          SqliteJobStore::Open(dir.Sub("zeroq.db")));
-  EXPECT_EQ(sqlite->schema_version(), SqliteJobStore::kSchemaVersion);
-  std::unique_ptr<JobStore> store = std::move(sqlite);
+TEST_P(JobStoreTest, PutGetListModelsAcrossPages) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(db_->StoredSchemaVersion(), db_->CurrentSchemaVersion());
   std::vector<std::string> expected;
   for (int i = 0; i < 23; ++i) {
     const std::string id = absl::StrCat("model-", i);
@@ -585,9 +813,8 @@ TEST(JobStore, PutGetListModelsAcrossPages) {
                                                         expected.begin() + 20));
 }
 
-TEST(JobStore, PageSizeDefaultsAndCap) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, PageSizeDefaultsAndCap) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   for (int i = 0; i < 520; ++i) {
     ZQ_ASSERT_OK(store->PutModel(MakeModel(absl::StrCat("m", i), "acme")));
@@ -606,9 +833,8 @@ TEST(JobStore, PageSizeDefaultsAndCap) {
   EXPECT_TRUE(page.next_page_token.empty());
 }
 
-TEST(JobStore, MalformedPageTokens) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, MalformedPageTokens) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   for (int i = 0; i < 4; ++i) {
     ZQ_ASSERT_OK(store->PutModel(MakeModel(absl::StrCat("m", i), "acme")));
@@ -638,9 +864,8 @@ TEST(JobStore, MalformedPageTokens) {
   }
 }
 
-TEST(JobStore, ModelsInStateCountAndDelete) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, ModelsInStateCountAndDelete) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   const std::string sha = Sha256Hex("shared bytes");
   ZQ_ASSERT_OK(
@@ -690,9 +915,8 @@ TEST(JobStore, ModelsInStateCountAndDelete) {
   EXPECT_EQ(Ids(page.items), (std::vector<std::string>{"a1", "a2"}));
 }
 
-TEST(JobStore, CreateJobIsIdempotentPerTenantAndRequestId) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, CreateJobIsIdempotentPerTenantAndRequestId) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   ZQ_ASSERT_OK_AND_ASSIGN(
       CreateJobResult first,
@@ -737,9 +961,8 @@ TEST(JobStore, CreateJobIsIdempotentPerTenantAndRequestId) {
             absl::StatusCode::kInvalidArgument);
 }
 
-TEST(JobStore, UpdateJobAndListEvents) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, UpdateJobAndListEvents) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m1")).status());
   ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
@@ -781,9 +1004,8 @@ TEST(JobStore, UpdateJobAndListEvents) {
   EXPECT_TRUE(events.empty());
 }
 
-TEST(JobStore, DuplicateSeqIsAlreadyExistsAndAppliesNothing) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, DuplicateSeqIsAlreadyExistsAndAppliesNothing) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m1")).status());
   const v1::Job running = MakeJob("j1", "acme", "m1", v1::JOB_RUNNING);
@@ -815,9 +1037,8 @@ TEST(JobStore, DuplicateSeqIsAlreadyExistsAndAppliesNothing) {
   EXPECT_EQ(got.state(), v1::JOB_SUCCEEDED);
 }
 
-TEST(JobStore, ListJobsFiltersAndPages) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, ListJobsFiltersAndPages) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   const v1::JobState states[] = {v1::JOB_QUEUED, v1::JOB_RUNNING,
                                  v1::JOB_SUCCEEDED};
@@ -873,9 +1094,8 @@ TEST(JobStore, ListJobsFiltersAndPages) {
   EXPECT_TRUE(none.next_page_token.empty());
 }
 
-TEST(JobStore, JobsInStatesAndActiveCounts) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, JobsInStatesAndActiveCounts) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   ZQ_ASSERT_OK(
       store->CreateJob(MakeJob("q1", "acme", "m1", v1::JOB_QUEUED)).status());
@@ -914,46 +1134,10 @@ TEST(JobStore, JobsInStatesAndActiveCounts) {
 
 // ---------------------------------------------------------------- recovery
 
-int64_t ReadUserVersion(const std::string& path) {
-  sqlite3* db = nullptr;
-  int64_t version = -1;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
-      SQLITE_OK) {
-    sqlite3_stmt* stmt = nullptr;
-    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, nullptr) ==
-            SQLITE_OK &&
-        sqlite3_step(stmt) == SQLITE_ROW) {
-      version = sqlite3_column_int64(stmt, 0);
-    }
-    sqlite3_finalize(stmt);
-  }
-  sqlite3_close(db);
-  return version;
-}
-
-std::string ReadJournalMode(const std::string& path) {
-  sqlite3* db = nullptr;
-  std::string mode;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
-      SQLITE_OK) {
-    sqlite3_stmt* stmt = nullptr;
-    if (sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &stmt, nullptr) ==
-            SQLITE_OK &&
-        sqlite3_step(stmt) == SQLITE_ROW) {
-      mode = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
-    }
-    sqlite3_finalize(stmt);
-  }
-  sqlite3_close(db);
-  return mode;
-}
-
-TEST(JobStoreRecovery, ReopenFindsEverything) {
-  ScratchDir dir;
-  const std::string path = dir.Sub("zeroq.db");
+TEST_P(JobStoreTest, ReopenFindsEverything) {
   std::string token;
   {
-    auto store = OpenStore(path);
+    auto store = OpenStore();
     ASSERT_NE(store, nullptr);
     for (int i = 0; i < 6; ++i) {
       ZQ_ASSERT_OK(store->PutModel(MakeModel(absl::StrCat("m", i), "acme")));
@@ -969,13 +1153,10 @@ TEST(JobStoreRecovery, ReopenFindsEverything) {
                             store->ListModels("acme", 4, ""));
     token = page.next_page_token;
   }
-  EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion);
-  EXPECT_EQ(ReadJournalMode(path), "wal");
+  EXPECT_EQ(db_->StoredSchemaVersion(), db_->CurrentSchemaVersion());
 
-  ZQ_ASSERT_OK_AND_ASSIGN(std::unique_ptr<SqliteJobStore> sqlite,
-                          SqliteJobStore::Open(path));
-  EXPECT_EQ(sqlite->schema_version(), SqliteJobStore::kSchemaVersion);
-  std::unique_ptr<JobStore> store = std::move(sqlite);
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
   ZQ_ASSERT_OK_AND_ASSIGN(v1::Model model, store->GetModel("m3"));
   EXPECT_EQ(model.SerializeAsString(),
             MakeModel("m3", "acme").SerializeAsString());
@@ -1005,27 +1186,20 @@ TEST(JobStoreRecovery, ReopenFindsEverything) {
   EXPECT_EQ(Ids(first.items), (std::vector<std::string>{"m-new", "m5"}));
 }
 
-TEST(JobStoreRecovery, NewerSchemaIsRefused) {
-  ScratchDir dir;
-  const std::string path = dir.Sub("zeroq.db");
+TEST_P(JobStoreTest, NewerSchemaIsRefused) {
   {
-    auto store = OpenStore(path);
+    auto store = OpenStore();
     ASSERT_NE(store, nullptr);
   }
-  {
-    sqlite3* db = nullptr;
-    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
-    const std::string sql = absl::StrCat("PRAGMA user_version = ",
-                                         SqliteJobStore::kSchemaVersion + 1);
-    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr),
-              SQLITE_OK);
-    sqlite3_close(db);
-  }
-  absl::StatusOr<std::unique_ptr<SqliteJobStore>> store =
-      SqliteJobStore::Open(path);
+  const int64_t newer = db_->CurrentSchemaVersion() + 1;
+  ZQ_ASSERT_OK(db_->SetStoredSchemaVersion(newer));
+  absl::StatusOr<std::unique_ptr<JobStore>> store = db_->Open();
   EXPECT_EQ(store.status().code(), absl::StatusCode::kFailedPrecondition)
       << store.status();
-  EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion + 1);
+  EXPECT_NE(store.status().message().find("newer"), absl::string_view::npos)
+      << store.status();
+  // Left as the newer server wrote it.
+  EXPECT_EQ(db_->StoredSchemaVersion(), newer);
 }
 
 // A SUCCEEDED job with the given artifacts (name -> sha) of 100 bytes each,
@@ -1045,9 +1219,8 @@ v1::Job SucceededJob(const std::string& id, const std::string& tenant,
   return job;
 }
 
-TEST(JobStore, BlobRefsCountWhatIsReallyStored) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, BlobRefsCountWhatIsReallyStored) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   const std::string model_sha = Sha256Hex("model bytes");
   const std::string a = Sha256Hex("artifact a");
@@ -1132,7 +1305,7 @@ TEST(JobStoreRecovery, Version1DatabaseGetsItsBlobRefsOnMigration) {
   const std::string path = dir.Sub("zeroq.db");
   const std::string a = Sha256Hex("artifact a");
   {
-    auto store = OpenStore(path);
+    auto store = OpenSqliteStore(path);
     ASSERT_NE(store, nullptr);
     ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
     ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m")).status());
@@ -1153,7 +1326,7 @@ TEST(JobStoreRecovery, Version1DatabaseGetsItsBlobRefsOnMigration) {
     sqlite3_close(db);
   }
   EXPECT_EQ(ReadUserVersion(path), 1);
-  auto store = OpenStore(path);
+  auto store = OpenSqliteStore(path);
   ASSERT_NE(store, nullptr);
   EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion);
   ZQ_ASSERT_OK_AND_ASSIGN(int64_t bytes, store->StoredBytes("acme"));
@@ -1172,9 +1345,8 @@ TEST(JobStoreRecovery, NotADatabaseIsAnError) {
   EXPECT_FALSE(SqliteJobStore::Open(dir.Sub("no/such/dir/zeroq.db")).ok());
 }
 
-TEST(JobStoreRecovery, ConcurrentWritersAllLand) {
-  ScratchDir dir;
-  auto store = OpenStore(dir.Sub("zeroq.db"));
+TEST_P(JobStoreTest, ConcurrentWritersAllLand) {
+  auto store = OpenStore();
   ASSERT_NE(store, nullptr);
   ZQ_ASSERT_OK(
       store->CreateJob(MakeJob("shared", "acme", "m1", v1::JOB_RUNNING))
@@ -1218,6 +1390,417 @@ TEST(JobStoreRecovery, ConcurrentWritersAllLand) {
                             store->ListEvents(absl::StrCat("own-", t), 0));
     EXPECT_EQ(events.size(), static_cast<size_t>(kUpdates));
   }
+}
+
+TEST_P(JobStoreTest, ConcurrentRetriesCreateOneJob) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  // The same request arriving at once on several threads (replicas, later):
+  // one job, and every caller gets it.
+  constexpr int kThreads = 8;
+  std::vector<absl::StatusOr<CreateJobResult>> results(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      results[t] = store->CreateJob(MakeJob(absl::StrCat("j", t), "acme", "m",
+                                            v1::JOB_QUEUED, "same-request"));
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  int created = 0;
+  std::set<std::string> ids;
+  for (const auto& result : results) {
+    ASSERT_TRUE(result.ok()) << result.status();
+    created += result->created ? 1 : 0;
+    ids.insert(result->job.id());
+  }
+  EXPECT_EQ(created, 1);
+  EXPECT_EQ(ids.size(), 1u);
+  ZQ_ASSERT_OK_AND_ASSIGN(Page<v1::Job> page,
+                          store->ListJobs(ForTenant("acme"), 100, ""));
+  EXPECT_EQ(Ids(page.items), std::vector<std::string>(ids.begin(), ids.end()));
+}
+
+TEST_P(JobStoreTest, ErrorsCarryTheSameCodesAndMessages) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto expect = [](const absl::Status& status, absl::StatusCode code,
+                   absl::string_view message) {
+    EXPECT_EQ(status.code(), code) << status;
+    EXPECT_EQ(status.message(), message) << status;
+  };
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+  ZQ_ASSERT_OK(
+      store->CreateJob(MakeJob("j1", "acme", "m", v1::JOB_QUEUED, "req-1"))
+          .status());
+  ZQ_ASSERT_OK(
+      store->CreateJob(MakeJob("j2", "acme", "m", v1::JOB_QUEUED, "req-2"))
+          .status());
+  const v1::Job j1 = MakeJob("j1", "acme", "m", v1::JOB_RUNNING, "req-1");
+  ZQ_ASSERT_OK(store->UpdateJob(j1, {MakeEvent(1)}));
+
+  expect(store->GetModel("nope").status(), absl::StatusCode::kNotFound,
+         "model nope not found");
+  expect(store->DeleteModel("nope"), absl::StatusCode::kNotFound,
+         "model nope not found");
+  expect(store->GetJob("nope").status(), absl::StatusCode::kNotFound,
+         "job nope not found");
+  expect(store->DeleteJob("nope"), absl::StatusCode::kNotFound,
+         "job nope not found");
+  expect(store->UpdateJob(MakeJob("nope", "acme", "m")),
+         absl::StatusCode::kNotFound, "job nope not found");
+  expect(store->CreateJob(MakeJob("j1", "acme", "m")).status(),
+         absl::StatusCode::kAlreadyExists, "job j1 already exists");
+  expect(store->UpdateJob(j1, {MakeEvent(1)}),
+         absl::StatusCode::kAlreadyExists,
+         "job j1 already has an event with seq 1");
+  // Moving a job onto another job's request id.
+  expect(store->UpdateJob(
+             MakeJob("j2", "acme", "m", v1::JOB_RUNNING, "req-1")),
+         absl::StatusCode::kAlreadyExists,
+         "job j2: tenant acme already has another job with request id req-1");
+  expect(store->ListModels("acme", 10, "j5").status(),
+         absl::StatusCode::kInvalidArgument, "malformed page token \"j5\"");
+  expect(store->ListJobs(ForTenant("acme"), 10, "m5").status(),
+         absl::StatusCode::kInvalidArgument, "malformed page token \"m5\"");
+  expect(store->PutModel(v1::Model()), absl::StatusCode::kInvalidArgument,
+         "PutModel: model id is empty");
+  expect(store->CreateJob(v1::Job()).status(),
+         absl::StatusCode::kInvalidArgument, "CreateJob: job id is empty");
+  // Nothing of the failed calls stuck.
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Job j2, store->GetJob("j2"));
+  EXPECT_EQ(j2.request_id(), "req-2");
+  EXPECT_EQ(j2.state(), v1::JOB_QUEUED);
+}
+
+TEST_P(JobStoreTest, EmptyRecordsRoundTrip) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m1")).status());
+  // An event with every field at its default serializes to no bytes at all.
+  ZQ_ASSERT_OK(store->UpdateJob(MakeJob("j1", "acme", "m1", v1::JOB_RUNNING),
+                                {v1::JobEvent(), MakeEvent(1)}));
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
+                          store->ListEvents("j1", -1));
+  EXPECT_EQ(Seqs(events), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(events[0].SerializeAsString(), "");
+}
+
+TEST_P(JobStoreTest, LimitsOfZeroAndBelow) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+  for (const char* id : {"j1", "j2", "j3"}) {
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob(id, "acme", "m")).status());
+    ZQ_ASSERT_OK(
+        store->UpdateJob(SucceededJob(id, "acme", {{"x", Sha256Hex(id)}}, 10),
+                         {MakeEvent(1), MakeEvent(2)}));
+  }
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<Holding> holdings,
+                          store->LargestHoldings("acme", 0));
+  EXPECT_TRUE(holdings.empty());
+  ZQ_ASSERT_OK_AND_ASSIGN(holdings, store->LargestHoldings("acme", -1));
+  EXPECT_EQ(holdings.size(), 4u);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::Job> ended,
+                          store->JobsEndedBefore(11, -5));
+  EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j1", "j2", "j3"}));
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
+                          store->ListEvents("j2", 0, -1));
+  EXPECT_EQ(Seqs(events), (std::vector<int64_t>{1, 2}));
+}
+
+INSTANTIATE_TEST_SUITE_P(Sqlite, JobStoreTest,
+                         testing::Values(Backend::kSqlite));
+INSTANTIATE_TEST_SUITE_P(Postgres, JobStoreTest,
+                         testing::Values(Backend::kPostgres));
+
+// ---------------------------------------------------------------- SQLite only
+
+TEST(JobStoreRecovery, SqliteFileIsInWalModeAtTheCurrentVersion) {
+  ScratchDir dir;
+  const std::string path = dir.Sub("zeroq.db");
+  {
+    auto store = OpenSqliteStore(path);
+    ASSERT_NE(store, nullptr);
+    ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+  }
+  EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion);
+  EXPECT_EQ(ReadJournalMode(path), "wal");
+  ZQ_ASSERT_OK_AND_ASSIGN(std::unique_ptr<SqliteJobStore> store,
+                          SqliteJobStore::Open(path));
+  EXPECT_EQ(store->schema_version(), SqliteJobStore::kSchemaVersion);
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+// only
+
+TEST(PostgresUri, PasswordsAreRedacted) {
+  EXPECT_EQ(
+      RedactPostgresUri(
+          "postgresql://zeroq:s3cret@db.internal:5432/zeroq?sslmode=require"),
+      "postgresql://zeroq:***@db.internal:5432/zeroq?sslmode=require");
+  EXPECT_EQ(RedactPostgresUri("postgres://zeroq@db/zeroq"),
+            "postgres://zeroq@db/zeroq");
+  EXPECT_EQ(RedactPostgresUri(
+                "postgresql:///zeroq?host=/run/pg&password=s3cret&user=zeroq"),
+            "postgresql:///zeroq?host=/run/pg&password=***&user=zeroq");
+  // libpq ends the user part at the path's '/', so an unencoded '@' can
+  // only be the password's.
+  EXPECT_EQ(RedactPostgresUri("postgresql://u:p@ss?w@rd@db/zeroq"),
+            "postgresql://u:***@db/zeroq");
+  EXPECT_EQ(RedactPostgresUri("postgresql://u:a?b@db"),
+            "postgresql://u:***@db");
+  EXPECT_EQ(RedactPostgresUri("postgresql://u:x@db/d?password=y&password=z"),
+            "postgresql://u:***@db/d?password=***&password=***");
+  EXPECT_EQ(RedactPostgresUri("postgresql://db:5432/zeroq"),
+            "postgresql://db:5432/zeroq");
+  EXPECT_EQ(RedactPostgresUri("sqlite:/var/lib/zeroq.db"),
+            "sqlite:/var/lib/zeroq.db");
+  EXPECT_TRUE(IsPostgresUri("postgresql://db/zeroq"));
+  EXPECT_TRUE(IsPostgresUri("postgres:///zeroq?host=/run/pg"));
+  EXPECT_FALSE(IsPostgresUri("sqlite:/var/lib/zeroq.db"));
+  EXPECT_FALSE(IsPostgresUri("host=db dbname=zeroq"));
+  EXPECT_FALSE(IsPostgresUri("mysql://db/zeroq"));
+}
+
+class PostgresJobStoreTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    ZQ_ASSERT_OK_AND_ASSIGN(db_, PostgresDatabase::Create());
+  }
+
+  // Through the interface, as the server uses it.
+  std::unique_ptr<JobStore> OpenStore(const std::string& uri = "") {
+    auto store = PostgresJobStore::Open(uri.empty() ? db_->uri() : uri);
+    EXPECT_TRUE(store.ok()) << store.status().ToString();
+    return store.ok() ? std::move(store).value() : nullptr;
+  }
+
+  // Ends every connection to the test's database (as a server restart
+  // would) and waits until they are gone.
+  void TerminateConnections() {
+    const std::string others =
+        absl::StrCat("FROM pg_stat_activity WHERE datname = '", db_->name(),
+                     "' AND pid <> pg_backend_pid()");
+    ZQ_ASSERT_OK(
+        db_->ServerSql(
+               absl::StrCat("SELECT pg_terminate_backend(pid) ", others))
+            .status());
+    for (int i = 0; i < 500; ++i) {
+      ZQ_ASSERT_OK_AND_ASSIGN(
+          std::string left,
+          db_->ServerSql(absl::StrCat("SELECT COUNT(*) ", others)));
+      if (left == "0") return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    FAIL() << "connections to " << db_->name() << " did not end";
+  }
+
+  std::unique_ptr<PostgresDatabase> db_;
+};
+
+TEST_F(PostgresJobStoreTest, MigratesAnEmptyDatabase) {
+  ZQ_ASSERT_OK_AND_ASSIGN(std::unique_ptr<PostgresJobStore> store,
+                          PostgresJobStore::Open(db_->uri()));
+  EXPECT_EQ(store->schema_version(), PostgresJobStore::kSchemaVersion);
+  EXPECT_EQ(db_->StoredSchemaVersion(), PostgresJobStore::kSchemaVersion);
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      std::string tables,
+      db_->Sql("SELECT string_agg(table_name, ',' ORDER BY table_name) FROM "
+               "information_schema.tables WHERE table_schema = "
+               "current_schema()"));
+  EXPECT_EQ(tables, "blob_refs,events,jobs,models,zeroq_schema_version");
+  // Opening a migrated database changes nothing.
+  store.reset();
+  ASSERT_NE(OpenStore(), nullptr);
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      std::string rows, db_->Sql("SELECT COUNT(*) FROM zeroq_schema_version"));
+  EXPECT_EQ(rows, "1");
+  EXPECT_EQ(db_->StoredSchemaVersion(), PostgresJobStore::kSchemaVersion);
+}
+
+TEST_F(PostgresJobStoreTest, ReplicasStartingTogetherMigrateOnce) {
+  // Without the migration lock, all would find version 0 and all but one
+  // would fail to create the tables.
+  constexpr int kReplicas = 6;
+  std::vector<absl::Status> results(kReplicas);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kReplicas; ++i) {
+    threads.emplace_back([&, i] {
+      absl::StatusOr<std::unique_ptr<PostgresJobStore>> store =
+          PostgresJobStore::Open(db_->uri());
+      results[i] = store.status();
+      if (store.ok()) {
+        results[i] =
+            (*store)->PutModel(MakeModel(absl::StrCat("m", i), "acme"));
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& status : results) EXPECT_TRUE(status.ok()) << status;
+  EXPECT_EQ(db_->StoredSchemaVersion(), PostgresJobStore::kSchemaVersion);
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK_AND_ASSIGN(Page<v1::Model> page,
+                          store->ListModels("acme", 100, ""));
+  EXPECT_EQ(page.items.size(), static_cast<size_t>(kReplicas));
+}
+
+TEST_F(PostgresJobStoreTest, Version1DatabaseGetsItsBlobRefsOnMigration) {
+  const std::string a = Sha256Hex("artifact a");
+  {
+    auto store = OpenStore();
+    ASSERT_NE(store, nullptr);
+    ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m")).status());
+    ZQ_ASSERT_OK(store->UpdateJob(SucceededJob("j1", "acme", {{"x", a}}, 50)));
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob("j2", "acme", "m")).status());
+  }
+  // Back to what version 1 made.
+  ZQ_ASSERT_OK(db_->Sql("DROP TABLE blob_refs; DROP INDEX jobs_by_end; "
+                        "ALTER TABLE jobs DROP COLUMN end_unix; "
+                        "UPDATE zeroq_schema_version SET version = 1")
+                   .status());
+  EXPECT_EQ(db_->StoredSchemaVersion(), 1);
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(db_->StoredSchemaVersion(), PostgresJobStore::kSchemaVersion);
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t bytes, store->StoredBytes("acme"));
+  EXPECT_EQ(bytes, 1234 + 100);
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t refs, store->CountBlobRefs(a));
+  EXPECT_EQ(refs, 1);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::Job> ended,
+                          store->JobsEndedBefore(51, 0));
+  EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j1"}));
+}
+
+TEST_F(PostgresJobStoreTest, LostConnectionsAreReplacedOnTheNextCall) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+  // Several pooled connections, all of which the "restart" breaks.
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 20; ++i) EXPECT_TRUE(store->GetModel("m").ok());
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  ASSERT_NO_FATAL_FAILURE(TerminateConnections());
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Model model, store->GetModel("m"));
+  EXPECT_EQ(model.id(), "m");
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m2", "acme")));
+  ASSERT_NO_FATAL_FAILURE(TerminateConnections());
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m")).status());
+  ZQ_ASSERT_OK(store->UpdateJob(MakeJob("j1", "acme", "m", v1::JOB_RUNNING),
+                                {MakeEvent(1)}));
+}
+
+TEST_F(PostgresJobStoreTest, UnreachableDatabaseIsUnavailableUntilBack) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+  ZQ_ASSERT_OK(db_->ServerSql(absl::StrCat("ALTER DATABASE ", db_->name(),
+                                           " ALLOW_CONNECTIONS false"))
+                   .status());
+  ASSERT_NO_FATAL_FAILURE(TerminateConnections());
+  absl::StatusOr<v1::Model> got = store->GetModel("m");
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable)
+      << got.status();
+  absl::Status put = store->PutModel(MakeModel("m2", "acme"));
+  EXPECT_EQ(put.code(), absl::StatusCode::kUnavailable) << put;
+  EXPECT_EQ(store->ListEvents("j", 0).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(PostgresJobStore::Open(db_->uri()).status().code(),
+            absl::StatusCode::kUnavailable);
+
+  ZQ_ASSERT_OK(db_->ServerSql(absl::StrCat("ALTER DATABASE ", db_->name(),
+                                           " ALLOW_CONNECTIONS true"))
+                   .status());
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Model model, store->GetModel("m"));
+  EXPECT_EQ(model.id(), "m");
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m2", "acme")));
+}
+
+TEST_F(PostgresJobStoreTest, OpenErrorsNameTheProblemAndNoPassword) {
+  absl::StatusOr<std::unique_ptr<PostgresJobStore>> store =
+      PostgresJobStore::Open("mysql://u:hunter2@db/zeroq");
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kInvalidArgument)
+      << store.status();
+  EXPECT_EQ(store.status().message().find("hunter2"), absl::string_view::npos)
+      << store.status();
+
+  store = PostgresJobStore::Open(
+      "postgresql://u:hunter2@/zeroq?no_such_option=1&password=hunter2");
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kInvalidArgument)
+      << store.status();
+  EXPECT_EQ(store.status().message().find("hunter2"), absl::string_view::npos)
+      << store.status();
+
+  ScratchDir dir;  // no server's socket in it
+  store = PostgresJobStore::Open(absl::StrCat(
+      "postgresql://u:hunter2@/zeroq?host=", dir.path(), "&password=hunter2"));
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kUnavailable)
+      << store.status();
+  EXPECT_EQ(store.status().message().find("hunter2"), absl::string_view::npos)
+      << store.status();
+  EXPECT_NE(store.status().message().find("u:***@"), absl::string_view::npos)
+      << store.status();
+}
+
+TEST_F(PostgresJobStoreTest, TextPostgresCannotHoldIsNeverAKey) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m", "acme")));
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("j", "acme", "m")).status());
+  // Truncated at the NUL, these would be "m" and "j".
+  const std::string nul_model("m\0x", 3);
+  const std::string nul_job("j\0x", 3);
+  EXPECT_EQ(store->GetModel(nul_model).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store->GetJob(nul_job).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store->GetJob("j\xff").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store->DeleteJob(nul_job).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store->UpdateJob(MakeJob(nul_job, "acme", "m")).code(),
+            absl::StatusCode::kNotFound);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
+                          store->ListEvents(nul_job, 0));
+  EXPECT_TRUE(events.empty());
+  ZQ_ASSERT_OK_AND_ASSIGN(Page<v1::Model> page,
+                          store->ListModels(std::string("acme\0", 5), 10, ""));
+  EXPECT_TRUE(page.items.empty());
+  EXPECT_EQ(store->PutModel(MakeModel("m\xc3", "acme")).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      store->CreateJob(MakeJob("j2", "acme", "m", v1::JOB_QUEUED, nul_job))
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  // Valid UTF-8 beyond ASCII is text like any other.
+  ZQ_ASSERT_OK(store->PutModel(MakeModel("m-\xc3\xa9\xe2\x82\xac", "acme")));
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Model model,
+                          store->GetModel("m-\xc3\xa9\xe2\x82\xac"));
+  EXPECT_EQ(model.tenant(), "acme");
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Model plain, store->GetModel("m"));
+  EXPECT_EQ(plain.id(), "m");
+}
+
+TEST_F(PostgresJobStoreTest, TablesGoToTheSchemaTheUriNames) {
+  ZQ_ASSERT_OK(db_->Sql("CREATE SCHEMA other").status());
+  auto in_public = OpenStore();
+  auto in_other = OpenStore(db_->uri() + "&options=-csearch_path%3Dother");
+  ASSERT_NE(in_public, nullptr);
+  ASSERT_NE(in_other, nullptr);
+  ZQ_ASSERT_OK(in_public->PutModel(MakeModel("m", "acme")));
+  EXPECT_EQ(in_other->GetModel("m").status().code(),
+            absl::StatusCode::kNotFound);
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      std::string tables,
+      db_->Sql("SELECT COUNT(*) FROM information_schema.tables WHERE "
+               "table_schema = 'other'"));
+  EXPECT_EQ(tables, "5");
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 // Operations end to end, against a real zeroq-server: tenants and API keys
 // (cross-tenant access tried on every RPC), quotas, TLS with and without
 // client certificates, health, reflection, metrics while jobs run, graceful
-// shutdown, JSON logs.
+// shutdown, JSON logs, the job store on PostgreSQL (--store; on the server
+// ctest starts, ZEROQ_TEST_PG_URI).
+#include <libpq-fe.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -41,6 +43,7 @@ namespace v1 = ::zeroq::v1;
 using testing::Finished;
 using ::testing::HasSubstr;
 using testing::ModelPath;
+using ::testing::Not;
 using testing::QuickJob;
 using testing::ServerProcess;
 using testing::WaitFor;
@@ -431,6 +434,106 @@ TEST_F(OpsTest, RetentionRemovesOldJobsAndUnusedBlobs) {
       Sample(metrics, "zeroq_jobs_deleted_total", {"reason=\"retention\""}), 1);
   EXPECT_GE(Sample(metrics, "zeroq_blobs_removed_total"), 2);
   EXPECT_TRUE(c->GetModel(model.id()).ok());  // models are kept
+}
+
+// Runs one statement on the PostgreSQL server `uri` names; "" or the error.
+std::string PgExec(const std::string& uri, const std::string& sql) {
+  PGconn* conn = PQconnectdb(uri.c_str());
+  std::string error;
+  if (PQstatus(conn) != CONNECTION_OK) {
+    error = PQerrorMessage(conn);
+  } else {
+    PGresult* result = PQexec(conn, sql.c_str());
+    if (PQresultStatus(result) != PGRES_COMMAND_OK) {
+      error = PQresultErrorMessage(result);
+    }
+    PQclear(result);
+  }
+  PQfinish(conn);
+  return error;
+}
+
+TEST_F(OpsTest, PostgresStoreKeepsEverythingAcrossACrash) {
+  const char* server_uri = getenv("ZEROQ_TEST_PG_URI");
+  ASSERT_TRUE(server_uri != nullptr && server_uri[0] != '\0')
+      << "ZEROQ_TEST_PG_URI is not set: this test needs a PostgreSQL server "
+         "(ctest starts one, the fixture \"postgres\")";
+  // A database of its own; the URI keeps the server's socket and user.
+  const std::string db = absl::StrCat("zq_ops_", getpid());
+  const std::string base = server_uri;
+  const size_t query = base.find('?');
+  ASSERT_NE(query, std::string::npos) << base;
+  const size_t path = base.rfind('/', query);
+  ASSERT_EQ(PgExec(base, "CREATE DATABASE " + db), "");
+  struct DropDatabase {
+    ~DropDatabase() {
+      PgExec(uri, "DROP DATABASE IF EXISTS " + db + " WITH (FORCE)");
+    }
+    std::string uri, db;
+  } drop{base, db};
+  // A password the server (trust) never asks for, and the log never shows.
+  const std::string uri = absl::StrCat(base.substr(0, path + 1), db,
+                                       base.substr(query), "&password=hunter2");
+
+  Start({"--devices=cpu:1", "--store=" + uri});
+  EXPECT_THAT(server_->Log(), HasSubstr("store PostgreSQL postgresql://"));
+  auto c = server_->NewClient();
+  v1::Model model = Upload(c.get());
+  absl::StatusOr<v1::Job> job = c->SubmitJob(QuickJob(model.id()));
+  ASSERT_TRUE(job.ok()) << job.status();
+  const v1::Job done = WaitFor(c.get(), job->id(), Finished);
+  ASSERT_EQ(done.state(), v1::JOB_SUCCEEDED);
+  absl::StatusOr<v1::Job> running = c->SubmitJob(QuickJob(model.id(), 100000));
+  ASSERT_TRUE(running.ok()) << running.status();
+  WaitFor(c.get(), running->id(),
+          [](const v1::Job& j) { return j.state() == v1::JOB_RUNNING; });
+
+  // A crash, and the same store again: the finished job, its events and
+  // artifacts, and the running job back in the queue.
+  server_->Kill();
+  ASSERT_TRUE(server_->Start()) << server_->Log();
+  c = server_->NewClient();
+  absl::StatusOr<v1::Job> after = c->GetJob(done.id());
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->state(), v1::JOB_SUCCEEDED);
+  EXPECT_EQ(after->result().artifacts_size(), done.result().artifacts_size());
+  absl::StatusOr<v1::Job> requeued = c->GetJob(running->id());
+  ASSERT_TRUE(requeued.ok()) << requeued.status();
+  EXPECT_FALSE(Finished(*requeued)) << requeued->DebugString();
+  absl::StatusOr<v1::Job> cancelled = c->CancelJob(running->id());
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+  EXPECT_EQ(WaitFor(c.get(), running->id(), Finished).state(),
+            v1::JOB_CANCELLED);
+  absl::StatusOr<int64_t> freed = c->DeleteJob(done.id());
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_GT(*freed, 0);
+  EXPECT_EQ(c->GetJob(done.id()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(server_->Log(), Not(HasSubstr("hunter2")));
+  EXPECT_EQ(server_->Stop(), 0);
+}
+
+TEST_F(OpsTest, BadStoreIsAClearErrorAndExit1) {
+  const std::string unreachable = absl::StrCat(
+      "postgresql://u:hunter2@/zeroq?host=", dir_, "&connect_timeout=2");
+  for (const std::string& store :
+       {std::string("mysql://u:hunter2@db/zeroq"), std::string("sqlite:"),
+        std::string("zeroq.db"), unreachable}) {
+    const std::string log = dir_ + "/server.log";
+    const std::string command = absl::StrCat(
+        ZEROQ_SERVER, " --data_dir=", dir_, "/data --store='", store,
+        "' --listen=127.0.0.1:0 --metrics_listen= --http_listen= > ", log,
+        " 2>&1");
+    const int status = std::system(command.c_str());
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1)
+        << store << ": " << status;
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)),
+                           std::istreambuf_iterator<char>());
+    EXPECT_THAT(text,
+                HasSubstr(store == unreachable ? "cannot connect" : "--store"))
+        << store;
+    EXPECT_THAT(text, Not(HasSubstr("hunter2"))) << store;
+  }
 }
 
 TEST_F(OpsTest, OpenOnlyOnLoopbackUnlessInsecure) {
