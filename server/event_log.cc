@@ -1,12 +1,51 @@
 #include "server/event_log.h"
 
 #include <algorithm>
+#include <iterator>
 #include <utility>
 
 namespace zeroq::server {
 
-EventLog::EventLog(std::vector<v1::JobEvent> events, bool terminal)
-    : events_(std::move(events)), terminal_(terminal) {}
+EventFanOut::EventFanOut() { thread_ = std::thread([this] { Loop(); }); }
+
+EventFanOut::~EventFanOut() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  thread_.join();
+}
+
+void EventFanOut::Wake(std::vector<std::weak_ptr<EventListener>> listeners) {
+  if (listeners.empty()) return;
+  absl::MutexLock lock(&mu_);
+  queue_.insert(queue_.end(), std::make_move_iterator(listeners.begin()),
+                std::make_move_iterator(listeners.end()));
+}
+
+void EventFanOut::Loop() {
+  while (true) {
+    std::vector<std::weak_ptr<EventListener>> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !queue_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;  // stopping, and nothing left to wake
+      batch.swap(queue_);
+    }
+    for (const auto& w : batch) {
+      if (std::shared_ptr<EventListener> l = w.lock()) l->OnEvents();
+    }
+  }
+}
+
+EventLog::EventLog(EventFanOut* fan_out) : fan_out_(fan_out) {}
+
+EventLog::EventLog(std::vector<v1::JobEvent> events, bool terminal,
+                   EventFanOut* fan_out)
+    : fan_out_(fan_out), events_(std::move(events)), terminal_(terminal) {}
 
 void EventLog::Append(const std::vector<v1::JobEvent>& events, bool terminal) {
   std::vector<std::weak_ptr<EventListener>> wake;
@@ -15,6 +54,10 @@ void EventLog::Append(const std::vector<v1::JobEvent>& events, bool terminal) {
     events_.insert(events_.end(), events.begin(), events.end());
     terminal_ = terminal_ || terminal;
     wake.swap(waiting_);
+  }
+  if (fan_out_ != nullptr) {
+    fan_out_->Wake(std::move(wake));
+    return;
   }
   for (const auto& w : wake) {
     if (std::shared_ptr<EventListener> l = w.lock()) l->OnEvents();

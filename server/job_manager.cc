@@ -197,7 +197,7 @@ absl::Status JobManager::Start() {
     ZQ_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
                         store_->ListEvents(job.id(), 0));
     auto rt = std::make_shared<JobRuntime>();
-    rt->log = std::make_shared<EventLog>(std::move(events), false);
+    rt->log = std::make_shared<EventLog>(std::move(events), false, &fan_out_);
     rt->job = std::move(job);
     active_[rt->job.id()] = rt;
     if (rt->job.state() == v1::JOB_RUNNING && rt->job.cancel_requested()) {
@@ -1109,7 +1109,7 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
   }
   auto rt = std::make_shared<JobRuntime>();
   rt->job = created.job;
-  rt->log = std::make_shared<EventLog>();
+  rt->log = std::make_shared<EventLog>(&fan_out_);
   active_[job.id()] = rt;
   AppendLocked(*rt, {StateEvent(rt->job, "queued")}, false);
   EnqueueLocked(rt);

@@ -218,6 +218,9 @@ class JobManager {
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ManagerOptions options_;
+  // Wakes the watchers of every job's log, outside mu_. Declared early: it
+  // is destroyed after everything that appends.
+  EventFanOut fan_out_;
   // What tenants read of errors, events and model reasons: no server paths.
   const Redactor redactor_;
   JobStore* const store_;
