@@ -363,18 +363,27 @@ std::string BudgetText(const Budget& budget) {
 }
 
 absl::Status CheckBudgetReachable(const std::string& text, const Budget& budget,
-                                  const std::vector<LayerCost>& layers,
+                                  const std::vector<LayerSize>& layers,
+                                  const std::vector<int>& candidates,
                                   const std::map<std::string, int>& pins) {
+  const int narrowest =
+      candidates.empty() ? 32 : *std::min_element(candidates.begin(), candidates.end());
   int64_t smallest = 0;
   int64_t params = 0;
-  for (const LayerCost& l : layers) {
-    int lowest = l.bits.empty() ? 32 : *std::min_element(l.bits.begin(), l.bits.end());
+  std::vector<LayerCost> costs;
+  for (const LayerSize& l : layers) {
     auto pin = pins.find(l.name);
-    if (pin != pins.end()) lowest = pin->second == 0 ? 32 : pin->second;
+    const int lowest =
+        pin == pins.end() ? narrowest : (pin->second == 0 ? 32 : pin->second);
     smallest += l.params * lowest;
     params += l.params;
+    LayerCost& cost = costs.emplace_back();
+    cost.name = l.name;
+    cost.params = l.params;
+    cost.bits = candidates;
+    cost.sensitivity.assign(candidates.size(), 0.0);
   }
-  ZQ_ASSIGN_OR_RETURN(int64_t bits, BudgetToBits(budget, layers));
+  ZQ_ASSIGN_OR_RETURN(int64_t bits, BudgetToBits(budget, costs));
   if (bits < smallest) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "\"%s\" is %d weight bytes, below the smallest size the candidate "

@@ -102,8 +102,14 @@ struct Budget {
 absl::StatusOr<int64_t> BudgetToBits(const Budget& budget,
                                      const std::vector<LayerCost>& layers);
 
+// One layer's name and weight count, for CheckBudgetReachable.
+struct LayerSize {
+  std::string name;
+  int64_t params = 0;
+};
+
 // Whether the budget (written as `text`) is reachable at all: not below the
-// size of every layer at its lowest candidate width, a pinned layer at its
+// size of every layer at its lowest `candidates` width, a pinned layer at its
 // pin in `pins` (by layer name; 0: float, 32 bits).
 // INVALID_ARGUMENT saying both sizes, e.g. "\"MP4\" is 21128 weight bytes,
 // below the smallest size the candidate widths reach (42256 bytes, 8.00 bits
@@ -113,7 +119,8 @@ absl::StatusOr<int64_t> BudgetToBits(const Budget& budget,
 std::string BudgetText(const Budget& budget);
 
 absl::Status CheckBudgetReachable(const std::string& text, const Budget& budget,
-                                  const std::vector<LayerCost>& layers,
+                                  const std::vector<LayerSize>& layers,
+                                  const std::vector<int>& candidates,
                                   const std::map<std::string, int>& pins);
 
 // One configuration: a width per layer, in the order of the layers.

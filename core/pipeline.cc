@@ -149,17 +149,12 @@ absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec) {
     }
     // A re-plan without explicit widths plans with the stored table's.
     if (spec.precomputed_sensitivity.empty() || !spec.replan_widths.empty()) {
-      std::vector<LayerCost> layers;
-      for (const QuantLayer& l : model.summary().layers) {
-        LayerCost cost;
-        cost.name = l.name;
-        cost.params = l.params;
-        cost.bits = spec.sensitivity.bits;
-        cost.sensitivity.assign(cost.bits.size(), 0.0);
-        layers.push_back(std::move(cost));
-      }
-      absl::Status reachable = CheckBudgetReachable(
-          BudgetText(*spec.budget), *spec.budget, layers, spec.quant.layer_bits);
+      std::vector<LayerSize> layers;
+      for (const QuantLayer& l : model.summary().layers)
+        layers.push_back({l.name, l.params});
+      absl::Status reachable =
+          CheckBudgetReachable(BudgetText(*spec.budget), *spec.budget, layers,
+                               spec.sensitivity.bits, spec.quant.layer_bits);
       if (!reachable.ok()) {
         return absl::InvalidArgumentError(
             absl::StrCat("budget: ", reachable.message()));

@@ -22,15 +22,24 @@ absl::Status Check(absl::string_view field, int64_t v, const IntField& limit) {
   return Invalid(field, absl::StrCat(v, " is outside ", limit.Describe()));
 }
 
+// A field that is one value: its name is the schema's.
+absl::Status Check(int64_t v, const IntField& field) {
+  return Check(absl::StrCat("config.", field.name), v, field);
+}
+
+absl::Status Check(double v, const RealField& field) {
+  if (field.Contains(v)) return absl::OkStatus();
+  return Invalid(absl::StrCat("config.", field.name),
+                 absl::StrFormat("%g is outside %s", v, field.Describe()));
+}
+
 }  // namespace
 
 absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
   if (c.has_weight_bits())
-    ZQ_RETURN_IF_ERROR(Check("config.weight_bits", c.weight_bits(), kWeightBits));
-  if (c.has_activation_bits()) {
-    ZQ_RETURN_IF_ERROR(
-        Check("config.activation_bits", c.activation_bits(), kActivationBits));
-  }
+    ZQ_RETURN_IF_ERROR(Check(c.weight_bits(), kWeightBits));
+  if (c.has_activation_bits())
+    ZQ_RETURN_IF_ERROR(Check(c.activation_bits(), kActivationBits));
   for (const auto& [name, bits] : c.layer_bits()) {
     if (name.empty()) return Invalid("config.layer_bits", "empty layer name");
     ZQ_RETURN_IF_ERROR(
@@ -52,27 +61,13 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
     return Invalid("config.candidate_bits",
                    "only used with a budget (mixed precision)");
   }
-  if (c.has_activation_percentile() &&
-      !kActivationPercentile.Contains(c.activation_percentile())) {
-    return Invalid("config.activation_percentile",
-                   absl::StrFormat("%g is outside %s", c.activation_percentile(),
-                                   kActivationPercentile.Describe()));
-  }
+  if (c.has_activation_percentile())
+    ZQ_RETURN_IF_ERROR(Check(c.activation_percentile(), kActivationPercentile));
   const v1::DistillationConfig& d = c.distillation();
-  if (d.has_batch_size())
-    ZQ_RETURN_IF_ERROR(
-        Check("config.distillation.batch_size", d.batch_size(), kBatchSize));
-  if (d.has_num_batches())
-    ZQ_RETURN_IF_ERROR(
-        Check("config.distillation.num_batches", d.num_batches(), kNumBatches));
-  if (d.has_iterations())
-    ZQ_RETURN_IF_ERROR(
-        Check("config.distillation.iterations", d.iterations(), kIterations));
-  if (d.has_lr() && !kLearningRate.Contains(d.lr())) {
-    return Invalid("config.distillation.lr",
-                   absl::StrFormat("%g is outside %s", d.lr(),
-                                   kLearningRate.Describe()));
-  }
+  if (d.has_batch_size()) ZQ_RETURN_IF_ERROR(Check(d.batch_size(), kBatchSize));
+  if (d.has_num_batches()) ZQ_RETURN_IF_ERROR(Check(d.num_batches(), kNumBatches));
+  if (d.has_iterations()) ZQ_RETURN_IF_ERROR(Check(d.iterations(), kIterations));
+  if (d.has_lr()) ZQ_RETURN_IF_ERROR(Check(d.lr(), kLearningRate));
   if (!v1::CalibrationSource_IsValid(c.calibration())) {
     return Invalid(
         "config.calibration",
@@ -83,7 +78,7 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
                    "re-planning needs a budget: set config.budget");
   }
   if (c.has_threads())
-    ZQ_RETURN_IF_ERROR(Check("config.threads", c.threads(), kThreads));
+    ZQ_RETURN_IF_ERROR(Check(c.threads(), kThreads));
   return absl::OkStatus();
 }
 

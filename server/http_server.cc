@@ -436,13 +436,16 @@ class Session : public std::enable_shared_from_this<Session<Stream>>,
     Respond(HttpStatusOf(status.code()), ErrorJson(status));
   }
 
+  // `content_range`: the Content-Range header, when not empty.
   void Respond(int status, std::string body,
-               std::string content_type = "application/json") {
+               std::string content_type = "application/json",
+               std::string content_range = "") {
     auto res = std::make_shared<http::response<http::string_body>>(
         static_cast<http::status>(status), version_);
     res->set(http::field::server, "zeroq");
     res->set(http::field::content_type, content_type);
     if (status == 401) res->set(http::field::www_authenticate, "Bearer");
+    if (!content_range.empty()) res->set(http::field::content_range, content_range);
     res->keep_alive(keep_alive_);
     res->body() = std::move(body);
     res->prepare_payload();
@@ -450,10 +453,15 @@ class Session : public std::enable_shared_from_this<Session<Stream>>,
                       [self = this->shared_from_this(), res, status](
                           beast::error_code ec, size_t) {
                         self->Record(status);
-                        if (ec || res->need_eof()) return self->Close();
-                        self->Reset();
-                        self->ReadHeader();
+                        self->Next(ec || res->need_eof());
                       });
+  }
+
+  // After a response: the next request on this connection, or its end.
+  void Next(bool close) {
+    if (close) return Close();
+    Reset();
+    ReadHeader();
   }
 
   void Reset() {
@@ -633,22 +641,11 @@ class Session : public std::enable_shared_from_this<Session<Stream>>,
         ok = false;
       }
       if (!ok || first >= size) {
-        auto res = std::make_shared<http::response<http::string_body>>(
-            http::status::range_not_satisfiable, version_);
-        res->set(http::field::content_range, absl::StrCat("bytes */", size));
-        res->set(http::field::content_type, "application/json");
-        res->keep_alive(keep_alive_);
-        res->body() = ErrorJson(absl::OutOfRangeError(absl::StrCat(
-            "Range \"", *range, "\" is outside the artifact's ", size, " bytes")));
-        res->prepare_payload();
-        return http::async_write(
-            stream_, *res,
-            [self = this->shared_from_this(), res](beast::error_code ec, size_t) {
-              self->Record(416);
-              if (ec || res->need_eof()) return self->Close();
-              self->Reset();
-              self->ReadHeader();
-            });
+        return Respond(416,
+                       ErrorJson(absl::OutOfRangeError(absl::StrCat(
+                           "Range \"", *range, "\" is outside the artifact's ",
+                           size, " bytes"))),
+                       "application/json", absl::StrCat("bytes */", size));
       }
       partial = true;
     }
@@ -715,9 +712,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>>,
     fd_ = -1;
     file_sr_.reset();
     file_res_.reset();
-    if (close) return Close();
-    Reset();
-    ReadHeader();
+    Next(close);
   }
 
   Stream stream_;

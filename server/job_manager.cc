@@ -605,40 +605,31 @@ void JobManager::OnWorkerEvent(const std::string& job_id,
 
 void JobManager::OnWorkerExit(const std::string& job_id,
                               WorkerOutcome outcome) {
-  // Artifacts go into the blob store before the lock is taken: hashing and
-  // copying a model takes a moment.
-  absl::Status store_status;
-  if (outcome.kind == WorkerOutcome::Kind::kSucceeded && outcome.result) {
-    fs::path out = fs::path(JobDir(job_id)) / "out";
+  // Copies the job's artifacts into the blob store (only those missing
+  // there, with `only_missing`) and records their hashes and sizes.
+  const bool succeeded =
+      outcome.kind == WorkerOutcome::Kind::kSucceeded && outcome.result;
+  auto store_artifacts = [&](bool only_missing) -> absl::Status {
+    const fs::path out = fs::path(JobDir(job_id)) / "out";
     for (v1::Artifact& a : *outcome.result->mutable_artifacts()) {
-      absl::StatusOr<BlobInfo> info =
-          blobs_->PutFile((out / a.name()).string());
+      if (only_missing && blobs_->Exists(a.sha256())) continue;
+      absl::StatusOr<BlobInfo> info = blobs_->PutFile((out / a.name()).string());
       if (!info.ok()) {
-        store_status = absl::InternalError(absl::StrCat(
+        return absl::InternalError(absl::StrCat(
             "storing artifact ", a.name(), ": ", info.status().message()));
-        break;
       }
       a.set_sha256(info->sha256);
       a.set_size_bytes(info->size_bytes);
     }
-  }
+    return absl::OkStatus();
+  };
+  // Before the lock is taken: hashing and copying a model takes a moment.
+  absl::Status store_status = succeeded ? store_artifacts(false) : absl::OkStatus();
   absl::MutexLock lock(&mu_);
-  if (store_status.ok() && outcome.kind == WorkerOutcome::Kind::kSucceeded &&
-      outcome.result) {
-    // A DeleteJob of another job with the same bytes may have removed a blob
-    // between the copy above and the lock (deletes run under it): store it
-    // again, now that nothing can.
-    fs::path out = fs::path(JobDir(job_id)) / "out";
-    for (const v1::Artifact& a : outcome.result->artifacts()) {
-      if (blobs_->Exists(a.sha256())) continue;
-      absl::StatusOr<BlobInfo> info = blobs_->PutFile((out / a.name()).string());
-      if (!info.ok()) {
-        store_status = absl::InternalError(absl::StrCat(
-            "storing artifact ", a.name(), ": ", info.status().message()));
-        break;
-      }
-    }
-  }
+  // A DeleteJob of another job with the same bytes may have removed a blob
+  // between the copy above and the lock (deletes run under it): store it
+  // again, now that nothing can.
+  if (succeeded && store_status.ok()) store_status = store_artifacts(true);
   auto it = active_.find(job_id);
   if (it == active_.end()) return;
   std::shared_ptr<JobRuntime> rt = it->second;

@@ -152,6 +152,16 @@ absl::StatusOr<std::unique_ptr<zs::JobStore>> OpenJobStore(
       zs::RedactPostgresUri(spec), "\""));
 }
 
+// Writes `port` to `path` (nothing when empty) through a rename, so that a
+// reader never sees a half-written number.
+void WritePortFile(const std::string& path, int port) {
+  if (path.empty()) return;
+  const std::string tmp = path + ".tmp";
+  std::ofstream(tmp) << port << "\n";
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+}
+
 int Fail(const absl::Status& s) {
   zs::LogError({}, absl::StrCat("zeroq-server: ", s.message()));
   return 1;
@@ -360,16 +370,9 @@ int main(int argc, char** argv) {
               (*metrics)->port() > 0 ? absl::StrCat("port ", (*metrics)->port())
                                      : "none",
               ", worker ", options.worker_path));
-  if (http && !absl::GetFlag(FLAGS_http_port_file).empty()) {
-    std::string tmp = absl::GetFlag(FLAGS_http_port_file) + ".tmp";
-    std::ofstream(tmp) << http->port() << "\n";
-    fs::rename(tmp, absl::GetFlag(FLAGS_http_port_file), ec);
-  }
-  if (!absl::GetFlag(FLAGS_port_file).empty()) {
-    std::string tmp = absl::GetFlag(FLAGS_port_file) + ".tmp";
-    std::ofstream(tmp) << port << "\n";
-    fs::rename(tmp, absl::GetFlag(FLAGS_port_file), ec);
-  }
+  // The HTTP port first: a reader waiting for the gRPC port file finds both.
+  if (http) WritePortFile(absl::GetFlag(FLAGS_http_port_file), http->port());
+  WritePortFile(absl::GetFlag(FLAGS_port_file), port);
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

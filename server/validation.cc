@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <set>
 #include <string>
@@ -12,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "core/pareto.h"
 #include "proto/config_check.h"
@@ -33,7 +35,9 @@ absl::Status CheckRange(absl::string_view field, int64_t v, int64_t lo,
 }
 
 std::vector<int> CandidateBits(const v1::QuantizationConfig& config) {
-  if (config.candidate_bits().empty()) return {2, 4, 8};
+  if (config.candidate_bits().empty()) {
+    return {std::begin(kDefaultCandidateBits), std::end(kDefaultCandidateBits)};
+  }
   return {config.candidate_bits().begin(), config.candidate_bits().end()};
 }
 
@@ -113,18 +117,11 @@ absl::Status ValidateConfigForModel(const v1::QuantizationConfig& c,
   }
   if (c.budget().empty()) return absl::OkStatus();
   ZQ_ASSIGN_OR_RETURN(core::Budget budget, core::ParseBudget(c.budget()));
-  std::vector<int> candidates = CandidateBits(c);
-  std::vector<core::LayerCost> layers;
-  for (const v1::QuantizableLayer& l : s.layers()) {
-    core::LayerCost cost;
-    cost.name = l.name();
-    cost.params = l.params();
-    cost.bits = candidates;
-    cost.sensitivity.assign(candidates.size(), 0.0);
-    layers.push_back(std::move(cost));
-  }
+  std::vector<core::LayerSize> layers;
+  for (const v1::QuantizableLayer& l : s.layers())
+    layers.push_back({l.name(), l.params()});
   absl::Status reachable = core::CheckBudgetReachable(
-      c.budget(), budget, layers,
+      c.budget(), budget, layers, CandidateBits(c),
       std::map<std::string, int>(c.layer_bits().begin(), c.layer_bits().end()));
   if (!reachable.ok()) return Invalid("config.budget", reachable.message());
   return absl::OkStatus();
