@@ -326,7 +326,9 @@ absl::Status FileBlobStore::Delete(absl::string_view sha256) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> FileBlobStore::RemoveTemporaries() {
+absl::StatusOr<int> FileBlobStore::RemoveTemporaries(
+    absl::Duration older_than) {
+  const absl::Time cutoff = absl::Now() - older_than;
   const std::string dir = TempDir(root_);
   DIR* d = opendir(dir.c_str());
   if (d == nullptr) return ErrnoError(errno, "opendir", dir);
@@ -340,6 +342,11 @@ absl::StatusOr<int> FileBlobStore::RemoveTemporaries() {
   int removed = 0;
   for (const std::string& name : names) {
     const std::string path = absl::StrCat(dir, "/", name);
+    struct stat st;
+    if (older_than > absl::ZeroDuration() && stat(path.c_str(), &st) == 0 &&
+        absl::TimeFromTimespec(st.st_mtim) > cutoff) {
+      continue;  // maybe another process's upload in progress
+    }
     if (unlink(path.c_str()) == 0) {
       ++removed;
     } else if (errno != ENOENT) {

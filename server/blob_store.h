@@ -67,8 +67,12 @@ class BlobStore {
   // OK when absent.
   virtual absl::Status Delete(absl::string_view sha256) = 0;
   // Removes temp files of writes that never committed (a previous run that
-  // died mid-upload); returns how many. Call at start, before any writer.
-  virtual absl::StatusOr<int> RemoveTemporaries() = 0;
+  // died mid-upload) and were last written more than `older_than` ago;
+  // returns how many. Call at start, before any writer of this process;
+  // with other processes writing to the same folder, pass an age no live
+  // upload reaches between two writes.
+  virtual absl::StatusOr<int> RemoveTemporaries(
+      absl::Duration older_than = absl::ZeroDuration()) = 0;
   // Every committed blob (a commit of bytes already stored publishes them
   // again, so `modified` is the newest commit).
   virtual std::vector<BlobEntry> List() = 0;
@@ -90,7 +94,8 @@ class FileBlobStore : public BlobStore {
   absl::StatusOr<int64_t> Size(absl::string_view sha256) override;
   std::string Path(absl::string_view sha256) override;
   absl::Status Delete(absl::string_view sha256) override;
-  absl::StatusOr<int> RemoveTemporaries() override;
+  absl::StatusOr<int> RemoveTemporaries(
+      absl::Duration older_than = absl::ZeroDuration()) override;
   std::vector<BlobEntry> List() override;
   int64_t StoredBytes() override;
 

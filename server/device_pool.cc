@@ -173,6 +173,20 @@ bool DevicePool::Has(v1::DeviceKind kind) const {
                      [&](const DeviceInfo& d) { return d.kind == kind; });
 }
 
+std::vector<v1::DeviceKind> DevicePool::Placeable() const {
+  std::vector<v1::DeviceKind> out;
+  for (v1::DeviceKind kind : {v1::DEVICE_CPU, v1::DEVICE_CUDA}) {
+    const bool free = std::any_of(
+        devices_.begin(), devices_.end(), [&](const DeviceInfo& d) {
+          return d.kind == kind &&
+                 std::count(d.busy.begin(), d.busy.end(), false) > 0;
+        });
+    if (free) out.push_back(kind);
+  }
+  if (!out.empty()) out.push_back(v1::DEVICE_ANY);
+  return out;
+}
+
 int DevicePool::total_slots() const {
   int n = 0;
   for (const DeviceInfo& d : devices_) n += d.slots;

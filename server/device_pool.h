@@ -72,6 +72,9 @@ class DevicePool {
   bool Has(v1::DeviceKind kind) const;
 
   const std::vector<DeviceInfo>& devices() const { return devices_; }
+  // The device preferences a job may have and still get a slot now
+  // (DEVICE_ANY when any slot is free); empty when every slot is busy.
+  std::vector<v1::DeviceKind> Placeable() const;
   int total_slots() const;
   int busy_slots() const;
   std::string Describe() const;  // "cpu (2 slots), cuda:0 (1 slot)"

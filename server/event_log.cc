@@ -47,21 +47,38 @@ EventLog::EventLog(std::vector<v1::JobEvent> events, bool terminal,
                    EventFanOut* fan_out)
     : fan_out_(fan_out), events_(std::move(events)), terminal_(terminal) {}
 
-void EventLog::Append(const std::vector<v1::JobEvent>& events, bool terminal) {
+bool EventLog::Append(const std::vector<v1::JobEvent>& events, bool terminal) {
   std::vector<std::weak_ptr<EventListener>> wake;
   {
     absl::MutexLock lock(&mu_);
-    events_.insert(events_.end(), events.begin(), events.end());
+    const int64_t last = events_.empty() ? 0 : events_.back().seq();
+    auto first = std::find_if(
+        events.begin(), events.end(),
+        [last](const v1::JobEvent& e) { return e.seq() > last; });
+    if (first != events.end() && first->seq() != last + 1) return false;
+    if (first == events.end() && (!terminal || terminal_)) return true;
+    events_.insert(events_.end(), first, events.end());
     terminal_ = terminal_ || terminal;
     wake.swap(waiting_);
   }
   if (fan_out_ != nullptr) {
     fan_out_->Wake(std::move(wake));
-    return;
+    return true;
   }
   for (const auto& w : wake) {
     if (std::shared_ptr<EventListener> l = w.lock()) l->OnEvents();
   }
+  return true;
+}
+
+int64_t EventLog::last_seq() const {
+  absl::MutexLock lock(&mu_);
+  return events_.empty() ? 0 : events_.back().seq();
+}
+
+bool EventLog::terminal() const {
+  absl::MutexLock lock(&mu_);
+  return terminal_;
 }
 
 EventLog::Read EventLog::ReadAfter(

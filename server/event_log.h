@@ -8,8 +8,8 @@
 //     case EventLog::Read::kDone:   ...all sent and the job is finished...
 //   }
 //
-// The manager appends events after it has stored them, so what a watcher
-// reads here is never ahead of the job store. Listeners are one-shot: a
+// Events are appended after they are stored, so what a watcher reads here
+// is never ahead of the job store. Listeners are one-shot: a
 // listener registered by ReadAfter is told once, then must read again.
 // Thread-safe. OnEvents runs on the appending thread, without this log's
 // lock held; it must not block.
@@ -67,8 +67,14 @@ class EventLog {
   EventLog(std::vector<v1::JobEvent> events, bool terminal,
            EventFanOut* fan_out = nullptr);
 
-  // REQUIRES: seqs continue the log's (1, 2, ...), in order.
-  void Append(const std::vector<v1::JobEvent>& events, bool terminal);
+  // Appends `events` (in seq order) after the log's last: those it already
+  // has are skipped, so the same events may arrive by two paths (this
+  // replica's own write, and a read of the store). false, and nothing is
+  // appended, when they do not continue the log (a gap): the caller reads
+  // the missing ones from the store.
+  bool Append(const std::vector<v1::JobEvent>& events, bool terminal);
+  int64_t last_seq() const;
+  bool terminal() const;
 
   // Copies up to `max` events with seq > after_seq into *out. kWait (and
   // `listener`, when not null, is registered) when there are none yet;
@@ -78,7 +84,7 @@ class EventLog {
 
  private:
   EventFanOut* const fan_out_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   std::vector<v1::JobEvent> events_
       ABSL_GUARDED_BY(mu_);  // events_[i].seq == i + 1
   bool terminal_ ABSL_GUARDED_BY(mu_) = false;

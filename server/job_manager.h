@@ -1,25 +1,28 @@
-// job_manager.h: the service's state: models and their inspection, the job
-// queue and scheduler, the device pool, running workers and job events.
+// job_manager.h: the service's operations over the control plane's parts:
+// the store's queue (job_store.h), this replica's dispatcher (dispatcher.h),
+// job events (job_events.h), quotas (quotas.h) and the model registry with
+// its inspections (model_registry.h).
 //
-//   ZQ_ASSIGN_OR_RETURN(auto manager, JobManager::Create(options, store, blobs,
-//   pool)); ZQ_RETURN_IF_ERROR(manager->Start());        // recovery, then
-//   scheduling ZQ_ASSIGN_OR_RETURN(v1::Job job, manager->SubmitJob("default",
-//   request)); ZQ_ASSIGN_OR_RETURN(auto log, manager->Watch("default",
-//   job.id())); manager->Stop(absl::Seconds(10));            // running jobs
-//   re-queued
+//   ZQ_ASSIGN_OR_RETURN(auto manager,
+//                       JobManager::Create(options, store, blobs, pool));
+//   ZQ_RETURN_IF_ERROR(manager->Start());  // recovery, then claiming
+//   ZQ_ASSIGN_OR_RETURN(v1::Job job, manager->SubmitJob("default", request));
+//   ZQ_ASSIGN_OR_RETURN(auto log, manager->Watch("default", job.id()));
+//   manager->Stop(absl::Seconds(10));  // running jobs re-queued
 //
-// Lifecycle of a job: SubmitJob validates and stores it QUEUED (it is durable
-// before SubmitJob returns) -> the scheduler picks it (priority, then the
-// tenant with the fewest running jobs, then age) when a slot of the wanted
-// device kind is free -> RUNNING on a zeroq-worker process -> SUCCEEDED
-// (artifacts moved into the blob store), FAILED or CANCELLED. Every change is
-// an event with the next sequence number, stored with the job before
-// watchers see it.
+// Lifecycle of a job: SubmitJob validates it and stores it QUEUED with its
+// first event (durable before SubmitJob returns) -> a replica with a free
+// slot of the wanted device kind claims it (priority, then the tenant with
+// the fewest running jobs, then age) -> RUNNING on a zeroq-worker process of
+// that replica -> SUCCEEDED (artifacts in the blob store), FAILED or
+// CANCELLED. Every change is an event, numbered by the store and stored with
+// the job before any watcher, on any replica, sees it.
 //
-// Restart: Start() re-queues jobs that were RUNNING when the previous server
-// died (the attempt count grows with every worker start; FAILED after
-// max_attempts), restarts inspections that never finished, and removes
-// partial uploads and job folders.
+// Several replicas may share one store and one data_dir: each works in
+// data_dir/replicas/<replica_id>, and a second server with the same replica
+// id on the same data_dir is refused at Start. Start re-queues the jobs this
+// replica's previous run left RUNNING; jobs of a replica that died are
+// re-queued by the others once its leases run out.
 //
 // Every call takes the caller's tenant: another tenant's ids are NOT_FOUND.
 // Thread-safe.
@@ -27,7 +30,7 @@
 #define ZEROQ_SERVER_JOB_MANAGER_H_
 
 #include <cstdint>
-#include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -40,18 +43,39 @@
 #include "absl/time/time.h"
 #include "server/blob_store.h"
 #include "server/device_pool.h"
+#include "server/dispatcher.h"
 #include "server/event_log.h"
+#include "server/job_events.h"
 #include "server/job_store.h"
+#include "server/launcher.h"
 #include "server/metrics.h"
+#include "server/model_registry.h"
+#include "server/quotas.h"
 #include "server/redact.h"
 #include "server/tenants.h"
-#include "server/worker_supervisor.h"
 #include "zeroq/v1/zeroq.pb.h"
 
 namespace zeroq::server {
 
 struct ManagerOptions {
-  std::string data_dir;         // required; job folders go in data_dir/jobs
+  std::string data_dir;  // required; this replica works in
+                         // data_dir/replicas/<replica_id>
+  // This replica's name in the store: the owner of the jobs it runs.
+  // Required; unique among the replicas sharing the store.
+  std::string replica_id;
+  // Whether this replica is the store's only one (SQLite): then whatever
+  // partial uploads are in the blob folder at Start are its previous run's
+  // and are removed; otherwise only those an hour old are.
+  bool single_replica = true;
+  // Leases on running jobs (see dispatcher.h) and how often an idle replica
+  // looks at the queue.
+  absl::Duration lease = absl::Seconds(10);
+  absl::Duration claim_poll = absl::Milliseconds(500);
+  // How often watched jobs' events are read from the store when no
+  // notification came (other replicas' jobs).
+  absl::Duration event_poll = absl::Milliseconds(250);
+  // Told when the store stops or starts answering (health).
+  std::function<void(bool reachable)> on_store_reachable;
   std::string worker_path;      // required; the zeroq-worker executable
   int cpu_threads_per_job = 1;  // intra-op threads when a job sets none
   absl::Duration default_time_limit = absl::Hours(4);
@@ -93,17 +117,22 @@ struct ArtifactRef {
 
 class JobManager {
  public:
-  // The stores must outlive the manager.
+  // The stores must outlive the manager. `launcher`: how workers start
+  // (nullptr: zeroq-worker processes).
   static absl::StatusOr<std::unique_ptr<JobManager>> Create(
       ManagerOptions options, JobStore* store, BlobStore* blobs,
-      DevicePool pool);
+      DevicePool pool, std::unique_ptr<Launcher> launcher = nullptr);
   ~JobManager();  // Stop(0) if still running.
 
-  // Recovery, then the scheduler thread. REQUIRES: called once.
+  // Recovery, then claiming jobs. REQUIRES: called once.
   absl::Status Start();
-  // Stops scheduling; running jobs get `grace` to finish, then are stopped
-  // and re-queued (they run again at the next Start). Watch logs stay valid.
+  // Stops claiming; running jobs get `grace` to finish, then are stopped
+  // and re-queued (another replica, or this one's next start, runs them).
+  // Watch logs stay valid.
   void Stop(absl::Duration grace);
+  // Whether the store answers (health): while it does not, this replica
+  // claims nothing.
+  bool store_reachable() const;
 
   // ---- quotas
   // Before an upload's bytes are received: RESOURCE_EXHAUSTED naming the
@@ -167,87 +196,41 @@ class JobManager {
   BlobStore* blobs() { return blobs_; }
 
  private:
-  struct JobRuntime;
-  struct Inspection;
+  class Listener;
 
   JobManager(ManagerOptions options, JobStore* store, BlobStore* blobs,
-             DevicePool pool);
+             DevicePool pool, std::unique_ptr<Launcher> launcher);
 
-  void SchedulerLoop();
-  // Picks and starts at most one queued job; false when nothing could start.
-  bool DispatchOneLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void StartJobLocked(const std::shared_ptr<JobRuntime>& rt, Slot slot)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void OnWorkerEvent(const std::string& job_id, const v1::JobEvent& event);
-  void OnWorkerExit(const std::string& job_id, WorkerOutcome outcome);
-  // Stores the job with `events` (numbered here) and shows them to watchers.
-  void AppendLocked(JobRuntime& rt, std::vector<v1::JobEvent> events,
-                    bool terminal) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void FinishLocked(const std::shared_ptr<JobRuntime>& rt, v1::JobState state,
-                    absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RemoveFromQueueLocked(const std::shared_ptr<JobRuntime>& rt)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void EnqueueLocked(std::shared_ptr<JobRuntime> rt)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
-  void MaybeStartInspectionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void OnInspectionExit(const std::string& model_id, WorkerOutcome outcome);
-
-  absl::StatusOr<v1::RunRequest> BuildRunRequest(const v1::Job& job,
-                                                 const Slot& slot);
-  std::string JobDir(const std::string& job_id) const;
-  const Quotas* QuotasOf(const std::string& tenant) const;
+  std::string ReplicaDir() const;
   // Whether the tenant has a queued or running job with this request id.
-  bool IsRetryLocked(const std::string& tenant, const std::string& request_id)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Re-reads the tenant's stored bytes into the gauge; returns them.
-  int64_t RefreshStoredBytesLocked(const std::string& tenant)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The largest models and jobs of the tenant, for a quota message.
-  std::string LargestHoldingsLocked(const std::string& tenant)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<bool> IsRetry(const std::string& tenant,
+                               const std::string& request_id);
   // Deletes the stored job and the blobs only it used; the caller checked
   // that it is finished.
-  absl::Status DeleteJobLocked(const v1::Job& job, const std::string& reason)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Removes the blob if no model or artifact refers to it any more.
-  absl::Status RemoveBlobIfUnusedLocked(const std::string& sha256)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status DeleteFinishedJob(const v1::Job& job, const std::string& reason);
   void RetentionLoop();
-  // Queue depth and per-device gauges.
-  void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ManagerOptions options_;
-  // Wakes the watchers of every job's log, outside mu_. Declared early: it
-  // is destroyed after everything that appends.
-  EventFanOut fan_out_;
   // What tenants read of errors, events and model reasons: no server paths.
   const Redactor redactor_;
   JobStore* const store_;
   BlobStore* const blobs_;
+  std::unique_ptr<Launcher> launcher_;
+  // Declared in the order they are built; destroyed in reverse, so the
+  // dispatcher and the registry (which append events and use quotas) go
+  // first.
+  JobEvents events_;
+  TenantQuotas quotas_;
+  ModelRegistry registry_;
+  Dispatcher dispatcher_;
+  std::unique_ptr<Listener> listener_;
 
-  absl::Mutex mu_;
-  absl::CondVar wake_scheduler_;
+  mutable absl::Mutex mu_;
   absl::CondVar retention_wake_;
-  DevicePool pool_ ABSL_GUARDED_BY(mu_);
-  // QUEUED and RUNNING jobs.
-  absl::flat_hash_map<std::string, std::shared_ptr<JobRuntime>> active_
-      ABSL_GUARDED_BY(mu_);
-  std::vector<std::shared_ptr<JobRuntime>> queue_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, int> running_per_tenant_
-      ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, int> queued_per_tenant_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::string> pending_inspections_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, std::unique_ptr<WorkerProcess>> inspections_
-      ABSL_GUARDED_BY(mu_);
-  // Workers whose on_exit ran; joined by the scheduler thread.
-  std::vector<std::unique_ptr<WorkerProcess>> finished_workers_
-      ABSL_GUARDED_BY(mu_);
-  int64_t next_queue_order_ ABSL_GUARDED_BY(mu_) = 0;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread scheduler_;
-  std::thread retention_;  // only with job_retention
+  int replica_lock_fd_ = -1;  // flock on the replica's folder
+  std::thread retention_;     // only with job_retention
 };
 
 }  // namespace zeroq::server

@@ -5,18 +5,22 @@
 #include <cstdint>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "server/job_store_common.h"
 
@@ -45,6 +49,7 @@ struct Migration {
 };
 
 absl::Status BackfillVersion2(sqlite3* db);
+absl::Status BackfillVersion3(sqlite3* db);
 
 // Append only: a released migration never changes, since databases in the
 // field have already run it. Each runs in its own transaction together with
@@ -113,11 +118,35 @@ ALTER TABLE jobs ADD COLUMN end_unix INTEGER;
 CREATE INDEX jobs_by_end ON jobs (end_unix) WHERE end_unix IS NOT NULL;
 )sql",
      BackfillVersion2},
+    // The queue shared by replicas: columns the claim filters and orders by
+    // (priority, device, attempt and cancel_requested mirror the record),
+    // and the claim's own: the replica holding a RUNNING job and its lease
+    // (unix ms), and not_before (unix ms, 0: at once) for a QUEUED job
+    // waiting out a retry's backoff. A job left RUNNING by a version 2
+    // server has no owner and gets a lease that has run out, so that it is
+    // reclaimed like a dead replica's.
+    {3, R"sql(
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN device INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until INTEGER;
+ALTER TABLE jobs ADD COLUMN not_before INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_queue ON jobs (state, priority DESC, created_seq);
+CREATE INDEX jobs_running_by_owner ON jobs (owner) WHERE state = 2;
+UPDATE jobs SET lease_until = 0 WHERE state = 2;
+)sql",
+     BackfillVersion3},
 };
 
 static_assert(kMigrations[std::size(kMigrations) - 1].version ==
                   SqliteJobStore::kSchemaVersion,
               "kSchemaVersion must be the last migration's version");
+// The schema's indexes and the queue's statements name these states by
+// number (a partial index serves only a query with the same literal).
+static_assert(v1::JOB_QUEUED == 1 && v1::JOB_RUNNING == 2,
+              "the queue's SQL names JOB_QUEUED as 1 and JOB_RUNNING as 2");
 
 absl::Status SqliteError(sqlite3* db, int rc, absl::string_view context) {
   const char* detail = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
@@ -336,6 +365,55 @@ absl::Status BackfillVersion2(sqlite3* db) {
   return absl::OkStatus();
 }
 
+absl::Status BackfillVersion3(sqlite3* db) {
+  OwnedStatement jobs_owned, set_owned;
+  ZQ_ASSIGN_OR_RETURN(Statement jobs,
+                      jobs_owned.Prepare(db, "SELECT record FROM jobs"));
+  ZQ_ASSIGN_OR_RETURN(std::vector<v1::Job> all, ReadAll<v1::Job>(jobs, "job"));
+  ZQ_ASSIGN_OR_RETURN(
+      Statement set,
+      set_owned.Prepare(db,
+                        "UPDATE jobs SET priority = ?2, device = ?3, "
+                        "attempt = ?4, cancel_requested = ?5 WHERE id = ?1"));
+  for (const v1::Job& job : all) {
+    set.BindText(1, job.id());
+    set.BindInt64(2, job.priority());
+    set.BindInt64(3, job.device_preference());
+    set.BindInt64(4, job.attempts());
+    set.BindInt64(5, job.cancel_requested() ? 1 : 0);
+    const int rc = set.Step();
+    set.Reset();
+    if (rc != SQLITE_DONE) return SqliteError(db, rc, "backfill queue columns");
+  }
+  return absl::OkStatus();
+}
+
+// Where a write leaves a job's queue-only columns. Unset fields keep what
+// the row holds as far as the job's new state allows: only a RUNNING job
+// has an owner and a lease, only a QUEUED one a not_before.
+struct QueueColumns {
+  std::optional<std::string> owner;
+  std::optional<int64_t> lease_until;  // unix ms
+  std::optional<int64_t> not_before;   // unix ms
+};
+
+absl::StatusOr<std::vector<std::string>> SerializeEvents(
+    const std::vector<v1::JobEvent>& events) {
+  std::vector<std::string> records;
+  records.reserve(events.size());
+  for (const v1::JobEvent& event : events) {
+    ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(event, "job event"));
+    records.push_back(std::move(record));
+  }
+  return records;
+}
+
+// A job row as the queue methods read it.
+struct StoredJob {
+  v1::Job job;
+  std::string owner;  // "" when none
+};
+
 }  // namespace
 
 struct SqliteJobStore::Impl {
@@ -421,8 +499,11 @@ struct SqliteJobStore::Impl {
   }
 
   // The body of SqliteJobStore::CreateJob; runs inside a transaction.
+  // `job` and `events` are numbered already.
   absl::Status CreateJob(const v1::Job& job, const std::string& record,
-                         CreateJobResult* result)
+                         const std::vector<v1::JobEvent>& events,
+                         const std::vector<std::string>& event_records,
+                         int max_queued, CreateJobResult* result)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     if (!job.request_id().empty()) {
       // The repeated `request_id != ''` lets the planner use the partial index.
@@ -439,16 +520,35 @@ struct SqliteJobStore::Impl {
             db, rc, absl::StrCat("look up request id ", job.request_id()));
       }
     }
-    ZQ_ASSIGN_OR_RETURN(Statement query,
-                        Query("INSERT INTO jobs (id, tenant, model_id, state, "
-                              "request_id, record) "
-                              "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
+    if (max_queued > 0) {
+      ZQ_ASSIGN_OR_RETURN(Statement query,
+                          Query("SELECT COUNT(*) FROM jobs WHERE tenant = ?1 "
+                                "AND state = ?2"));
+      query.BindText(1, job.tenant());
+      query.BindInt64(2, v1::JOB_QUEUED);
+      ZQ_ASSIGN_OR_RETURN(int64_t queued,
+                          ReadInt64(query, "count queued jobs"));
+      if (queued >= max_queued) {
+        result->over_queued_limit = true;
+        result->queued = queued;
+        return absl::OkStatus();
+      }
+    }
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        Query("INSERT INTO jobs (id, tenant, model_id, state, request_id, "
+              "record, priority, device, attempt, cancel_requested) "
+              "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"));
     query.BindText(1, job.id());
     query.BindText(2, job.tenant());
     query.BindText(3, job.model_id());
     query.BindInt64(4, job.state());
     query.BindText(5, job.request_id());
     query.BindBlob(6, record);
+    query.BindInt64(7, job.priority());
+    query.BindInt64(8, job.device_preference());
+    query.BindInt64(9, job.attempts());
+    query.BindInt64(10, job.cancel_requested() ? 1 : 0);
     const int rc = query.Step();
     if (IsConstraintError(rc)) {
       return absl::AlreadyExistsError(
@@ -456,23 +556,34 @@ struct SqliteJobStore::Impl {
     }
     if (rc != SQLITE_DONE)
       return SqliteError(db, rc, absl::StrCat("create job ", job.id()));
+    ZQ_RETURN_IF_ERROR(InsertEvents(job.id(), events, event_records));
     result->job = job;
     result->created = true;
     return absl::OkStatus();
   }
 
-  // The body of SqliteJobStore::UpdateJob; runs inside a transaction.
-  absl::Status UpdateJob(const v1::Job& job, const std::string& record,
-                         const std::vector<v1::JobEvent>& events,
-                         const std::vector<std::string>& event_records)
+  // Replaces the job's row (by id) and appends `events`; runs inside a
+  // transaction. The body of SqliteJobStore::UpdateJob, and the write of
+  // every queue method.
+  absl::Status WriteJob(const v1::Job& job, const std::string& record,
+                        const QueueColumns& queue,
+                        const std::vector<v1::JobEvent>& events,
+                        const std::vector<std::string>& event_records)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     {
       // Every column mirrors the record, so a listing by tenant or request id
-      // always agrees with what GetJob returns.
+      // (or the claim's order) always agrees with what GetJob returns.
       ZQ_ASSIGN_OR_RETURN(
           Statement query,
           Query("UPDATE jobs SET tenant = ?2, model_id = ?3, state = ?4, "
-                "request_id = ?5, record = ?6, end_unix = ?7 WHERE id = ?1"));
+                "request_id = ?5, record = ?6, end_unix = ?7, priority = ?8, "
+                "device = ?9, attempt = ?10, cancel_requested = ?11, "
+                "owner = CASE WHEN ?4 = 2 THEN COALESCE(?12, owner) END, "
+                "lease_until = "
+                "CASE WHEN ?4 = 2 THEN COALESCE(?13, lease_until) END, "
+                "not_before = "
+                "CASE WHEN ?4 = 1 THEN COALESCE(?14, not_before) ELSE 0 END "
+                "WHERE id = ?1"));
       query.BindText(1, job.id());
       query.BindText(2, job.tenant());
       query.BindText(3, job.model_id());
@@ -480,6 +591,15 @@ struct SqliteJobStore::Impl {
       query.BindText(5, job.request_id());
       query.BindBlob(6, record);
       if (IsTerminal(job.state())) query.BindInt64(7, EndUnix(job));  // else NULL
+      query.BindInt64(8, job.priority());
+      query.BindInt64(9, job.device_preference());
+      query.BindInt64(10, job.attempts());
+      query.BindInt64(11, job.cancel_requested() ? 1 : 0);
+      // Unbound parameters are NULL: keep.
+      if (queue.owner.has_value()) query.BindText(12, *queue.owner);
+      if (queue.lease_until.has_value())
+        query.BindInt64(13, *queue.lease_until);
+      if (queue.not_before.has_value()) query.BindInt64(14, *queue.not_before);
       const int rc = query.Step();
       if (IsConstraintError(rc)) {
         return absl::AlreadyExistsError(absl::StrCat(
@@ -500,27 +620,135 @@ struct SqliteJobStore::Impl {
       ZQ_ASSIGN_OR_RETURN(Statement insert, Query(kInsertRef));
       ZQ_RETURN_IF_ERROR(InsertJobRefs(insert, job));
     }
+    return InsertEvents(job.id(), events, event_records);
+  }
+
+  absl::Status InsertEvents(const std::string& job_id,
+                            const std::vector<v1::JobEvent>& events,
+                            const std::vector<std::string>& event_records)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     ZQ_ASSIGN_OR_RETURN(
         Statement query,
         Query("INSERT INTO events (job_id, seq, record) VALUES (?1, ?2, ?3)"));
     for (size_t i = 0; i < events.size(); ++i) {
-      query.BindText(1, job.id());
+      query.BindText(1, job_id);
       query.BindInt64(2, events[i].seq());
       query.BindBlob(3, event_records[i]);
       const int rc = query.Step();
       if (IsConstraintError(rc)) {
         return absl::AlreadyExistsError(
-            absl::StrCat("job ", job.id(), " already has an event with seq ",
+            absl::StrCat("job ", job_id, " already has an event with seq ",
                          events[i].seq()));
       }
       if (rc != SQLITE_DONE) {
-        return SqliteError(db, rc,
-                           absl::StrCat("append event ", events[i].seq(),
-                                        " of job ", job.id()));
+        return SqliteError(
+            db, rc,
+            absl::StrCat("append event ", events[i].seq(), " of job ", job_id));
       }
       query.Reset();
     }
     return absl::OkStatus();
+  }
+
+  // Reads the rows (record, owner) `query` selects.
+  absl::StatusOr<std::vector<StoredJob>> ReadStoredJobs(Statement& query)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    std::vector<StoredJob> out;
+    while (true) {
+      const int rc = query.Step();
+      if (rc == SQLITE_DONE) return out;
+      if (rc != SQLITE_ROW) return SqliteError(db, rc, "read jobs");
+      StoredJob& stored = out.emplace_back();
+      ZQ_RETURN_IF_ERROR(ParseRecord(query.ColumnBlob(0), "job", &stored.job));
+      stored.owner = std::string(query.ColumnBlob(1));
+    }
+  }
+
+  // Numbers the change's events after the stored record's, and writes the
+  // record and the events; runs inside a transaction.
+  absl::StatusOr<JobWrite> WriteChange(const StoredJob& stored,
+                                       JobChange& change,
+                                       const QueueColumns& queue)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ZQ_RETURN_IF_ERROR(store_common::CheckSameJob(stored.job.id(), change.job));
+    store_common::NumberEvents(stored.job.last_seq(), absl::Now(), change.job,
+                               change.events);
+    ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(change.job, "job"));
+    ZQ_ASSIGN_OR_RETURN(std::vector<std::string> event_records,
+                        SerializeEvents(change.events));
+    ZQ_RETURN_IF_ERROR(
+        WriteJob(change.job, record, queue, change.events, event_records));
+    return JobWrite{std::move(change.job), std::move(change.events)};
+  }
+
+  // Applies `reclaim` to each of `jobs` (RUNNING, read in this transaction)
+  // and writes them back without owner or lease.
+  absl::StatusOr<std::vector<JobWrite>> Reclaim(std::vector<StoredJob> jobs,
+                                                const JobEdit& reclaim)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    std::vector<JobWrite> out;
+    for (const StoredJob& stored : jobs) {
+      JobChange change{stored.job, {}, absl::InfinitePast(), stored.owner};
+      ZQ_RETURN_IF_ERROR(reclaim(change));
+      ZQ_RETURN_IF_ERROR(store_common::CheckReclaimed(change.job));
+      QueueColumns queue;
+      queue.not_before = store_common::UnixMillis(change.not_before);
+      ZQ_ASSIGN_OR_RETURN(JobWrite written, WriteChange(stored, change, queue));
+      out.push_back(std::move(written));
+    }
+    return out;
+  }
+
+  // The first QUEUED job a claim may take (see JobStore::ClaimJob), or
+  // nullopt. The transaction holds SQLite's write lock, so nothing changes
+  // under the walk.
+  absl::StatusOr<std::optional<StoredJob>> FindClaimable(
+      const ClaimOptions& options, int64_t now_ms)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    std::string sql =
+        "SELECT record, tenant FROM jobs AS j WHERE state = 1 AND "
+        "not_before <= ?1 AND device IN (";
+    for (size_t i = 0; i < options.devices.size(); ++i) {
+      absl::StrAppend(&sql, i == 0 ? "?" : ", ?", i + 2);
+    }
+    absl::StrAppend(&sql,
+                    ") ORDER BY priority DESC, (SELECT COUNT(*) FROM jobs AS r "
+                    "WHERE r.tenant = j.tenant AND r.state = 2), created_seq");
+    ZQ_ASSIGN_OR_RETURN(Statement candidates, Query(sql));
+    candidates.BindInt64(1, now_ms);
+    for (size_t i = 0; i < options.devices.size(); ++i) {
+      candidates.BindInt64(static_cast<int>(i + 2), options.devices[i]);
+    }
+    absl::flat_hash_set<std::string> at_limit;
+    while (true) {
+      const int rc = candidates.Step();
+      if (rc == SQLITE_DONE) return std::nullopt;
+      if (rc != SQLITE_ROW) return SqliteError(db, rc, "find a job to claim");
+      const std::string tenant(candidates.ColumnBlob(1));
+      if (at_limit.contains(tenant)) continue;
+      const int limit =
+          options.running_limit ? options.running_limit(tenant) : 0;
+      if (limit > 0) {
+        ZQ_ASSIGN_OR_RETURN(int64_t running, CountRunning(tenant));
+        if (running >= limit) {
+          at_limit.insert(tenant);
+          continue;
+        }
+      }
+      StoredJob stored;
+      ZQ_RETURN_IF_ERROR(
+          ParseRecord(candidates.ColumnBlob(0), "job", &stored.job));
+      return stored;
+    }
+  }
+
+  absl::StatusOr<int64_t> CountRunning(const std::string& tenant)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        Query("SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND state = 2"));
+    query.BindText(1, tenant);
+    return ReadInt64(query, "count running jobs");
   }
 
   absl::Status DeleteRefs(const std::string& owner)
@@ -556,6 +784,7 @@ struct SqliteJobStore::Impl {
       ABSL_GUARDED_BY(mu);
   // Written once in Open, before the store is shared.
   int schema_version = 0;
+  bool listening ABSL_GUARDED_BY(mu) = false;
 };
 
 SqliteJobStore::SqliteJobStore(std::unique_ptr<Impl> impl)
@@ -764,30 +993,34 @@ absl::StatusOr<std::vector<Holding>> SqliteJobStore::LargestHoldings(
 
 // ---------------------------------------------------------------- jobs
 
-absl::StatusOr<CreateJobResult> SqliteJobStore::CreateJob(const v1::Job& job) {
+absl::StatusOr<CreateJobResult> SqliteJobStore::CreateJob(
+    const v1::Job& job, const std::vector<v1::JobEvent>& events,
+    int max_queued) {
   if (job.id().empty())
     return absl::InvalidArgumentError("CreateJob: job id is empty");
-  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(job, "job"));
+  v1::Job numbered = job;
+  std::vector<v1::JobEvent> numbered_events = events;
+  store_common::NumberEvents(0, absl::Now(), numbered, numbered_events);
+  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(numbered, "job"));
+  ZQ_ASSIGN_OR_RETURN(std::vector<std::string> event_records,
+                      SerializeEvents(numbered_events));
   CreateJobResult result;
   absl::MutexLock lock(&impl_->mu);
   ZQ_RETURN_IF_ERROR(impl_->Begin());
-  ZQ_RETURN_IF_ERROR(impl_->Finish(impl_->CreateJob(job, record, &result)));
+  ZQ_RETURN_IF_ERROR(impl_->Finish(impl_->CreateJob(
+      numbered, record, numbered_events, event_records, max_queued, &result)));
   return result;
 }
 
 absl::Status SqliteJobStore::UpdateJob(
     const v1::Job& job, const std::vector<v1::JobEvent>& events) {
   ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(job, "job"));
-  std::vector<std::string> event_records;
-  event_records.reserve(events.size());
-  for (const v1::JobEvent& event : events) {
-    ZQ_ASSIGN_OR_RETURN(std::string event_record,
-                        Serialize(event, "job event"));
-    event_records.push_back(std::move(event_record));
-  }
+  ZQ_ASSIGN_OR_RETURN(std::vector<std::string> event_records,
+                      SerializeEvents(events));
   absl::MutexLock lock(&impl_->mu);
   ZQ_RETURN_IF_ERROR(impl_->Begin());
-  return impl_->Finish(impl_->UpdateJob(job, record, events, event_records));
+  return impl_->Finish(
+      impl_->WriteJob(job, record, QueueColumns(), events, event_records));
 }
 
 absl::StatusOr<v1::Job> SqliteJobStore::GetJob(const std::string& id) {
@@ -878,6 +1111,162 @@ absl::StatusOr<int64_t> SqliteJobStore::CountActiveJobsForModel(
   query.BindInt64(2, v1::JOB_QUEUED);
   query.BindInt64(3, v1::JOB_RUNNING);
   return ReadInt64(query, "count active jobs");
+}
+
+absl::StatusOr<int64_t> SqliteJobStore::CountJobs(v1::JobState state) {
+  absl::MutexLock lock(&impl_->mu);
+  if (state == v1::JOB_STATE_UNSPECIFIED) {
+    ZQ_ASSIGN_OR_RETURN(Statement query,
+                        impl_->Query("SELECT COUNT(*) FROM jobs"));
+    return ReadInt64(query, "count jobs");
+  }
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("SELECT COUNT(*) FROM jobs WHERE state = ?1"));
+  query.BindInt64(1, state);
+  return ReadInt64(query, "count jobs");
+}
+
+// ---------------------------------------------------------------- the queue
+// One process at a time writes an SQLite file (BEGIN IMMEDIATE takes the
+// write lock), so its claims need no row locks; several stores on one file
+// (tests, or a second process) wait for each other on the file lock.
+
+absl::StatusOr<std::optional<JobWrite>> SqliteJobStore::ClaimJob(
+    const ClaimOptions& options, const JobEdit& start) {
+  if (options.owner.empty())
+    return absl::InvalidArgumentError("ClaimJob: owner is empty");
+  std::optional<JobWrite> claimed;
+  if (options.devices.empty()) return claimed;
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  auto body = [&]() -> absl::Status {
+    const absl::Time now = absl::Now();
+    ZQ_ASSIGN_OR_RETURN(
+        std::optional<StoredJob> stored,
+        impl_->FindClaimable(options, store_common::UnixMillis(now)));
+    if (!stored.has_value()) return absl::OkStatus();
+    JobChange change{stored->job, {}, absl::InfinitePast(), ""};
+    ZQ_RETURN_IF_ERROR(start(change));
+    ZQ_RETURN_IF_ERROR(store_common::CheckStarted(stored->job, change.job));
+    QueueColumns queue;
+    queue.owner = options.owner;
+    queue.lease_until = store_common::UnixMillis(now + options.lease);
+    ZQ_ASSIGN_OR_RETURN(JobWrite written,
+                        impl_->WriteChange(*stored, change, queue));
+    claimed = std::move(written);
+    return absl::OkStatus();
+  };
+  absl::Status status = impl_->Finish(body());
+  if (!status.ok()) return status;
+  return claimed;
+}
+
+absl::StatusOr<JobWrite> SqliteJobStore::EditJob(const std::string& id,
+                                                 const Fence* fence,
+                                                 const JobEdit& edit) {
+  absl::StatusOr<JobWrite> written;
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  auto body = [&]() -> absl::Status {
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        impl_->Query("SELECT record, owner FROM jobs WHERE id = ?1"));
+    query.BindText(1, id);
+    ZQ_ASSIGN_OR_RETURN(std::vector<StoredJob> rows,
+                        impl_->ReadStoredJobs(query));
+    if (rows.empty())
+      return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+    const StoredJob& stored = rows[0];
+    ZQ_RETURN_IF_ERROR(
+        store_common::CheckFence(fence, stored.job, stored.owner));
+    JobChange change{stored.job, {}, absl::InfinitePast(), stored.owner};
+    ZQ_RETURN_IF_ERROR(edit(change));
+    QueueColumns queue;
+    queue.not_before = store_common::UnixMillis(change.not_before);
+    written = impl_->WriteChange(stored, change, queue);
+    return written.status();
+  };
+  ZQ_RETURN_IF_ERROR(impl_->Finish(body()));
+  return written;
+}
+
+absl::StatusOr<std::vector<LeaseInfo>> SqliteJobStore::RenewLeases(
+    const std::string& owner, absl::Duration lease) {
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_ASSIGN_OR_RETURN(
+      Statement query,
+      impl_->Query("UPDATE jobs SET lease_until = ?2 WHERE owner = ?1 AND "
+                   "state = 2 RETURNING id, attempt, cancel_requested"));
+  query.BindText(1, owner);
+  query.BindInt64(2, store_common::UnixMillis(absl::Now() + lease));
+  std::vector<LeaseInfo> out;
+  while (true) {
+    const int rc = query.Step();
+    if (rc == SQLITE_DONE) return out;
+    if (rc != SQLITE_ROW)
+      return SqliteError(impl_->db, rc,
+                         absl::StrCat("renew leases of ", owner));
+    LeaseInfo& info = out.emplace_back();
+    info.job_id = std::string(query.ColumnBlob(0));
+    info.attempt = static_cast<int32_t>(query.ColumnInt64(1));
+    info.cancel_requested = query.ColumnInt64(2) != 0;
+  }
+}
+
+absl::StatusOr<std::vector<JobWrite>> SqliteJobStore::ReclaimExpired(
+    int limit, const JobEdit& reclaim) {
+  absl::StatusOr<std::vector<JobWrite>> written;
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  auto body = [&]() -> absl::Status {
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        impl_->Query("SELECT record, owner FROM jobs WHERE "
+                     "state = 2 AND lease_until < ?1 ORDER BY lease_until, "
+                     "created_seq LIMIT ?2"));
+    query.BindInt64(1, store_common::UnixMillis(absl::Now()));
+    query.BindInt64(2, limit <= 0 ? -1 : limit);
+    ZQ_ASSIGN_OR_RETURN(std::vector<StoredJob> expired,
+                        impl_->ReadStoredJobs(query));
+    written = impl_->Reclaim(std::move(expired), reclaim);
+    return written.status();
+  };
+  ZQ_RETURN_IF_ERROR(impl_->Finish(body()));
+  return written;
+}
+
+absl::StatusOr<std::vector<JobWrite>> SqliteJobStore::ReclaimOwned(
+    const std::string& owner, const JobEdit& reclaim) {
+  absl::StatusOr<std::vector<JobWrite>> written;
+  absl::MutexLock lock(&impl_->mu);
+  ZQ_RETURN_IF_ERROR(impl_->Begin());
+  auto body = [&]() -> absl::Status {
+    ZQ_ASSIGN_OR_RETURN(
+        Statement query,
+        impl_->Query("SELECT record, owner FROM jobs WHERE owner = ?1 AND "
+                     "state = 2 ORDER BY created_seq"));
+    query.BindText(1, owner);
+    ZQ_ASSIGN_OR_RETURN(std::vector<StoredJob> held,
+                        impl_->ReadStoredJobs(query));
+    written = impl_->Reclaim(std::move(held), reclaim);
+    return written.status();
+  };
+  ZQ_RETURN_IF_ERROR(impl_->Finish(body()));
+  return written;
+}
+
+absl::Status SqliteJobStore::Listen(StoreListener* listener) {
+  absl::MutexLock lock(&impl_->mu);
+  if (listener == nullptr) {
+    impl_->listening = false;
+    return absl::OkStatus();
+  }
+  if (impl_->listening)
+    return absl::FailedPreconditionError("Listen: the store has a listener");
+  // One replica per file: there is nobody else's change to tell.
+  impl_->listening = true;
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------- events

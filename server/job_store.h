@@ -12,18 +12,23 @@
 //
 // Every write is durable when it returns (a transaction). Thread-safe: calls
 // from many threads are serialised inside. A store only keeps what it is
-// given; ids, sequence numbers and state rules are the caller's.
+// given; ids and state rules are the caller's, and so are event sequence
+// numbers for UpdateJob (CreateJob and the queue methods number events
+// themselves, under the row's lock).
 #ifndef ZEROQ_SERVER_JOB_STORE_H_
 #define ZEROQ_SERVER_JOB_STORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "zeroq/v1/zeroq.pb.h"
 
 namespace zeroq::server {
@@ -39,6 +44,78 @@ struct Page {
 struct CreateJobResult {
   v1::Job job;
   bool created = false;  // false: (tenant, request_id) existed; job is that one
+  // Not created because the tenant already had `queued` QUEUED jobs, at
+  // least CreateJob's max_queued (an existing request id wins over this).
+  bool over_queued_limit = false;
+  int64_t queued = 0;
+};
+
+// ---- the queue, shared by every replica on one store (see JobStore below)
+
+// Who may write a RUNNING job: the replica that claimed it, for the attempt
+// it claimed (the job's `attempts` after the claim). A fencing token: a
+// claim always makes a new attempt, so a replica that lost its lease cannot
+// write over its successor's work.
+struct Fence {
+  std::string owner;
+  int32_t attempt = 0;
+};
+
+// A change to one job, made inside a store transaction.
+struct JobChange {
+  v1::Job job;  // the stored record: edit it
+  // Appended with the record; the store numbers them after job.last_seq
+  // (and sets job.last_seq), so replicas never race for a seq.
+  std::vector<v1::JobEvent> events;
+  // For a job the change leaves QUEUED: not claimed before this (a retry's
+  // backoff). The default: at once.
+  absl::Time not_before = absl::InfinitePast();
+  std::string owner;  // read only: the replica holding it ("" when none)
+};
+
+// Edits `change` (or leaves it alone, and appends nothing). A non-OK status
+// rolls the transaction back and is returned by the store call.
+using JobEdit = std::function<absl::Status(JobChange& change)>;
+
+// A stored change: the record as written and its events with their seqs.
+struct JobWrite {
+  v1::Job job;
+  std::vector<v1::JobEvent> events;
+};
+
+struct ClaimOptions {
+  std::string owner;  // the claiming replica (its --replica_id)
+  absl::Duration lease = absl::Seconds(10);
+  // The device preferences this replica can place now (DEVICE_ANY: a job
+  // that takes any device). Jobs asking for others are left to other
+  // replicas.
+  std::vector<v1::DeviceKind> devices;
+  // A tenant's running-jobs limit (<= 0: none); counted over every replica
+  // inside the claim's transaction. May be empty: no limits.
+  std::function<int(const std::string& tenant)> running_limit;
+};
+
+// A RUNNING job a replica holds, as RenewLeases returns it.
+struct LeaseInfo {
+  std::string job_id;
+  int32_t attempt = 0;
+  bool cancel_requested = false;
+};
+
+// What the store tells replicas that listen (PostgreSQL: LISTEN/NOTIFY;
+// SQLite has one replica and tells nothing). Called on the store's own
+// thread; must not block.
+class StoreListener {
+ public:
+  virtual ~StoreListener() = default;
+  // New events were appended to the job (by any replica).
+  virtual void OnJobEvents(const std::string& job_id) = 0;
+  // A job became QUEUED (submitted, retried, re-queued).
+  virtual void OnJobQueued() = 0;
+  // CancelJob marked a RUNNING job.
+  virtual void OnCancelRequested(const std::string& job_id) = 0;
+  // The notification connection broke (some may be lost) or came back.
+  virtual void OnListening(bool listening) = 0;
 };
 
 // What a tenant's stored bytes are made of, largest first: a model's upload
@@ -94,9 +171,14 @@ class JobStore {
       const std::string& tenant, int limit) = 0;
 
   // ---- jobs
-  // Inserts a new job, unless job.request_id is not empty and the tenant
-  // already has a job with that request id: then returns that one.
-  virtual absl::StatusOr<CreateJobResult> CreateJob(const v1::Job& job) = 0;
+  // Inserts a new job with its first `events` (numbered 1, 2, ... by the
+  // store), unless job.request_id is not empty and the tenant already has a
+  // job with that request id: then returns that one. With max_queued > 0 a
+  // tenant with that many QUEUED jobs gets over_queued_limit instead (counted
+  // in the same transaction, over every replica).
+  virtual absl::StatusOr<CreateJobResult> CreateJob(
+      const v1::Job& job, const std::vector<v1::JobEvent>& events = {},
+      int max_queued = 0) = 0;
   // Replaces the job record (by id) and appends `events` in one transaction.
   // NOT_FOUND for an unknown id; ALREADY_EXISTS for an event seq the job has.
   virtual absl::Status UpdateJob(
@@ -119,6 +201,50 @@ class JobStore {
   // Jobs of the model that are QUEUED or RUNNING.
   virtual absl::StatusOr<int64_t> CountActiveJobsForModel(
       const std::string& model_id) = 0;
+  // Jobs in `state` (any tenant; all states: UNSPECIFIED).
+  virtual absl::StatusOr<int64_t> CountJobs(v1::JobState state) = 0;
+
+  // ---- the queue and its leases
+  // Claims the next QUEUED job this replica can place, in this order:
+  // highest priority; then the tenant with the fewest RUNNING jobs (over
+  // every replica); then the oldest (creation order, which a retried job
+  // keeps). Skipped: jobs whose not_before has not come, whose device
+  // preference is not in options.devices, whose tenant is at its running
+  // limit, and jobs another replica is claiming at this moment (FOR UPDATE
+  // SKIP LOCKED: replicas never wait for each other). In the same
+  // transaction `start` edits the job (it must leave it RUNNING with
+  // attempts grown by one) and the store records options.owner with a lease
+  // of options.lease from now. nullopt: nothing to claim.
+  virtual absl::StatusOr<std::optional<JobWrite>> ClaimJob(
+      const ClaimOptions& options, const JobEdit& start) = 0;
+  // Reads the job under a row lock, applies `edit`, writes it back with the
+  // change's events, in one transaction. With `fence`: ABORTED ("the lease
+  // on job ... was lost") unless the job is RUNNING, held by fence->owner at
+  // attempt fence->attempt. A change that leaves the job anything but
+  // RUNNING releases its owner and lease. NOT_FOUND for an unknown id.
+  virtual absl::StatusOr<JobWrite> EditJob(const std::string& id,
+                                           const Fence* fence,
+                                           const JobEdit& edit) = 0;
+  // Extends to now + lease the lease of every RUNNING job `owner` holds, and
+  // returns them: a job the caller runs that is missing was taken from it.
+  virtual absl::StatusOr<std::vector<LeaseInfo>> RenewLeases(
+      const std::string& owner, absl::Duration lease) = 0;
+  // RUNNING jobs whose lease ran out (their replica died or was cut off), at
+  // most `limit`, each edited by `reclaim` (which re-queues or ends it) in
+  // the same transaction; jobs another replica is reclaiming are skipped.
+  // change.owner is the replica that lost it.
+  virtual absl::StatusOr<std::vector<JobWrite>> ReclaimExpired(
+      int limit, const JobEdit& reclaim) = 0;
+  // The RUNNING jobs `owner` holds, whatever their lease, each edited by
+  // `reclaim`: a replica's start, for the jobs its previous run left.
+  virtual absl::StatusOr<std::vector<JobWrite>> ReclaimOwned(
+      const std::string& owner, const JobEdit& reclaim) = 0;
+  // Starts telling `listener` about changes (see StoreListener); a store
+  // that cannot tell returns OK and never calls it. At most one listener;
+  // Listen(nullptr) stops telling and returns once no call to the old
+  // listener is running, after which it may be destroyed. A listener still
+  // set must outlive the store.
+  virtual absl::Status Listen(StoreListener* listener) = 0;
 
   // ---- events
   // Events of a job with seq > after_seq, in seq order, at most `limit`
@@ -130,10 +256,13 @@ class JobStore {
 // SQLite in WAL mode (synchronous=NORMAL: a commit survives a process crash;
 // FULL would add an fsync per commit for power loss). The schema carries a
 // version in PRAGMA user_version and is migrated forward on Open; a database
-// from a newer server is refused with FAILED_PRECONDITION.
+// from a newer server is refused with FAILED_PRECONDITION. The queue is
+// for one replica per file: a claim holds the file's write lock (several
+// stores on one file wait for each other), leases use this machine's clock,
+// and Listen never calls its listener.
 class SqliteJobStore : public JobStore {
  public:
-  static constexpr int kSchemaVersion = 2;
+  static constexpr int kSchemaVersion = 3;
   // Creates the file (and the schema) when absent.
   static absl::StatusOr<std::unique_ptr<SqliteJobStore>> Open(
       const std::string& path);
@@ -155,7 +284,9 @@ class SqliteJobStore : public JobStore {
                                        const std::string& sha256) override;
   absl::StatusOr<std::vector<Holding>> LargestHoldings(
       const std::string& tenant, int limit) override;
-  absl::StatusOr<CreateJobResult> CreateJob(const v1::Job& job) override;
+  absl::StatusOr<CreateJobResult> CreateJob(
+      const v1::Job& job, const std::vector<v1::JobEvent>& events,
+      int max_queued) override;
   absl::Status UpdateJob(const v1::Job& job,
                          const std::vector<v1::JobEvent>& events) override;
   absl::StatusOr<v1::Job> GetJob(const std::string& id) override;
@@ -169,6 +300,18 @@ class SqliteJobStore : public JobStore {
                                                        int limit) override;
   absl::StatusOr<int64_t> CountActiveJobsForModel(
       const std::string& model_id) override;
+  absl::StatusOr<int64_t> CountJobs(v1::JobState state) override;
+  absl::StatusOr<std::optional<JobWrite>> ClaimJob(
+      const ClaimOptions& options, const JobEdit& start) override;
+  absl::StatusOr<JobWrite> EditJob(const std::string& id, const Fence* fence,
+                                   const JobEdit& edit) override;
+  absl::StatusOr<std::vector<LeaseInfo>> RenewLeases(
+      const std::string& owner, absl::Duration lease) override;
+  absl::StatusOr<std::vector<JobWrite>> ReclaimExpired(
+      int limit, const JobEdit& reclaim) override;
+  absl::StatusOr<std::vector<JobWrite>> ReclaimOwned(
+      const std::string& owner, const JobEdit& reclaim) override;
+  absl::Status Listen(StoreListener* listener) override;
   absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(
       const std::string& job_id, int64_t after_seq, int limit) override;
 

@@ -11,11 +11,14 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "server/job_store.h"
 #include "zeroq/v1/zeroq.pb.h"
 
 namespace zeroq::server::store_common {
@@ -46,6 +49,33 @@ bool IsTerminal(v1::JobState state);
 // When a terminal job ended, in unix seconds (its end time; the creation time
 // for a record that lacks one).
 int64_t EndUnix(const v1::Job& job);
+
+// ---- the queue
+
+// Numbers `events` after `last_seq` (1, 2, ... for a new job), gives those
+// without a time `now`, and makes job.last_seq the last of them.
+void NumberEvents(int64_t last_seq, absl::Time now, v1::Job& job,
+                  std::vector<v1::JobEvent>& events);
+
+// A time as the stores keep not_before and SQLite's lease_until: unix
+// milliseconds, and 0 for InfinitePast ("at once").
+int64_t UnixMillis(absl::Time time);
+
+// ABORTED unless the stored job (held by `owner`, "" for nobody) is RUNNING
+// under `fence`; OK without a fence.
+absl::Status CheckFence(const Fence* fence, const v1::Job& stored,
+                        const std::string& owner);
+
+// INTERNAL unless a claim's `start` left the job RUNNING with one attempt
+// more than `before` had.
+absl::Status CheckStarted(const v1::Job& before, const v1::Job& after);
+
+// INTERNAL when a reclaim left the job RUNNING: its lease would be gone
+// while it still looked taken.
+absl::Status CheckReclaimed(const v1::Job& after);
+
+// INTERNAL when an edit changed the job's id: the store writes by id.
+absl::Status CheckSameJob(const std::string& id, const v1::Job& after);
 
 template <typename Message>
 absl::Status ParseRecord(absl::string_view bytes, absl::string_view what,

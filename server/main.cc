@@ -24,6 +24,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -51,6 +52,13 @@ ABSL_FLAG(std::string, store, "",
           "the job store: sqlite:PATH, or a PostgreSQL URI "
           "(postgresql://USER@HOST:PORT/DB?..., postgres://...; a password in "
           "it is never logged) (default: sqlite:DATA_DIR/zeroq.db)");
+ABSL_FLAG(std::string, replica_id, "",
+          "this server's name in the job store, unique among the replicas "
+          "sharing it (its running jobs' folders are DATA_DIR/replicas/NAME) "
+          "(default: the host name)");
+ABSL_FLAG(absl::Duration, lease_duration, absl::Seconds(10),
+          "lease on each running job, renewed every tenth of it; when a "
+          "replica stops renewing, another re-queues its jobs after this");
 ABSL_FLAG(std::string, worker, "",
           "the zeroq-worker executable (default: beside this program, else the "
           "build's)");
@@ -292,6 +300,30 @@ int main(int argc, char** argv) {
 
   zs::ManagerOptions options;
   options.data_dir = data_dir;
+  options.replica_id = absl::GetFlag(FLAGS_replica_id);
+  if (options.replica_id.empty()) {
+    char host[256] = {0};
+    if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == 0) {
+      return Fail(absl::FailedPreconditionError(
+          "cannot read the host name; give --replica_id"));
+    }
+    options.replica_id = host;
+  }
+  options.single_replica = !zs::IsPostgresUri(store_spec);
+  options.lease = absl::GetFlag(FLAGS_lease_duration);
+  // Health follows the store: a replica that cannot reach it claims
+  // nothing and says so, so that a balancer sends work elsewhere. Set once
+  // the gRPC server exists.
+  absl::Mutex health_mu;
+  grpc::HealthCheckServiceInterface* health_service = nullptr;
+  bool draining = false;
+  options.on_store_reachable = [&](bool reachable) {
+    absl::MutexLock lock(&health_mu);
+    if (health_service == nullptr || draining) return;
+    health_service->SetServingStatus(reachable);
+    health_service->SetServingStatus(zeroq::v1::ZeroQ::service_full_name(),
+                                     reachable);
+  };
   options.worker_path = absl::GetFlag(FLAGS_worker).empty()
                             ? DefaultWorker()
                             : absl::GetFlag(FLAGS_worker);
@@ -354,11 +386,16 @@ int main(int argc, char** argv) {
     http = *std::move(started);
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(true);
-  health->SetServingStatus(zeroq::v1::ZeroQ::service_full_name(), true);
+  {
+    absl::MutexLock lock(&health_mu);
+    health_service = health;
+    const bool serving = (*manager)->store_reachable();
+    health->SetServingStatus(serving);
+    health->SetServingStatus(zeroq::v1::ZeroQ::service_full_name(), serving);
+  }
   zs::LogInfo(
       {}, absl::StrCat(
-              "serving on port ", port,
+              "replica ", options.replica_id, " serving on port ", port,
               absl::GetFlag(FLAGS_tls_cert).empty() ? "" : " (TLS)", ", store ",
               store_text, ", data in ", data_dir, ", devices ", pool_text, ", ",
               options.cpu_threads_per_job, " threads per CPU job, ",
@@ -380,7 +417,11 @@ int main(int argc, char** argv) {
   // New work is refused before health says NOT_SERVING: a client that sees
   // NOT_SERVING and submits anyway must get UNAVAILABLE, not a job.
   api.Shutdown();
-  health->SetServingStatus(false);
+  {
+    absl::MutexLock lock(&health_mu);
+    draining = true;
+    health->SetServingStatus(false);
+  }
   (*manager)->Stop(absl::GetFlag(FLAGS_shutdown_grace));
   // Watch streams have ended and jobs are settled; what is left are calls in
   // flight (unary ones take milliseconds; an upload or download is cut and

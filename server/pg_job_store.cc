@@ -4,17 +4,21 @@
 
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <initializer_list>
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <pqxx/pqxx>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -25,6 +29,8 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "server/job_store_common.h"
 #include "server/log.h"
@@ -57,6 +63,31 @@ constexpr int kConflictAttempts = 3;
 
 // LIMIT for "no limit" (PostgreSQL has no LIMIT -1).
 constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
+
+// Per-tenant advisory locks are two-key locks (class, hashtext(tenant)), a
+// key space apart from the migration's one-key lock. One class serialises
+// the queued-jobs count of CreateJob, the other the running-jobs count of
+// ClaimJob, so that a submission never makes a claim skip the tenant. Two
+// tenants whose names hash alike merely share a lock.
+constexpr int kQueuedLockClass = 0x5a5101;
+constexpr int kRunningLockClass = 0x5a5102;
+
+// ClaimJob reads this many candidates at a time.
+constexpr int kClaimBatch = 64;
+
+// What Listen's connection LISTENs on, and what writes NOTIFY.
+constexpr char kEventsChannel[] = "zeroq_events";
+constexpr char kQueueChannel[] = "zeroq_queue";
+constexpr char kCancelChannel[] = "zeroq_cancel";
+
+// Listen's connection: how long one wait for notifications lasts (what a
+// destructor may wait for the thread), how long a quiet connection goes
+// before a query checks it is alive (a dropped TCP connection says nothing
+// until written to), and the backoff between attempts to connect again.
+constexpr long kListenWaitMicros = 200000;
+constexpr absl::Duration kListenProbeInterval = absl::Seconds(10);
+constexpr absl::Duration kListenMinBackoff = absl::Milliseconds(250);
+constexpr absl::Duration kListenMaxBackoff = absl::Seconds(2);
 
 // Messages the server sends outside a query's result (notices, warnings,
 // the FATAL that ends a terminated session) arrive here; pqxx would print
@@ -331,6 +362,20 @@ absl::Status BackfillVersion2(Tx& tx) {
   return absl::OkStatus();
 }
 
+absl::Status BackfillVersion3(Tx& tx) {
+  std::vector<v1::Job> jobs;
+  ZQ_RETURN_IF_ERROR(
+      ReadAll(tx.Exec("SELECT record FROM jobs"), 0, "job", &jobs));
+  for (const v1::Job& job : jobs) {
+    tx.Exec(
+        "UPDATE jobs SET priority = $2, device = $3, attempt = $4, "
+        "cancel_requested = $5 WHERE id = $1",
+        job.id(), job.priority(), static_cast<int>(job.device_preference()),
+        job.attempts(), job.cancel_requested());
+  }
+  return absl::OkStatus();
+}
+
 // Append only, as SQLite's: a released migration never changes. The same
 // tables, columns and indexes as SQLite's schema of the same version, with
 // PostgreSQL's types:
@@ -394,11 +439,228 @@ ALTER TABLE jobs ADD COLUMN end_unix BIGINT;
 CREATE INDEX jobs_by_end ON jobs (end_unix) WHERE end_unix IS NOT NULL;
 )sql",
      BackfillVersion2},
+    // The queue, as SQLite's version 3; lease_until is the database's time
+    // (now()), so that the replicas' clocks do not matter.
+    {3, R"sql(
+ALTER TABLE jobs
+  ADD COLUMN priority INTEGER NOT NULL DEFAULT 0,
+  ADD COLUMN device INTEGER NOT NULL DEFAULT 0,
+  ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0,
+  ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT false,
+  ADD COLUMN owner TEXT COLLATE "C",
+  ADD COLUMN lease_until TIMESTAMPTZ,
+  ADD COLUMN not_before BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX jobs_queue ON jobs (state, priority DESC, created_seq);
+CREATE INDEX jobs_running_by_owner ON jobs (owner) WHERE state = 2;
+UPDATE jobs SET lease_until = TIMESTAMPTZ 'epoch' WHERE state = 2;
+)sql",
+     BackfillVersion3},
 };
 
 static_assert(kMigrations[std::size(kMigrations) - 1].version ==
                   PostgresJobStore::kSchemaVersion,
               "kSchemaVersion must be the last migration's version");
+// The schema's indexes and the queue's statements name these states by
+// number, as SQLite's do.
+static_assert(v1::JOB_QUEUED == 1 && v1::JOB_RUNNING == 2,
+              "the queue's SQL names JOB_QUEUED as 1 and JOB_RUNNING as 2");
+
+// A PostgreSQL array literal ({"a","b"}) of these texts, for an array
+// parameter ($1::TEXT[]).
+std::string TextArray(const absl::flat_hash_set<std::string>& texts) {
+  std::string out = "{";
+  for (const std::string& text : texts) {
+    if (out.size() > 1) out += ',';
+    out += '"';
+    for (char c : text) {
+      if (c == '"' || c == '\\') out += '\\';
+      out += c;
+    }
+    out += '"';
+  }
+  out += '}';
+  return out;
+}
+
+std::string DeviceArray(const std::vector<v1::DeviceKind>& devices) {
+  return absl::StrCat("{",
+                      absl::StrJoin(devices, ",",
+                                    [](std::string* out, v1::DeviceKind d) {
+                                      absl::StrAppend(out, static_cast<int>(d));
+                                    }),
+                      "}");
+}
+
+// Where a write leaves a job's queue-only columns. Unset fields keep what
+// the row holds as far as the job's new state allows: only a RUNNING job
+// has an owner and a lease, only a QUEUED one a not_before.
+struct QueueColumns {
+  std::optional<std::string> owner;
+  std::optional<int64_t> lease_ms;    // a lease from now()
+  std::optional<int64_t> not_before;  // unix ms
+};
+
+// A job row as the queue methods read it (columns record, owner).
+struct StoredJob {
+  v1::Job job;
+  std::string owner;  // "" when none
+};
+
+absl::Status ReadStoredJobs(const pqxx::result& rows,
+                            std::vector<StoredJob>* out) {
+  out->clear();
+  for (const pqxx::row& row : rows) {
+    StoredJob& stored = out->emplace_back();
+    ZQ_RETURN_IF_ERROR(ParseField(row[0], "job", &stored.job));
+    stored.owner = row[1].c_str();  // libpq gives NULL as ""
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<pqxx::binarystring>> SerializeEvents(
+    const std::vector<v1::JobEvent>& events) {
+  std::vector<pqxx::binarystring> records;
+  records.reserve(events.size());
+  for (const v1::JobEvent& event : events) {
+    ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(event, "job event"));
+    records.push_back(Bytes(record));
+  }
+  return records;
+}
+
+absl::Status CheckJobText(const v1::Job& job) {
+  ZQ_RETURN_IF_ERROR(CheckStorable(absl::StrCat("job ", job.id()),
+                                   {{"tenant", job.tenant()},
+                                    {"model_id", job.model_id()},
+                                    {"request_id", job.request_id()}}));
+  if (IsTerminal(job.state())) ZQ_RETURN_IF_ERROR(CheckJobRefs(job));
+  return absl::OkStatus();
+}
+
+absl::Status InsertEvents(Tx& tx, const std::string& job_id,
+                          const std::vector<v1::JobEvent>& events,
+                          const std::vector<pqxx::binarystring>& records) {
+  for (size_t i = 0; i < events.size(); ++i) {
+    try {
+      tx.Exec("INSERT INTO events (job_id, seq, record) VALUES ($1, $2, $3)",
+              job_id, events[i].seq(), records[i]);
+    } catch (const pqxx::unique_violation&) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "job ", job_id, " already has an event with seq ", events[i].seq()));
+    }
+  }
+  if (!events.empty()) {
+    tx.Exec("SELECT pg_notify($1, $2)", kEventsChannel, job_id);
+  }
+  return absl::OkStatus();
+}
+
+// Replaces the job's row (by id) and appends `events`: the body of
+// UpdateJob, and the write of every queue method. Tells listeners of the
+// events and of a QUEUED job (committed with the write, or not at all).
+absl::Status WriteJob(Tx& tx, const v1::Job& job, const std::string& record,
+                      const QueueColumns& queue,
+                      const std::vector<v1::JobEvent>& events,
+                      const std::vector<pqxx::binarystring>& event_records) {
+  const bool terminal = IsTerminal(job.state());
+  // NULL for an unset value: pqxx passes a null char pointer as NULL.
+  const std::string end_text = terminal ? absl::StrCat(EndUnix(job)) : "";
+  const std::string lease_text =
+      queue.lease_ms.has_value() ? absl::StrCat(*queue.lease_ms) : "";
+  const std::string not_before_text =
+      queue.not_before.has_value() ? absl::StrCat(*queue.not_before) : "";
+  try {
+    // Every column mirrors the record, so a listing by tenant or request id
+    // (or the claim's order) always agrees with what GetJob returns.
+    const pqxx::result updated = tx.Exec(
+        "UPDATE jobs SET tenant = $2, model_id = $3, state = $4, "
+        "request_id = $5, record = $6, end_unix = $7, priority = $8, "
+        "device = $9, attempt = $10, cancel_requested = $11, "
+        "owner = CASE WHEN $4 = 2 THEN COALESCE($12, owner) END, "
+        "lease_until = CASE WHEN $4 = 2 THEN COALESCE(now() + "
+        "$13::DOUBLE PRECISION * INTERVAL '1 millisecond', lease_until) END, "
+        "not_before = CASE WHEN $4 = 1 THEN COALESCE($14, not_before) "
+        "ELSE 0 END WHERE id = $1",
+        job.id(), job.tenant(), job.model_id(), static_cast<int>(job.state()),
+        job.request_id(), Bytes(record), terminal ? end_text.c_str() : nullptr,
+        job.priority(), static_cast<int>(job.device_preference()),
+        job.attempts(), job.cancel_requested(),
+        queue.owner.has_value() ? queue.owner->c_str() : nullptr,
+        queue.lease_ms.has_value() ? lease_text.c_str() : nullptr,
+        queue.not_before.has_value() ? not_before_text.c_str() : nullptr);
+    if (updated.affected_rows() == 0) {
+      return absl::NotFoundError(absl::StrCat("job ", job.id(), " not found"));
+    }
+  } catch (const pqxx::unique_violation&) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "job ", job.id(), ": tenant ", job.tenant(),
+        " already has another job with request id ", job.request_id()));
+  }
+  if (terminal) {
+    // Only a terminal record can carry artifacts; progress updates (the
+    // many) skip this.
+    tx.Exec("DELETE FROM blob_refs WHERE owner = $1", job.id());
+    InsertJobRefs(tx, job);
+  }
+  ZQ_RETURN_IF_ERROR(InsertEvents(tx, job.id(), events, event_records));
+  if (job.state() == v1::JOB_QUEUED) {
+    tx.Exec("SELECT pg_notify($1, '')", kQueueChannel);
+  }
+  return absl::OkStatus();
+}
+
+// Numbers the change's events after the stored record's, and writes the
+// record and the events (see WriteJob); a cancel newly asked of a RUNNING
+// job is told to listeners too.
+absl::StatusOr<JobWrite> WriteChange(Tx& tx, const StoredJob& stored,
+                                     JobChange& change,
+                                     const QueueColumns& queue) {
+  ZQ_RETURN_IF_ERROR(store_common::CheckSameJob(stored.job.id(), change.job));
+  ZQ_RETURN_IF_ERROR(CheckJobText(change.job));
+  store_common::NumberEvents(stored.job.last_seq(), absl::Now(), change.job,
+                             change.events);
+  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(change.job, "job"));
+  ZQ_ASSIGN_OR_RETURN(std::vector<pqxx::binarystring> event_records,
+                      SerializeEvents(change.events));
+  ZQ_RETURN_IF_ERROR(
+      WriteJob(tx, change.job, record, queue, change.events, event_records));
+  if (change.job.state() == v1::JOB_RUNNING && change.job.cancel_requested() &&
+      !stored.job.cancel_requested()) {
+    tx.Exec("SELECT pg_notify($1, $2)", kCancelChannel, change.job.id());
+  }
+  return JobWrite{change.job, change.events};
+}
+
+// Applies `reclaim` to each of `jobs` (RUNNING, locked by this transaction)
+// and writes them back without owner or lease.
+absl::Status Reclaim(Tx& tx, const std::vector<StoredJob>& jobs,
+                     const JobEdit& reclaim, std::vector<JobWrite>* out) {
+  out->clear();
+  for (const StoredJob& stored : jobs) {
+    JobChange change{stored.job, {}, absl::InfinitePast(), stored.owner};
+    ZQ_RETURN_IF_ERROR(reclaim(change));
+    ZQ_RETURN_IF_ERROR(store_common::CheckReclaimed(change.job));
+    QueueColumns queue;
+    queue.not_before = store_common::UnixMillis(change.not_before);
+    ZQ_ASSIGN_OR_RETURN(JobWrite written,
+                        WriteChange(tx, stored, change, queue));
+    out->push_back(std::move(written));
+  }
+  return absl::OkStatus();
+}
+
+// Calls `on` with each notification's payload on one channel.
+class Receiver : public pqxx::notification_receiver {
+ public:
+  Receiver(pqxx::connection_base& connection, const std::string& channel,
+           std::function<void(const std::string&)> on)
+      : pqxx::notification_receiver(connection, channel), on_(std::move(on)) {}
+
+  void operator()(const std::string& payload, int) override { on_(payload); }
+
+ private:
+  std::function<void(const std::string&)> on_;
+};
 
 // The schema version, from the one-row table zeroq_schema_version of the
 // current schema, which is created (at version 0) in an empty database.
@@ -708,6 +970,89 @@ struct PostgresJobStore::Impl {
     return record;
   }
 
+  bool Stopping() {
+    absl::MutexLock lock(&listen_mu);
+    return stopping;
+  }
+
+  // Tells Listen that the first attempt to listen is over (either way).
+  void FirstAttemptDone() {
+    absl::MutexLock lock(&listen_mu);
+    first_attempt_done = true;
+  }
+
+  // Listen's thread: LISTENs on its own connection and tells `listener`
+  // until the store goes; after a lost connection, connects again with
+  // backoff.
+  void ListenLoop(StoreListener* listener) {
+    absl::Duration backoff = kListenMinBackoff;
+    bool listening = false;
+    bool told = false;  // whether OnListening was called at all
+    while (!Stopping()) {
+      std::string error;
+      try {
+        pqxx::connection connection(connect_uri);
+        NoticeLog notices(connection);
+        // Registering a receiver LISTENs on its channel. After them: they
+        // UNLISTEN on destruction.
+        Receiver events(connection, kEventsChannel,
+                        [listener](const std::string& job_id) {
+                          listener->OnJobEvents(job_id);
+                        });
+        Receiver queued(
+            connection, kQueueChannel,
+            [listener](const std::string&) { listener->OnJobQueued(); });
+        Receiver cancel(connection, kCancelChannel,
+                        [listener](const std::string& job_id) {
+                          listener->OnCancelRequested(job_id);
+                        });
+        listening = told = true;
+        listener->OnListening(true);
+        FirstAttemptDone();
+        backoff = kListenMinBackoff;
+        absl::Time heard = absl::Now();
+        while (!Stopping()) {
+          if (connection.await_notification(0, kListenWaitMicros) > 0) {
+            heard = absl::Now();
+          }
+          // Checked before pqxx touches the connection again: it would
+          // quietly open a new one, and the notifications in between would
+          // be lost unsaid.
+          if (!connection.is_open()) {
+            throw pqxx::broken_connection("the connection closed");
+          }
+          if (absl::Now() - heard > kListenProbeInterval) {
+            pqxx::nontransaction probe(connection);
+            probe.exec("SELECT 1");
+            heard = absl::Now();
+          }
+        }
+        return;
+      } catch (const std::exception& e) {
+        error = ScrubPasswords(connect_uri, OneLine(e.what()));
+      }
+      FirstAttemptDone();
+      if (listening || !told) {
+        LogWarning({}, absl::StrCat("not listening to ", display,
+                                    " for changes (trying again): ", error));
+        listening = false;
+        told = true;
+        listener->OnListening(false);
+      }
+      absl::MutexLock lock(&listen_mu);
+      listen_mu.AwaitWithTimeout(absl::Condition(&stopping), backoff);
+      backoff = std::min(backoff * 2, kListenMaxBackoff);
+    }
+  }
+
+  void StopListening() {
+    {
+      absl::MutexLock lock(&listen_mu);
+      stopping = true;
+    }
+    if (listen_thread.joinable()) listen_thread.join();
+  }
+
   // Written once in Open, before the store is shared.
   std::string connect_uri;  // as given, with a connect_timeout
   std::string display;      // without passwords: for messages
@@ -716,12 +1061,21 @@ struct PostgresJobStore::Impl {
   absl::Mutex mu;
   std::vector<std::unique_ptr<Connection>> idle ABSL_GUARDED_BY(mu);
   int open ABSL_GUARDED_BY(mu) = 0;  // idle and leased
+
+  absl::Mutex listen_mu;
+  bool listening ABSL_GUARDED_BY(listen_mu) = false;  // Listen was called
+  bool first_attempt_done ABSL_GUARDED_BY(listen_mu) = false;
+  bool stopping ABSL_GUARDED_BY(listen_mu) = false;
+  std::thread listen_thread;  // started by Listen, joined by the destructor
 };
 
 PostgresJobStore::PostgresJobStore(std::unique_ptr<Impl> impl)
     : impl_(std::move(impl)) {}
 
-PostgresJobStore::~PostgresJobStore() = default;
+PostgresJobStore::~PostgresJobStore() {
+  // First: the thread uses the store's state and calls the listener.
+  impl_->StopListening();
+}
 
 int PostgresJobStore::schema_version() const { return impl_->schema_version; }
 
@@ -939,7 +1293,8 @@ absl::StatusOr<std::vector<Holding>> PostgresJobStore::LargestHoldings(
 // ---------------------------------------------------------------- jobs
 
 absl::StatusOr<CreateJobResult> PostgresJobStore::CreateJob(
-    const v1::Job& job) {
+    const v1::Job& job, const std::vector<v1::JobEvent>& events,
+    int max_queued) {
   if (job.id().empty())
     return absl::InvalidArgumentError("CreateJob: job id is empty");
   ZQ_RETURN_IF_ERROR(CheckStorable(absl::StrCat("job ", job.id()),
@@ -947,11 +1302,22 @@ absl::StatusOr<CreateJobResult> PostgresJobStore::CreateJob(
                                     {"tenant", job.tenant()},
                                     {"model_id", job.model_id()},
                                     {"request_id", job.request_id()}}));
-  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(job, "job"));
+  v1::Job numbered = job;
+  std::vector<v1::JobEvent> numbered_events = events;
+  store_common::NumberEvents(0, absl::Now(), numbered, numbered_events);
+  ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(numbered, "job"));
+  ZQ_ASSIGN_OR_RETURN(std::vector<pqxx::binarystring> event_records,
+                      SerializeEvents(numbered_events));
   CreateJobResult result;
   ZQ_RETURN_IF_ERROR(impl_->Write(
       absl::StrCat("create job ", job.id()), [&](Tx& tx) -> absl::Status {
         result = CreateJobResult();
+        if (max_queued > 0) {
+          // Before counting: two replicas must not both find room for one
+          // more job.
+          tx.Exec("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                  kQueuedLockClass, job.tenant());
+        }
         // The repeated `request_id <> ''` lets the planner use the partial
         // index.
         const std::string by_request_id =
@@ -962,17 +1328,33 @@ absl::StatusOr<CreateJobResult> PostgresJobStore::CreateJob(
               tx.Exec(by_request_id, job.tenant(), job.request_id());
           if (!rows.empty()) return ParseField(rows[0][0], "job", &result.job);
         }
+        if (max_queued > 0) {
+          const int64_t queued =
+              tx.Exec(
+                    "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND "
+                    "state = $2",
+                    job.tenant(), static_cast<int>(v1::JOB_QUEUED))[0][0]
+                  .as<int64_t>();
+          if (queued >= max_queued) {
+            result.over_queued_limit = true;
+            result.queued = queued;
+            return absl::OkStatus();
+          }
+        }
         pqxx::result inserted;
         try {
           // Two replicas may both have found no job for the request id; the
           // unique index lets one insert, and the other then finds its job.
           inserted = tx.Exec(
               "INSERT INTO jobs (id, tenant, model_id, state, request_id, "
-              "record) VALUES ($1, $2, $3, $4, $5, $6) "
+              "record, priority, device, attempt, cancel_requested) VALUES "
+              "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
               "ON CONFLICT (tenant, request_id) WHERE request_id <> '' "
               "DO NOTHING",
               job.id(), job.tenant(), job.model_id(),
-              static_cast<int>(job.state()), job.request_id(), Bytes(record));
+              static_cast<int>(job.state()), job.request_id(), Bytes(record),
+              job.priority(), static_cast<int>(job.device_preference()),
+              job.attempts(), job.cancel_requested());
         } catch (const pqxx::unique_violation&) {
           return absl::AlreadyExistsError(
               absl::StrCat("job ", job.id(), " already exists"));
@@ -987,7 +1369,12 @@ absl::StatusOr<CreateJobResult> PostgresJobStore::CreateJob(
           }
           return ParseField(rows[0][0], "job", &result.job);
         }
-        result.job = job;
+        ZQ_RETURN_IF_ERROR(
+            InsertEvents(tx, job.id(), numbered_events, event_records));
+        if (job.state() == v1::JOB_QUEUED) {
+          tx.Exec("SELECT pg_notify($1, '')", kQueueChannel);
+        }
+        result.job = numbered;
         result.created = true;
         return absl::OkStatus();
       }));
@@ -998,61 +1385,13 @@ absl::Status PostgresJobStore::UpdateJob(
     const v1::Job& job, const std::vector<v1::JobEvent>& events) {
   if (!Storable(job.id()))
     return absl::NotFoundError(absl::StrCat("job ", job.id(), " not found"));
-  ZQ_RETURN_IF_ERROR(CheckStorable(absl::StrCat("job ", job.id()),
-                                   {{"tenant", job.tenant()},
-                                    {"model_id", job.model_id()},
-                                    {"request_id", job.request_id()}}));
-  const bool terminal = IsTerminal(job.state());
-  if (terminal) ZQ_RETURN_IF_ERROR(CheckJobRefs(job));
+  ZQ_RETURN_IF_ERROR(CheckJobText(job));
   ZQ_ASSIGN_OR_RETURN(std::string record, Serialize(job, "job"));
-  std::vector<pqxx::binarystring> event_records;
-  event_records.reserve(events.size());
-  for (const v1::JobEvent& event : events) {
-    ZQ_ASSIGN_OR_RETURN(std::string event_record,
-                        Serialize(event, "job event"));
-    event_records.push_back(Bytes(event_record));
-  }
-  // NULL before the job ended: pqxx passes a null char pointer as NULL.
-  const std::string end_text = terminal ? absl::StrCat(EndUnix(job)) : "";
-  const char* end_unix = terminal ? end_text.c_str() : nullptr;
+  ZQ_ASSIGN_OR_RETURN(std::vector<pqxx::binarystring> event_records,
+                      SerializeEvents(events));
   return impl_->Write(
       absl::StrCat("update job ", job.id()), [&](Tx& tx) -> absl::Status {
-        try {
-          // Every column mirrors the record, so a listing by tenant or
-          // request id always agrees with what GetJob returns.
-          const pqxx::result updated = tx.Exec(
-              "UPDATE jobs SET tenant = $2, model_id = $3, state = $4, "
-              "request_id = $5, record = $6, end_unix = $7 WHERE id = $1",
-              job.id(), job.tenant(), job.model_id(),
-              static_cast<int>(job.state()), job.request_id(), Bytes(record),
-              end_unix);
-          if (updated.affected_rows() == 0) {
-            return absl::NotFoundError(
-                absl::StrCat("job ", job.id(), " not found"));
-          }
-        } catch (const pqxx::unique_violation&) {
-          return absl::AlreadyExistsError(absl::StrCat(
-              "job ", job.id(), ": tenant ", job.tenant(),
-              " already has another job with request id ", job.request_id()));
-        }
-        if (terminal) {
-          // Only a terminal record can carry artifacts; progress updates
-          // (the many) skip this.
-          tx.Exec("DELETE FROM blob_refs WHERE owner = $1", job.id());
-          InsertJobRefs(tx, job);
-        }
-        for (size_t i = 0; i < events.size(); ++i) {
-          try {
-            tx.Exec(
-                "INSERT INTO events (job_id, seq, record) VALUES ($1, $2, $3)",
-                job.id(), events[i].seq(), event_records[i]);
-          } catch (const pqxx::unique_violation&) {
-            return absl::AlreadyExistsError(absl::StrCat(
-                "job ", job.id(), " already has an event with seq ",
-                events[i].seq()));
-          }
-        }
-        return absl::OkStatus();
+        return WriteJob(tx, job, record, QueueColumns(), events, event_records);
       });
 }
 
@@ -1172,6 +1511,227 @@ absl::StatusOr<int64_t> PostgresJobStore::CountActiveJobsForModel(
         return absl::OkStatus();
       }));
   return count;
+}
+
+absl::StatusOr<int64_t> PostgresJobStore::CountJobs(v1::JobState state) {
+  int64_t count = 0;
+  ZQ_RETURN_IF_ERROR(impl_->Read("count jobs", [&](Tx& tx) -> absl::Status {
+    count = (state == v1::JOB_STATE_UNSPECIFIED
+                 ? tx.Exec("SELECT COUNT(*) FROM jobs")
+                 : tx.Exec("SELECT COUNT(*) FROM jobs WHERE state = $1",
+                           static_cast<int>(state)))[0][0]
+                .as<int64_t>();
+    return absl::OkStatus();
+  }));
+  return count;
+}
+
+// ---------------------------------------------------------------- the queue
+
+absl::StatusOr<std::optional<JobWrite>> PostgresJobStore::ClaimJob(
+    const ClaimOptions& options, const JobEdit& start) {
+  if (options.owner.empty())
+    return absl::InvalidArgumentError("ClaimJob: owner is empty");
+  ZQ_RETURN_IF_ERROR(CheckStorable("ClaimJob", {{"owner", options.owner}}));
+  std::optional<JobWrite> claimed;
+  if (options.devices.empty()) return claimed;
+  const std::string devices = DeviceArray(options.devices);
+  const int64_t lease_ms = absl::ToInt64Milliseconds(options.lease);
+  // The candidates are read without locks and then locked one at a time
+  // (SKIP LOCKED): FOR UPDATE on the whole batch would hold every
+  // candidate until this claim commits, and replicas claiming together
+  // would find nothing left to lock but the one each takes.
+  const std::string candidates =
+      "SELECT id, tenant FROM jobs AS j WHERE state = 1 AND not_before <= "
+      "(EXTRACT(EPOCH FROM now()) * 1000)::BIGINT AND device = ANY "
+      "($1::INTEGER[]) AND NOT (tenant = ANY ($2::TEXT[])) ORDER BY priority "
+      "DESC, (SELECT COUNT(*) FROM jobs AS r WHERE r.tenant = j.tenant AND "
+      "r.state = 2), created_seq LIMIT $3 OFFSET $4";
+  ZQ_RETURN_IF_ERROR(impl_->Write("claim a job", [&](Tx& tx) -> absl::Status {
+    claimed.reset();
+    // Tenants whose jobs this claim may take (their running count was
+    // checked under the tenant's lock), and those it may not (at their
+    // limit, or another replica is placing one of their jobs): the next
+    // batch leaves the latter out, so that a tenant at its limit with many
+    // jobs of high priority cannot hide the others'.
+    absl::flat_hash_set<std::string> placeable, skipped;
+    int64_t locked_elsewhere = 0;  // candidates whose row lock was taken
+    while (true) {
+      const pqxx::result batch =
+          tx.Exec(candidates, devices, TextArray(skipped), kClaimBatch,
+                  locked_elsewhere);
+      for (const pqxx::row& row : batch) {
+        const std::string id = row[0].as<std::string>();
+        const std::string tenant = row[1].as<std::string>();
+        if (skipped.contains(tenant)) continue;
+        if (!placeable.contains(tenant)) {
+          const int limit =
+              options.running_limit ? options.running_limit(tenant) : 0;
+          if (limit > 0) {
+            // TRY: a replica never waits for another (no deadlock between
+            // tenants' locks), it leaves the tenant to the one placing it.
+            const bool locked =
+                tx.Exec("SELECT pg_try_advisory_xact_lock($1, hashtext($2))",
+                        kRunningLockClass, tenant)[0][0]
+                    .as<bool>();
+            if (!locked || tx.Exec("SELECT COUNT(*) FROM jobs WHERE "
+                                   "tenant = $1 AND state = 2",
+                                   tenant)[0][0]
+                                   .as<int64_t>() >= limit) {
+              skipped.insert(tenant);
+              continue;
+            }
+          }
+          placeable.insert(tenant);
+        }
+        // Read again under the lock: the row may have been claimed or
+        // changed since the batch was read.
+        std::vector<StoredJob> rows;
+        ZQ_RETURN_IF_ERROR(ReadStoredJobs(
+            tx.Exec("SELECT record, owner FROM jobs WHERE id = $1 AND "
+                    "state = 1 AND not_before <= (EXTRACT(EPOCH FROM now()) "
+                    "* 1000)::BIGINT AND device = ANY ($2::INTEGER[]) "
+                    "FOR UPDATE SKIP LOCKED",
+                    id, devices),
+            &rows));
+        if (rows.empty()) {
+          ++locked_elsewhere;
+          continue;
+        }
+        const StoredJob& stored = rows[0];
+        JobChange change{stored.job, {}, absl::InfinitePast(), ""};
+        ZQ_RETURN_IF_ERROR(start(change));
+        ZQ_RETURN_IF_ERROR(store_common::CheckStarted(stored.job, change.job));
+        QueueColumns queue;
+        queue.owner = options.owner;
+        queue.lease_ms = lease_ms;
+        ZQ_ASSIGN_OR_RETURN(JobWrite written,
+                            WriteChange(tx, stored, change, queue));
+        claimed = std::move(written);
+        return absl::OkStatus();
+      }
+      if (batch.size() < static_cast<size_t>(kClaimBatch)) {
+        return absl::OkStatus();
+      }
+    }
+  }));
+  return claimed;
+}
+
+absl::StatusOr<JobWrite> PostgresJobStore::EditJob(const std::string& id,
+                                                   const Fence* fence,
+                                                   const JobEdit& edit) {
+  if (!Storable(id))
+    return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  std::optional<JobWrite> written;
+  ZQ_RETURN_IF_ERROR(
+      impl_->Write(absl::StrCat("edit job ", id), [&](Tx& tx) -> absl::Status {
+        written.reset();
+        std::vector<StoredJob> rows;
+        ZQ_RETURN_IF_ERROR(ReadStoredJobs(
+            tx.Exec("SELECT record, owner FROM jobs WHERE id = $1 FOR UPDATE",
+                    id),
+            &rows));
+        if (rows.empty())
+          return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+        const StoredJob& stored = rows[0];
+        ZQ_RETURN_IF_ERROR(
+            store_common::CheckFence(fence, stored.job, stored.owner));
+        JobChange change{stored.job, {}, absl::InfinitePast(), stored.owner};
+        ZQ_RETURN_IF_ERROR(edit(change));
+        QueueColumns queue;
+        queue.not_before = store_common::UnixMillis(change.not_before);
+        ZQ_ASSIGN_OR_RETURN(JobWrite result,
+                            WriteChange(tx, stored, change, queue));
+        written = std::move(result);
+        return absl::OkStatus();
+      }));
+  return *std::move(written);
+}
+
+absl::StatusOr<std::vector<LeaseInfo>> PostgresJobStore::RenewLeases(
+    const std::string& owner, absl::Duration lease) {
+  std::vector<LeaseInfo> out;
+  if (!Storable(owner)) return out;
+  ZQ_RETURN_IF_ERROR(impl_->Write(
+      absl::StrCat("renew leases of ", owner), [&](Tx& tx) -> absl::Status {
+        out.clear();
+        for (const pqxx::row& row : tx.Exec(
+                 "UPDATE jobs SET lease_until = now() + $2::DOUBLE PRECISION "
+                 "* INTERVAL '1 millisecond' WHERE owner = $1 AND state = 2 "
+                 "RETURNING id, attempt, cancel_requested",
+                 owner, absl::ToInt64Milliseconds(lease))) {
+          LeaseInfo& info = out.emplace_back();
+          info.job_id = row[0].as<std::string>();
+          info.attempt = row[1].as<int32_t>();
+          info.cancel_requested = row[2].as<bool>();
+        }
+        return absl::OkStatus();
+      }));
+  return out;
+}
+
+absl::StatusOr<std::vector<JobWrite>> PostgresJobStore::ReclaimExpired(
+    int limit, const JobEdit& reclaim) {
+  std::vector<JobWrite> out;
+  ZQ_RETURN_IF_ERROR(
+      impl_->Write("reclaim expired leases", [&](Tx& tx) -> absl::Status {
+        std::vector<StoredJob> expired;
+        ZQ_RETURN_IF_ERROR(ReadStoredJobs(
+            tx.Exec("SELECT record, owner FROM jobs WHERE state = 2 AND "
+                    "lease_until < now() ORDER BY lease_until, created_seq "
+                    "LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    limit <= 0 ? kNoLimit : limit),
+            &expired));
+        return Reclaim(tx, expired, reclaim, &out);
+      }));
+  return out;
+}
+
+absl::StatusOr<std::vector<JobWrite>> PostgresJobStore::ReclaimOwned(
+    const std::string& owner, const JobEdit& reclaim) {
+  std::vector<JobWrite> out;
+  if (!Storable(owner)) return out;
+  ZQ_RETURN_IF_ERROR(impl_->Write(
+      absl::StrCat("reclaim the jobs of ", owner), [&](Tx& tx) -> absl::Status {
+        // Waits for a row another transaction holds (an expired lease being
+        // reclaimed, say), then reads it as that one left it.
+        std::vector<StoredJob> held;
+        ZQ_RETURN_IF_ERROR(ReadStoredJobs(
+            tx.Exec("SELECT record, owner FROM jobs WHERE owner = $1 AND "
+                    "state = 2 ORDER BY created_seq FOR UPDATE",
+                    owner),
+            &held));
+        return Reclaim(tx, held, reclaim, &out);
+      }));
+  return out;
+}
+
+absl::Status PostgresJobStore::Listen(StoreListener* listener) {
+  if (listener == nullptr) {
+    // Stops telling; a later Listen may start again.
+    impl_->StopListening();
+    absl::MutexLock lock(&impl_->listen_mu);
+    impl_->listening = false;
+    impl_->stopping = false;
+    impl_->first_attempt_done = false;
+    return absl::OkStatus();
+  }
+  {
+    absl::MutexLock lock(&impl_->listen_mu);
+    if (impl_->listening)
+      return absl::FailedPreconditionError("Listen: the store has a listener");
+    impl_->listening = true;
+  }
+  Impl* impl = impl_.get();
+  impl_->listen_thread =
+      std::thread([impl, listener] { impl->ListenLoop(listener); });
+  // Returns once the first attempt to listen is over, so that a caller that
+  // writes, or reads what it may have missed, after this does not race the
+  // LISTEN (when the database is down, OnListening(false) said so).
+  absl::MutexLock lock(&impl_->listen_mu);
+  impl_->listen_mu.Await(absl::Condition(&impl_->first_attempt_done));
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------- events

@@ -21,12 +21,21 @@
 // kMaxConnections; more calls wait). A call whose connection broke, or that
 // cannot connect, returns UNAVAILABLE; a stale pooled connection (the
 // database restarted since) is replaced once without failing the call, since
-// nothing of its transaction was committed.
+// nothing of its transaction was committed. A call that takes callbacks
+// (ClaimJob, EditJob, Reclaim*) runs them again whenever its transaction is
+// run again (that case, or a conflict), on the records as read anew.
+//
+// Replicas: leases are kept in the database's time (now()), and writes
+// NOTIFY, in their transaction, on zeroq_events (payload: the job id),
+// zeroq_queue (a job is QUEUED) and zeroq_cancel (the job id). Listen
+// LISTENs on them on a connection of its own, outside the pool, from a
+// thread that reconnects with backoff and that the destructor stops first.
 #ifndef ZEROQ_SERVER_PG_JOB_STORE_H_
 #define ZEROQ_SERVER_PG_JOB_STORE_H_
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -34,6 +43,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "server/job_store.h"
 
 namespace zeroq::server {
@@ -47,7 +57,7 @@ bool IsPostgresUri(absl::string_view uri);
 
 class PostgresJobStore : public JobStore {
  public:
-  static constexpr int kSchemaVersion = 2;
+  static constexpr int kSchemaVersion = 3;
   static constexpr int kMaxConnections = 4;
   // A libpq URI: postgresql://user[:password]@host[:port]/db?params, or
   // postgresql:///db?host=/socket/dir&port=N. Without connect_timeout in it,
@@ -74,7 +84,9 @@ class PostgresJobStore : public JobStore {
                                        const std::string& sha256) override;
   absl::StatusOr<std::vector<Holding>> LargestHoldings(
       const std::string& tenant, int limit) override;
-  absl::StatusOr<CreateJobResult> CreateJob(const v1::Job& job) override;
+  absl::StatusOr<CreateJobResult> CreateJob(
+      const v1::Job& job, const std::vector<v1::JobEvent>& events,
+      int max_queued) override;
   absl::Status UpdateJob(const v1::Job& job,
                          const std::vector<v1::JobEvent>& events) override;
   absl::StatusOr<v1::Job> GetJob(const std::string& id) override;
@@ -88,6 +100,18 @@ class PostgresJobStore : public JobStore {
                                                        int limit) override;
   absl::StatusOr<int64_t> CountActiveJobsForModel(
       const std::string& model_id) override;
+  absl::StatusOr<int64_t> CountJobs(v1::JobState state) override;
+  absl::StatusOr<std::optional<JobWrite>> ClaimJob(
+      const ClaimOptions& options, const JobEdit& start) override;
+  absl::StatusOr<JobWrite> EditJob(const std::string& id, const Fence* fence,
+                                   const JobEdit& edit) override;
+  absl::StatusOr<std::vector<LeaseInfo>> RenewLeases(
+      const std::string& owner, absl::Duration lease) override;
+  absl::StatusOr<std::vector<JobWrite>> ReclaimExpired(
+      int limit, const JobEdit& reclaim) override;
+  absl::StatusOr<std::vector<JobWrite>> ReclaimOwned(
+      const std::string& owner, const JobEdit& reclaim) override;
+  absl::Status Listen(StoreListener* listener) override;
   absl::StatusOr<std::vector<v1::JobEvent>> ListEvents(
       const std::string& job_id, int64_t after_seq, int limit) override;
 

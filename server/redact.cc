@@ -48,7 +48,12 @@ std::string Redactor::ForTenant(absl::string_view text) const {
     bool replaced = false;
     // A root counts where a path can start: at the beginning or after a
     // character that ends one.
-    if (i == 0 || EndsPath(text[i - 1]) || text[i - 1] == ':' || text[i - 1] == '=') {
+    // An opening bracket counts too: LibTorch writes "torch.jit.load(PATH)".
+    const bool path_can_start =
+        i == 0 || EndsPath(text[i - 1]) || text[i - 1] == ':' ||
+        text[i - 1] == '=' || text[i - 1] == '(' || text[i - 1] == '[' ||
+        text[i - 1] == '{' || text[i - 1] == '<';
+    if (path_can_start) {
       for (const std::string& root : roots_) {
         if (!absl::StartsWith(text.substr(i), root)) continue;
         const size_t after = i + root.size();

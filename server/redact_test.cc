@@ -18,6 +18,10 @@ TEST(Redactor, HidesPathsUnderTheRoots) {
             "\"<server file>\": exec failed");
   EXPECT_EQ(r.ForTenant("/var/lib/zeroq"), "<server file>");
   EXPECT_EQ(r.ForTenant("a;/var/lib/zeroq/x;b"), "a;<server file>;b");
+  // After an opening bracket, as in LibTorch's "torch.jit.load(PATH)".
+  EXPECT_EQ(r.ForTenant("torch.jit.load(/var/lib/zeroq/blobs/ab/abc) failed"),
+            "torch.jit.load(<server file>) failed");
+  EXPECT_EQ(r.ForTenant("[/var/lib/zeroq/x]"), "[<server file>]");
   // Other paths, and names that only start like a root, stay.
   EXPECT_EQ(r.ForTenant("see /var/lib/zeroq2/x and /tmp/y"),
             "see /var/lib/zeroq2/x and /tmp/y");

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <pqxx/pqxx>
 #include <random>
@@ -29,6 +30,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/status_macros.h"
 #include "gtest/gtest.h"
 #include "server/blob_store.h"
@@ -326,6 +330,55 @@ TEST(BlobStore, SameBytesTwiceDeduplicate) {
             std::vector<std::string>{first.sha256});
   EXPECT_TRUE(ListDir(dir.Sub("tmp")).empty());
   EXPECT_EQ(store->StoredBytes(), static_cast<int64_t>(bytes.size()));
+}
+
+// Replicas share one blob folder: two stores on it (as two servers) write
+// the same bytes at the same moment, many times over. Every commit
+// succeeds, the blob holds exactly those bytes, and no temp file is left.
+TEST(BlobStore, TwoStoresOnOneFolderWriteTheSameBytesAtOnce) {
+  ScratchDir dir;
+  auto a = MakeBlobStore(dir.path());
+  auto b = MakeBlobStore(dir.path());
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  const std::string bytes = RandomBytes(3 * (1 << 20) + 11, 5);
+  const std::string sha = Sha256Hex(bytes);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> writers;
+  for (int t = 0; t < 8; ++t) {
+    writers.emplace_back([&, t] {
+      BlobStore& store = t % 2 == 0 ? *a : *b;
+      for (int i = 0; i < 5; ++i) {
+        absl::StatusOr<BlobInfo> info =
+            PutBytes(store, bytes, bytes.size(), sha);
+        if (!info.ok() || info->sha256 != sha) ++failures;
+        // A reader in between sees the whole blob or none.
+        if (store.Exists(sha) && ReadFile(store.Path(sha)) != bytes) ++failures;
+      }
+    });
+  }
+  for (std::thread& w : writers) w.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(ReadFile(a->Path(sha)), bytes);
+  EXPECT_TRUE(ListDir(dir.Sub("tmp")).empty());
+  EXPECT_EQ(b->StoredBytes(), static_cast<int64_t>(bytes.size()));
+}
+
+// On a shared folder only old temp files are a dead writer's: a fresh one
+// may be another replica's upload in progress.
+TEST(BlobStore, RemoveTemporariesCanSpareRecentOnes) {
+  ScratchDir dir;
+  auto store = MakeBlobStore(dir.path());
+  ASSERT_NE(store, nullptr);
+  WriteFile(dir.Sub("tmp/1-0.part"), "old");
+  WriteFile(dir.Sub("tmp/2-0.part"), "fresh");
+  const absl::Time two_hours_ago = absl::Now() - absl::Hours(2);
+  struct timespec times[2] = {absl::ToTimespec(two_hours_ago),
+                              absl::ToTimespec(two_hours_ago)};
+  ASSERT_EQ(utimensat(AT_FDCWD, dir.Sub("tmp/1-0.part").c_str(), times, 0), 0);
+  ZQ_ASSERT_OK_AND_ASSIGN(int removed, store->RemoveTemporaries(absl::Hours(1)));
+  EXPECT_EQ(removed, 1);
+  EXPECT_EQ(ListDir(dir.Sub("tmp")), std::vector<std::string>{"2-0.part"});
 }
 
 TEST(BlobStore, WriterDestroyedWithoutCommitLeavesNoTemp) {
@@ -1300,6 +1353,18 @@ TEST_P(JobStoreTest, BlobRefsCountWhatIsReallyStored) {
   EXPECT_EQ(running.state(), v1::JOB_RUNNING);
 }
 
+// What version 3 added to an SQLite file (a database taken back to version
+// 2 drops it).
+constexpr char kDropVersion3[] =
+    "DROP INDEX jobs_queue; DROP INDEX jobs_running_by_owner; "
+    "ALTER TABLE jobs DROP COLUMN priority; "
+    "ALTER TABLE jobs DROP COLUMN device; "
+    "ALTER TABLE jobs DROP COLUMN attempt; "
+    "ALTER TABLE jobs DROP COLUMN cancel_requested; "
+    "ALTER TABLE jobs DROP COLUMN owner; "
+    "ALTER TABLE jobs DROP COLUMN lease_until; "
+    "ALTER TABLE jobs DROP COLUMN not_before; ";
+
 TEST(JobStoreRecovery, Version1DatabaseGetsItsBlobRefsOnMigration) {
   ScratchDir dir;
   const std::string path = dir.Sub("zeroq.db");
@@ -1316,11 +1381,13 @@ TEST(JobStoreRecovery, Version1DatabaseGetsItsBlobRefsOnMigration) {
     // Back to what a version 1 server wrote.
     sqlite3* db = nullptr;
     ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
-    const char* sql =
+    const std::string sql = absl::StrCat(
+        kDropVersion3,
         "DROP TABLE blob_refs; DROP INDEX jobs_by_end; "
-        "ALTER TABLE jobs DROP COLUMN end_unix; PRAGMA user_version = 1;";
+        "ALTER TABLE jobs DROP COLUMN end_unix; PRAGMA user_version = 1;");
     char* error = nullptr;
-    EXPECT_EQ(sqlite3_exec(db, sql, nullptr, nullptr, &error), SQLITE_OK)
+    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error),
+              SQLITE_OK)
         << (error ? error : "");
     sqlite3_free(error);
     sqlite3_close(db);
@@ -1509,6 +1576,621 @@ TEST_P(JobStoreTest, LimitsOfZeroAndBelow) {
   EXPECT_EQ(Seqs(events), (std::vector<int64_t>{1, 2}));
 }
 
+// ---------------------------------------------------------------- the queue
+
+const std::vector<v1::DeviceKind> kAllDevices = {v1::DEVICE_ANY, v1::DEVICE_CPU,
+                                                 v1::DEVICE_CUDA};
+
+ClaimOptions Claimer(const std::string& owner,
+                     std::vector<v1::DeviceKind> devices = kAllDevices,
+                     absl::Duration lease = absl::Seconds(30)) {
+  ClaimOptions options;
+  options.owner = owner;
+  options.lease = lease;
+  options.devices = std::move(devices);
+  return options;
+}
+
+// A claim's start, as the server makes it: RUNNING, one attempt more, an
+// event.
+absl::Status Start(JobChange& change) {
+  change.job.set_state(v1::JOB_RUNNING);
+  change.job.set_attempts(change.job.attempts() + 1);
+  change.events.push_back(MakeEvent(0, "started"));
+  return absl::OkStatus();
+}
+
+// Back to the queue, not before `not_before`, with an event.
+JobEdit Requeue(absl::Time not_before = absl::InfinitePast()) {
+  return [not_before](JobChange& change) {
+    change.job.set_state(v1::JOB_QUEUED);
+    change.not_before = not_before;
+    change.events.push_back(MakeEvent(0, "re-queued"));
+    return absl::OkStatus();
+  };
+}
+
+// The id of the job a claim took; "" when there was none.
+absl::StatusOr<std::string> ClaimNext(JobStore& store,
+                                      const ClaimOptions& options) {
+  ZQ_ASSIGN_OR_RETURN(std::optional<JobWrite> claimed,
+                      store.ClaimJob(options, Start));
+  return claimed.has_value() ? claimed->job.id() : "";
+}
+
+std::vector<std::string> LeaseIds(std::vector<LeaseInfo> leases) {
+  std::vector<std::string> ids;
+  for (const LeaseInfo& l : leases) ids.push_back(l.job_id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+TEST_P(JobStoreTest, CreateJobNumbersItsEventsAndCounts) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  v1::JobEvent timed = MakeEvent(0, "timed");
+  timed.mutable_time()->set_seconds(12345);
+  const int64_t before = absl::ToUnixSeconds(absl::Now());
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      CreateJobResult created,
+      store->CreateJob(MakeJob("j1", "acme", "m"),
+                       {MakeEvent(0, "a"), timed, MakeEvent(0, "c")}));
+  EXPECT_TRUE(created.created);
+  EXPECT_EQ(created.job.last_seq(), 3);
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Job job, store->GetJob("j1"));
+  EXPECT_EQ(job.last_seq(), 3);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
+                          store->ListEvents("j1", 0));
+  ASSERT_EQ(Seqs(events), (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_EQ(events[0].message(), "a");
+  EXPECT_GE(events[0].time().seconds(), before);  // set when unset
+  EXPECT_EQ(events[1].time().seconds(), 12345);   // kept
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("j2", "acme", "m")).status());
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("j3", "initech", "m", v1::JOB_RUNNING))
+                   .status());
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t count, store->CountJobs(v1::JOB_QUEUED));
+  EXPECT_EQ(count, 2);
+  ZQ_ASSERT_OK_AND_ASSIGN(count, store->CountJobs(v1::JOB_RUNNING));
+  EXPECT_EQ(count, 1);
+  ZQ_ASSERT_OK_AND_ASSIGN(count, store->CountJobs(v1::JOB_FAILED));
+  EXPECT_EQ(count, 0);
+  ZQ_ASSERT_OK_AND_ASSIGN(count, store->CountJobs(v1::JOB_STATE_UNSPECIFIED));
+  EXPECT_EQ(count, 3);
+}
+
+TEST_P(JobStoreTest, CreateJobHonoursMaxQueued) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  for (const char* id : {"j1", "j2"}) {
+    ZQ_ASSERT_OK_AND_ASSIGN(
+        CreateJobResult r,
+        store->CreateJob(
+            MakeJob(id, "acme", "m", v1::JOB_QUEUED, absl::StrCat("req-", id)),
+            {}, 2));
+    EXPECT_TRUE(r.created);
+    EXPECT_FALSE(r.over_queued_limit);
+  }
+  ZQ_ASSERT_OK_AND_ASSIGN(CreateJobResult full,
+                          store->CreateJob(MakeJob("j3", "acme", "m"), {}, 2));
+  EXPECT_FALSE(full.created);
+  EXPECT_TRUE(full.over_queued_limit);
+  EXPECT_EQ(full.queued, 2);
+  EXPECT_EQ(store->GetJob("j3").status().code(), absl::StatusCode::kNotFound);
+  // A retry of a request the store has wins over the limit.
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      CreateJobResult retry,
+      store->CreateJob(MakeJob("j9", "acme", "m", v1::JOB_QUEUED, "req-j1"), {},
+                       2));
+  EXPECT_FALSE(retry.created);
+  EXPECT_FALSE(retry.over_queued_limit);
+  EXPECT_EQ(retry.job.id(), "j1");
+  // Other tenants and calls without a limit are not held back.
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      CreateJobResult other,
+      store->CreateJob(MakeJob("k1", "initech", "m"), {}, 2));
+  EXPECT_TRUE(other.created);
+  ZQ_ASSERT_OK_AND_ASSIGN(CreateJobResult unlimited,
+                          store->CreateJob(MakeJob("j4", "acme", "m")));
+  EXPECT_TRUE(unlimited.created);
+  // A claimed job no longer counts: the third claim takes j2 (j1 first,
+  // then initech's k1, whose tenant runs nothing).
+  for (int i = 0; i < 3; ++i) {
+    ZQ_ASSERT_OK_AND_ASSIGN(std::string id,
+                            ClaimNext(*store, Claimer("replica-a")));
+    EXPECT_FALSE(id.empty());
+  }
+  ZQ_ASSERT_OK_AND_ASSIGN(CreateJobResult room,
+                          store->CreateJob(MakeJob("j5", "acme", "m"), {}, 2));
+  EXPECT_TRUE(room.created);
+}
+
+TEST_P(JobStoreTest, ClaimOrderIsPriorityThenFairnessThenAge) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto job = [](const std::string& id, const std::string& tenant, int priority,
+                v1::JobState state = v1::JOB_QUEUED) {
+    v1::Job j = MakeJob(id, tenant, "m", state);
+    j.set_priority(priority);
+    return j;
+  };
+  // Creation order is age order.
+  for (const v1::Job& j :
+       {job("a1", "a", 1), job("a2", "a", 1), job("b1", "b", 1),
+        job("b2", "b", 1), job("a3", "a", 5),
+        job("c-running", "c", 1, v1::JOB_RUNNING), job("c1", "c", 1)}) {
+    ZQ_ASSERT_OK(store->CreateJob(j).status());
+  }
+  // a3: priority. b1: b runs nothing, a and c one each. a1: all run one,
+  // the oldest. b2 before c1 (a runs two): both run one, b2 is older. Then
+  // c1 (b runs two), then a2.
+  std::vector<std::string> order;
+  for (int i = 0; i < 7; ++i) {
+    ZQ_ASSERT_OK_AND_ASSIGN(std::string id,
+                            ClaimNext(*store, Claimer("replica-a")));
+    if (id.empty()) break;
+    order.push_back(id);
+  }
+  EXPECT_EQ(order,
+            (std::vector<std::string>{"a3", "b1", "a1", "b2", "c1", "a2"}));
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Job a3, store->GetJob("a3"));
+  EXPECT_EQ(a3.state(), v1::JOB_RUNNING);
+  EXPECT_EQ(a3.attempts(), 1);
+  EXPECT_EQ(a3.last_seq(), 1);
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<LeaseInfo> held,
+                          store->RenewLeases("replica-a", absl::Seconds(30)));
+  EXPECT_EQ(LeaseIds(held),
+            (std::vector<std::string>{"a1", "a2", "a3", "b1", "b2", "c1"}));
+}
+
+TEST_P(JobStoreTest, ClaimTakesOnlyPlaceableDevicesAndDueJobs) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto job = [](const std::string& id, v1::DeviceKind device) {
+    v1::Job j = MakeJob(id, "acme", "m");
+    j.set_device_preference(device);
+    return j;
+  };
+  ZQ_ASSERT_OK(store->CreateJob(job("cuda", v1::DEVICE_CUDA)).status());
+  ZQ_ASSERT_OK(store->CreateJob(job("any", v1::DEVICE_ANY)).status());
+  ZQ_ASSERT_OK(store->CreateJob(job("cpu", v1::DEVICE_CPU)).status());
+  ZQ_ASSERT_OK_AND_ASSIGN(std::string id, ClaimNext(*store, Claimer("r", {})));
+  EXPECT_EQ(id, "");
+  ZQ_ASSERT_OK_AND_ASSIGN(id,
+                          ClaimNext(*store, Claimer("r", {v1::DEVICE_CPU})));
+  EXPECT_EQ(id, "cpu");
+  ZQ_ASSERT_OK_AND_ASSIGN(id,
+                          ClaimNext(*store, Claimer("r", {v1::DEVICE_CPU})));
+  EXPECT_EQ(id, "");
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      id, ClaimNext(*store, Claimer("r", {v1::DEVICE_CUDA, v1::DEVICE_ANY})));
+  EXPECT_EQ(id, "cuda");
+  ZQ_ASSERT_OK_AND_ASSIGN(id,
+                          ClaimNext(*store, Claimer("r", {v1::DEVICE_ANY})));
+  EXPECT_EQ(id, "any");
+
+  // not_before: a re-queued job waits out its backoff; others go first.
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("later", "acme", "m")).status());
+  ZQ_ASSERT_OK(
+      store->EditJob("later", nullptr, Requeue(absl::Now() + absl::Hours(1)))
+          .status());
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("due", "acme", "m")).status());
+  ZQ_ASSERT_OK(
+      store->EditJob("due", nullptr, Requeue(absl::Now() - absl::Seconds(1)))
+          .status());
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*store, Claimer("r")));
+  EXPECT_EQ(id, "due");
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*store, Claimer("r")));
+  EXPECT_EQ(id, "");
+  // An edit that leaves it QUEUED without a not_before: at once.
+  ZQ_ASSERT_OK(store->EditJob("later", nullptr, Requeue()).status());
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*store, Claimer("r")));
+  EXPECT_EQ(id, "later");
+}
+
+TEST_P(JobStoreTest, RunningLimitCountsEveryReplica) {
+  auto first = OpenStore();
+  auto second = OpenStore();
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(second, nullptr);
+  // acme's jobs come first (priority), up to its limit of 2.
+  for (int i = 0; i < 4; ++i) {
+    v1::Job job = MakeJob(absl::StrCat("a", i), "acme", "m");
+    job.set_priority(9);
+    ZQ_ASSERT_OK(first->CreateJob(job).status());
+  }
+  ZQ_ASSERT_OK(first->CreateJob(MakeJob("b0", "initech", "m")).status());
+  auto limited = [](const std::string& owner) {
+    ClaimOptions options = Claimer(owner);
+    options.running_limit = [](const std::string& tenant) {
+      return tenant == "acme" ? 2 : 0;
+    };
+    return options;
+  };
+  ZQ_ASSERT_OK_AND_ASSIGN(std::string id, ClaimNext(*first, limited("r1")));
+  EXPECT_EQ(id, "a0");
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*second, limited("r2")));
+  EXPECT_EQ(id, "a1");
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*first, limited("r1")));
+  EXPECT_EQ(id, "b0");
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*second, limited("r2")));
+  EXPECT_EQ(id, "");
+  // One of acme's ends: room for one more.
+  ZQ_ASSERT_OK(second
+                   ->EditJob("a0", nullptr,
+                             [](JobChange& change) {
+                               change.job.set_state(v1::JOB_SUCCEEDED);
+                               return absl::OkStatus();
+                             })
+                   .status());
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*first, limited("r1")));
+  EXPECT_EQ(id, "a2");
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*first, limited("r1")));
+  EXPECT_EQ(id, "");
+  // Without the limit the rest goes.
+  ZQ_ASSERT_OK_AND_ASSIGN(id, ClaimNext(*second, Claimer("r2")));
+  EXPECT_EQ(id, "a3");
+}
+
+TEST_P(JobStoreTest, ConcurrentClaimsTakeEachJobOnce) {
+  constexpr int kReplicas = 4;
+  constexpr int kJobs = 40;
+  std::vector<std::unique_ptr<JobStore>> stores;
+  for (int i = 0; i < kReplicas; ++i) {
+    stores.push_back(OpenStore());
+    ASSERT_NE(stores.back(), nullptr);
+  }
+  for (int i = 0; i < kJobs; ++i) {
+    ZQ_ASSERT_OK(stores[0]
+                     ->CreateJob(MakeJob(absl::StrCat("j", i),
+                                         absl::StrCat("t", i % 3), "m"))
+                     .status());
+  }
+  std::vector<std::vector<std::string>> claimed(kReplicas);
+  std::vector<absl::Status> errors(kReplicas);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kReplicas; ++r) {
+    threads.emplace_back([&, r] {
+      while (true) {
+        absl::StatusOr<std::string> id =
+            ClaimNext(*stores[r], Claimer(absl::StrCat("replica-", r)));
+        if (!id.ok()) {
+          errors[r] = id.status();
+          return;
+        }
+        if (id->empty()) return;
+        claimed[r].push_back(*id);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  std::multiset<std::string> all;
+  for (int r = 0; r < kReplicas; ++r) {
+    EXPECT_TRUE(errors[r].ok()) << errors[r];
+    all.insert(claimed[r].begin(), claimed[r].end());
+  }
+  EXPECT_EQ(all.size(), static_cast<size_t>(kJobs));
+  EXPECT_EQ(std::set<std::string>(all.begin(), all.end()).size(),
+            static_cast<size_t>(kJobs));
+  ZQ_ASSERT_OK_AND_ASSIGN(int64_t running,
+                          stores[0]->CountJobs(v1::JOB_RUNNING));
+  EXPECT_EQ(running, kJobs);
+  for (int r = 0; r < kReplicas; ++r) {
+    ZQ_ASSERT_OK_AND_ASSIGN(
+        std::vector<LeaseInfo> held,
+        stores[0]->RenewLeases(absl::StrCat("replica-", r), absl::Seconds(30)));
+    EXPECT_EQ(held.size(), claimed[r].size());
+    for (const LeaseInfo& lease : held) EXPECT_EQ(lease.attempt, 1);
+  }
+}
+
+TEST_P(JobStoreTest, LostLeaseFencesTheOldOwnerOut) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->CreateJob(MakeJob("j1", "acme", "m")).status());
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      std::optional<JobWrite> first,
+      store->ClaimJob(Claimer("A", kAllDevices, absl::Milliseconds(200)),
+                      Start));
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->job.attempts(), 1);
+  EXPECT_EQ(Seqs(first->events), (std::vector<int64_t>{1}));
+  const Fence fence_a{"A", 1};
+  ZQ_ASSERT_OK(store
+                   ->EditJob("j1", &fence_a,
+                             [](JobChange& change) {
+                               change.job.set_step(5);
+                               return absl::OkStatus();
+                             })
+                   .status());
+  // Nothing expired yet.
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<JobWrite> reclaimed,
+                          store->ReclaimExpired(10, Requeue()));
+  EXPECT_TRUE(reclaimed.empty());
+
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  std::string lost_by;
+  ZQ_ASSERT_OK_AND_ASSIGN(reclaimed,
+                          store->ReclaimExpired(10, [&](JobChange& change) {
+                            lost_by = change.owner;
+                            return Requeue()(change);
+                          }));
+  ASSERT_EQ(reclaimed.size(), 1u);
+  EXPECT_EQ(lost_by, "A");
+  EXPECT_EQ(reclaimed[0].job.state(), v1::JOB_QUEUED);
+  EXPECT_EQ(Seqs(reclaimed[0].events), (std::vector<int64_t>{2}));
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<LeaseInfo> held,
+                          store->RenewLeases("A", absl::Seconds(30)));
+  EXPECT_TRUE(held.empty());
+
+  ZQ_ASSERT_OK_AND_ASSIGN(std::optional<JobWrite> second,
+                          store->ClaimJob(Claimer("B"), Start));
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->job.attempts(), 2);
+  absl::StatusOr<JobWrite> stale =
+      store->EditJob("j1", &fence_a, [](JobChange& change) {
+        change.job.set_state(v1::JOB_SUCCEEDED);
+        return absl::OkStatus();
+      });
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(stale.status().message(),
+            "the lease on job j1 was lost: held by B at attempt 2, not A at "
+            "attempt 1");
+  const Fence fence_b{"B", 2};
+  ZQ_ASSERT_OK_AND_ASSIGN(JobWrite done,
+                          store->EditJob("j1", &fence_b, [](JobChange& change) {
+                            change.job.set_state(v1::JOB_SUCCEEDED);
+                            change.events.push_back(MakeEvent(0, "done"));
+                            return absl::OkStatus();
+                          }));
+  EXPECT_EQ(done.job.last_seq(), 4);
+  // Ended: nobody holds it, and a fence finds nobody.
+  ZQ_ASSERT_OK_AND_ASSIGN(held, store->RenewLeases("B", absl::Seconds(30)));
+  EXPECT_TRUE(held.empty());
+  stale = store->EditJob("j1", &fence_b, Requeue());
+  EXPECT_EQ(stale.status().message(),
+            "the lease on job j1 was lost: held by nobody at attempt 2, not B "
+            "at attempt 2");
+}
+
+TEST_P(JobStoreTest, RenewLeasesReturnsHeldJobsAndCancels) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  for (const char* id : {"j1", "j2", "j3"}) {
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob(id, "acme", "m")).status());
+  }
+  const ClaimOptions short_a =
+      Claimer("A", kAllDevices, absl::Milliseconds(300));
+  ZQ_ASSERT_OK(store->ClaimJob(short_a, Start).status());       // j1
+  ZQ_ASSERT_OK(store->ClaimJob(short_a, Start).status());       // j2
+  ZQ_ASSERT_OK(store->ClaimJob(Claimer("B"), Start).status());  // j3
+  // An unfenced edit (CancelJob on any replica) marks j2.
+  ZQ_ASSERT_OK(store
+                   ->EditJob("j2", nullptr,
+                             [](JobChange& change) {
+                               EXPECT_EQ(change.owner, "A");
+                               change.job.set_cancel_requested(true);
+                               return absl::OkStatus();
+                             })
+                   .status());
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<LeaseInfo> held,
+                          store->RenewLeases("A", absl::Seconds(30)));
+  std::sort(held.begin(), held.end(),
+            [](const LeaseInfo& x, const LeaseInfo& y) {
+              return x.job_id < y.job_id;
+            });
+  ASSERT_EQ(held.size(), 2u);
+  EXPECT_EQ(held[0].job_id, "j1");
+  EXPECT_EQ(held[0].attempt, 1);
+  EXPECT_FALSE(held[0].cancel_requested);
+  EXPECT_EQ(held[1].job_id, "j2");
+  EXPECT_TRUE(held[1].cancel_requested);
+  ZQ_ASSERT_OK_AND_ASSIGN(held, store->RenewLeases("B", absl::Seconds(30)));
+  EXPECT_EQ(LeaseIds(held), (std::vector<std::string>{"j3"}));
+  EXPECT_FALSE(held[0].cancel_requested);
+  ZQ_ASSERT_OK_AND_ASSIGN(held, store->RenewLeases("C", absl::Seconds(30)));
+  EXPECT_TRUE(held.empty());
+  // Renewed past the claim's 300 ms: nothing to reclaim.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<JobWrite> reclaimed,
+                          store->ReclaimExpired(0, Requeue()));
+  EXPECT_TRUE(reclaimed.empty());
+}
+
+TEST_P(JobStoreTest, ReclaimOwnedTakesBackOneReplicasJobs) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  for (const char* id : {"j1", "j2", "j3"}) {
+    ZQ_ASSERT_OK(store->CreateJob(MakeJob(id, "acme", "m")).status());
+  }
+  ZQ_ASSERT_OK(store->ClaimJob(Claimer("A"), Start).status());
+  ZQ_ASSERT_OK(store->ClaimJob(Claimer("B"), Start).status());
+  ZQ_ASSERT_OK(store->ClaimJob(Claimer("A"), Start).status());
+  // A reclaim must not leave the job RUNNING; nothing of it stays.
+  absl::StatusOr<std::vector<JobWrite>> bad =
+      store->ReclaimOwned("A", [](JobChange& change) {
+        change.events.push_back(MakeEvent(0, "still running"));
+        return absl::OkStatus();
+      });
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInternal) << bad.status();
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Job j1, store->GetJob("j1"));
+  EXPECT_EQ(j1.last_seq(), 1);
+
+  std::vector<std::string> owners;
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<JobWrite> reclaimed,
+                          store->ReclaimOwned("A", [&](JobChange& change) {
+                            owners.push_back(change.owner);
+                            change.job.set_state(v1::JOB_FAILED);
+                            return absl::OkStatus();
+                          }));
+  std::vector<std::string> ids;
+  for (const JobWrite& w : reclaimed) ids.push_back(w.job.id());
+  EXPECT_EQ(ids, (std::vector<std::string>{"j1", "j3"}));
+  EXPECT_EQ(owners, (std::vector<std::string>{"A", "A"}));
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<LeaseInfo> held,
+                          store->RenewLeases("A", absl::Seconds(30)));
+  EXPECT_TRUE(held.empty());
+  ZQ_ASSERT_OK_AND_ASSIGN(held, store->RenewLeases("B", absl::Seconds(30)));
+  EXPECT_EQ(LeaseIds(held), (std::vector<std::string>{"j2"}));
+  ZQ_ASSERT_OK_AND_ASSIGN(reclaimed, store->ReclaimOwned("A", Requeue()));
+  EXPECT_TRUE(reclaimed.empty());
+}
+
+TEST_P(JobStoreTest, EditJobNumbersEventsAcrossStores) {
+  auto first = OpenStore();
+  auto second = OpenStore();
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(second, nullptr);
+  ZQ_ASSERT_OK(
+      first->CreateJob(MakeJob("j1", "acme", "m"), {MakeEvent(0), MakeEvent(0)})
+          .status());
+  auto add = [](int n) -> JobEdit {
+    return [n](JobChange& change) {
+      for (int i = 0; i < n; ++i) change.events.push_back(MakeEvent(0, "x"));
+      return absl::OkStatus();
+    };
+  };
+  ZQ_ASSERT_OK_AND_ASSIGN(JobWrite written,
+                          first->EditJob("j1", nullptr, add(2)));
+  EXPECT_EQ(Seqs(written.events), (std::vector<int64_t>{3, 4}));
+  ZQ_ASSERT_OK_AND_ASSIGN(written, second->EditJob("j1", nullptr, add(1)));
+  EXPECT_EQ(Seqs(written.events), (std::vector<int64_t>{5}));
+  EXPECT_EQ(written.job.last_seq(), 5);
+  // At once from both: the row lock orders them.
+  constexpr int kEdits = 20;
+  std::vector<absl::Status> errors(2);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      JobStore& store = t == 0 ? *first : *second;
+      for (int i = 0; i < kEdits && errors[t].ok(); ++i) {
+        errors[t] = store.EditJob("j1", nullptr, add(1)).status();
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& e : errors) EXPECT_TRUE(e.ok()) << e;
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::JobEvent> events,
+                          first->ListEvents("j1", 0));
+  std::vector<int64_t> expected;
+  for (int i = 1; i <= 5 + 2 * kEdits; ++i) expected.push_back(i);
+  EXPECT_EQ(Seqs(events), expected);
+  ZQ_ASSERT_OK_AND_ASSIGN(v1::Job job, second->GetJob("j1"));
+  EXPECT_EQ(job.last_seq(), 5 + 2 * kEdits);
+
+  // An edit's error rolls it back and is returned.
+  absl::StatusOr<JobWrite> refused =
+      first->EditJob("j1", nullptr, [](JobChange& change) {
+        change.job.set_state(v1::JOB_FAILED);
+        change.events.push_back(MakeEvent(0));
+        return absl::FailedPreconditionError("no");
+      });
+  EXPECT_EQ(refused.status(), absl::FailedPreconditionError("no"));
+  ZQ_ASSERT_OK_AND_ASSIGN(job, first->GetJob("j1"));
+  EXPECT_EQ(job.state(), v1::JOB_QUEUED);
+  EXPECT_EQ(job.last_seq(), 5 + 2 * kEdits);
+  absl::StatusOr<JobWrite> ghost = first->EditJob("ghost", nullptr, add(1));
+  EXPECT_EQ(ghost.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(ghost.status().message(), "job ghost not found");
+}
+
+TEST_P(JobStoreTest, AtMostOneListener) {
+  struct Quiet : StoreListener {
+    void OnJobEvents(const std::string&) override {}
+    void OnJobQueued() override {}
+    void OnCancelRequested(const std::string&) override {}
+    void OnListening(bool) override {}
+  } listener;
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  ZQ_ASSERT_OK(store->Listen(&listener));
+  EXPECT_EQ(store->Listen(&listener).code(),
+            absl::StatusCode::kFailedPrecondition);
+  // Listen(nullptr) lets go of it; another may then listen.
+  ZQ_ASSERT_OK(store->Listen(nullptr));
+  ZQ_ASSERT_OK(store->Listen(&listener));
+  store.reset();  // before the listener goes
+}
+
+// Every row `sql` returns, columns joined by '|' and rows by ';' (NULL as
+// "").
+std::string SqliteRows(const std::string& path, const std::string& sql) {
+  sqlite3* db = nullptr;
+  std::string out;
+  if (sqlite3_open(path.c_str(), &db) == SQLITE_OK) {
+    sqlite3_exec(
+        db, sql.c_str(),
+        [](void* arg, int columns, char** values, char**) {
+          std::string* out = static_cast<std::string*>(arg);
+          if (!out->empty()) *out += ';';
+          for (int i = 0; i < columns; ++i) {
+            if (i > 0) *out += '|';
+            if (values[i] != nullptr) *out += values[i];
+          }
+          return 0;
+        },
+        &out, nullptr);
+  }
+  sqlite3_close(db);
+  return out;
+}
+
+// A queued job with queue fields set, and one a version 2 server left
+// RUNNING (with a cancel asked).
+std::vector<v1::Job> Version2Jobs() {
+  v1::Job queued = MakeJob("q", "acme", "m");
+  queued.set_priority(7);
+  queued.set_device_preference(v1::DEVICE_CUDA);
+  queued.set_attempts(2);
+  v1::Job running = MakeJob("r", "acme", "m", v1::JOB_RUNNING);
+  running.set_attempts(1);
+  running.set_cancel_requested(true);
+  return {queued, running};
+}
+
+TEST(JobStoreRecovery, Version2DatabaseGetsItsQueueColumnsOnMigration) {
+  ScratchDir dir;
+  const std::string path = dir.Sub("zeroq.db");
+  {
+    auto store = OpenSqliteStore(path);
+    ASSERT_NE(store, nullptr);
+    for (const v1::Job& job : Version2Jobs()) {
+      ZQ_ASSERT_OK(store->CreateJob(job).status());
+    }
+  }
+  {
+    // Back to what a version 2 server wrote.
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    const std::string sql =
+        absl::StrCat(kDropVersion3, "PRAGMA user_version = 2;");
+    char* error = nullptr;
+    EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error),
+              SQLITE_OK)
+        << (error ? error : "");
+    sqlite3_free(error);
+    sqlite3_close(db);
+  }
+  auto store = OpenSqliteStore(path);
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(ReadUserVersion(path), SqliteJobStore::kSchemaVersion);
+  // The RUNNING job has nobody's lease, run out: reclaimed like a dead
+  // replica's.
+  EXPECT_EQ(SqliteRows(path,
+                       "SELECT id, priority, device, attempt, "
+                       "cancel_requested, owner IS NULL, lease_until, "
+                       "not_before FROM jobs ORDER BY id"),
+            "q|7|2|2|0|1||0;r|1|0|1|1|1|0|0");
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<JobWrite> reclaimed,
+                          store->ReclaimExpired(10, Requeue()));
+  ASSERT_EQ(reclaimed.size(), 1u);
+  EXPECT_EQ(reclaimed[0].job.id(), "r");
+  ZQ_ASSERT_OK_AND_ASSIGN(std::optional<JobWrite> claimed,
+                          store->ClaimJob(Claimer("A"), Start));
+  ASSERT_TRUE(claimed.has_value());
+  EXPECT_EQ(claimed->job.id(), "q");  // priority 7
+  EXPECT_EQ(claimed->job.attempts(), 3);
+}
+
 INSTANTIATE_TEST_SUITE_P(Sqlite, JobStoreTest,
                          testing::Values(Backend::kSqlite));
 INSTANTIATE_TEST_SUITE_P(Postgres, JobStoreTest,
@@ -1646,6 +2328,13 @@ TEST_F(PostgresJobStoreTest, ReplicasStartingTogetherMigrateOnce) {
   EXPECT_EQ(page.items.size(), static_cast<size_t>(kReplicas));
 }
 
+// What version 3 added to a PostgreSQL database.
+constexpr char kDropPostgresVersion3[] =
+    "DROP INDEX jobs_queue; DROP INDEX jobs_running_by_owner; ALTER TABLE "
+    "jobs DROP COLUMN priority, DROP COLUMN device, DROP COLUMN attempt, "
+    "DROP COLUMN cancel_requested, DROP COLUMN owner, DROP COLUMN "
+    "lease_until, DROP COLUMN not_before; ";
+
 TEST_F(PostgresJobStoreTest, Version1DatabaseGetsItsBlobRefsOnMigration) {
   const std::string a = Sha256Hex("artifact a");
   {
@@ -1657,9 +2346,11 @@ TEST_F(PostgresJobStoreTest, Version1DatabaseGetsItsBlobRefsOnMigration) {
     ZQ_ASSERT_OK(store->CreateJob(MakeJob("j2", "acme", "m")).status());
   }
   // Back to what version 1 made.
-  ZQ_ASSERT_OK(db_->Sql("DROP TABLE blob_refs; DROP INDEX jobs_by_end; "
-                        "ALTER TABLE jobs DROP COLUMN end_unix; "
-                        "UPDATE zeroq_schema_version SET version = 1")
+  ZQ_ASSERT_OK(db_->Sql(absl::StrCat(kDropPostgresVersion3,
+                                     "DROP TABLE blob_refs; DROP INDEX "
+                                     "jobs_by_end; ALTER TABLE jobs DROP "
+                                     "COLUMN end_unix; UPDATE "
+                                     "zeroq_schema_version SET version = 1"))
                    .status());
   EXPECT_EQ(db_->StoredSchemaVersion(), 1);
   auto store = OpenStore();
@@ -1672,6 +2363,116 @@ TEST_F(PostgresJobStoreTest, Version1DatabaseGetsItsBlobRefsOnMigration) {
   ZQ_ASSERT_OK_AND_ASSIGN(std::vector<v1::Job> ended,
                           store->JobsEndedBefore(51, 0));
   EXPECT_EQ(Ids(ended), (std::vector<std::string>{"j1"}));
+}
+
+TEST_F(PostgresJobStoreTest, Version2DatabaseGetsItsQueueColumnsOnMigration) {
+  {
+    auto store = OpenStore();
+    ASSERT_NE(store, nullptr);
+    for (const v1::Job& job : Version2Jobs()) {
+      ZQ_ASSERT_OK(store->CreateJob(job).status());
+    }
+  }
+  // Back to what version 2 made.
+  ZQ_ASSERT_OK(db_->Sql(absl::StrCat(kDropPostgresVersion3,
+                                     "UPDATE zeroq_schema_version SET "
+                                     "version = 2"))
+                   .status());
+  EXPECT_EQ(db_->StoredSchemaVersion(), 2);
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(db_->StoredSchemaVersion(), PostgresJobStore::kSchemaVersion);
+  ZQ_ASSERT_OK_AND_ASSIGN(
+      std::string rows,
+      db_->Sql("SELECT string_agg(concat_ws('|', id, priority, device, "
+               "attempt, cancel_requested, owner IS NULL, "
+               "COALESCE(EXTRACT(EPOCH FROM lease_until)::BIGINT::TEXT, ''), "
+               "not_before), ';' ORDER BY id) FROM jobs"));
+  EXPECT_EQ(rows, "q|7|2|2|f|t||0;r|1|0|1|t|t|0|0");
+  ZQ_ASSERT_OK_AND_ASSIGN(std::vector<JobWrite> reclaimed,
+                          store->ReclaimExpired(10, Requeue()));
+  ASSERT_EQ(reclaimed.size(), 1u);
+  EXPECT_EQ(reclaimed[0].job.id(), "r");
+  ZQ_ASSERT_OK_AND_ASSIGN(std::optional<JobWrite> claimed,
+                          store->ClaimJob(Claimer("A"), Start));
+  ASSERT_TRUE(claimed.has_value());
+  EXPECT_EQ(claimed->job.id(), "q");
+  EXPECT_EQ(claimed->job.attempts(), 3);
+}
+
+// What a listener heard, as lines ("queued", "events j1", "listening", ...).
+class RecordingListener : public StoreListener {
+ public:
+  void OnJobEvents(const std::string& job_id) override {
+    Add(absl::StrCat("events ", job_id));
+  }
+  void OnJobQueued() override { Add("queued"); }
+  void OnCancelRequested(const std::string& job_id) override {
+    Add(absl::StrCat("cancel ", job_id));
+  }
+  void OnListening(bool listening) override {
+    Add(listening ? "listening" : "not listening");
+  }
+
+  // Whether `line` was heard `times` times within `timeout`.
+  bool WaitFor(const std::string& line, int times = 1,
+               absl::Duration timeout = absl::Seconds(2)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (std::count(heard_.begin(), heard_.end(), line) >= times)
+          return true;
+      }
+      if (absl::Now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
+ private:
+  void Add(std::string line) {
+    absl::MutexLock lock(&mu_);
+    heard_.push_back(std::move(line));
+  }
+
+  absl::Mutex mu_;
+  std::vector<std::string> heard_;
+};
+
+TEST_F(PostgresJobStoreTest, ListenHearsOtherReplicasWrites) {
+  RecordingListener listener;  // outlives the store
+  auto listening = OpenStore();
+  auto writer = OpenStore();
+  ASSERT_NE(listening, nullptr);
+  ASSERT_NE(writer, nullptr);
+  ZQ_ASSERT_OK(listening->Listen(&listener));
+  EXPECT_TRUE(listener.WaitFor("listening"));
+  EXPECT_EQ(listening->Listen(&listener).code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  ZQ_ASSERT_OK(writer->CreateJob(MakeJob("j1", "acme", "m")).status());
+  EXPECT_TRUE(listener.WaitFor("queued"));
+  ZQ_ASSERT_OK(writer->ClaimJob(Claimer("B"), Start).status());
+  EXPECT_TRUE(listener.WaitFor("events j1"));
+  ZQ_ASSERT_OK(writer
+                   ->EditJob("j1", nullptr,
+                             [](JobChange& change) {
+                               change.job.set_cancel_requested(true);
+                               return absl::OkStatus();
+                             })
+                   .status());
+  EXPECT_TRUE(listener.WaitFor("cancel j1"));
+
+  // A lost connection is said, and so is listening again.
+  ZQ_ASSERT_OK(
+      db_->ServerSql(absl::StrCat("SELECT pg_terminate_backend(pid) FROM "
+                                  "pg_stat_activity WHERE datname = '",
+                                  db_->name(), "' AND pid <> pg_backend_pid()"))
+          .status());
+  EXPECT_TRUE(listener.WaitFor("not listening"));
+  EXPECT_TRUE(listener.WaitFor("listening", 2, absl::Seconds(5)));
+  ZQ_ASSERT_OK(writer->CreateJob(MakeJob("j2", "acme", "m")).status());
+  EXPECT_TRUE(listener.WaitFor("queued", 2));
 }
 
 TEST_F(PostgresJobStoreTest, LostConnectionsAreReplacedOnTheNextCall) {

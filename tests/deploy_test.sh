@@ -2,9 +2,15 @@
 # Checks the deployment files without deploying them: every YAML file under
 # deploy/ and docker-compose.yml parses, the JSON files parse, promtool
 # accepts the Prometheus configurations, the files docker-compose.yml and the
-# kustomizations refer to exist, Compose runs the server on the host's network
-# with a GPU profile, the Kubernetes GPU overlay patches the Deployment, the
-# Dockerfile builds as CI does (plain syntax, no BuildKit-only features) and
+# kustomizations refer to exist (and every manifest is in a kustomization, no
+# overlay inside its base's folder), Compose runs the server on the host's
+# network with a GPU profile and a "replicas" profile (PostgreSQL and two
+# servers with their own replica ids and ports on one shared data volume),
+# the Kubernetes GPU overlay patches the Deployment, the replicas overlay
+# runs two replicas with the store from the Secret zeroq-postgres, the pod's
+# name as replica id, a ReadWriteMany volume and an example PostgreSQL 15
+# (kubectl kustomize and docker-compose config also run where installed;
+# neither is needed), the Dockerfile builds as CI does (plain syntax, no BuildKit-only features) and
 # its runtime stage has packages and LibTorch's libraries that cover what the
 # binaries link, and every metric the Grafana dashboard queries is one a real
 # zeroq-server exports. Needs no Docker (tests/container_check.sh builds and
@@ -52,7 +58,7 @@ for f in "${jsons[@]}"; do
 done
 check "the tenants ConfigMap holds valid JSON" "$PY" -c '
 import json, yaml
-cm = yaml.safe_load(open("deploy/k8s/tenants-configmap.yaml"))
+cm = yaml.safe_load(open("deploy/k8s/base/tenants-configmap.yaml"))
 t = json.loads(cm["data"]["tenants.json"])
 assert t["tenants"] and all(len(h) == 64 for x in t["tenants"] for h in x["api_key_sha256"])
 '
@@ -61,13 +67,15 @@ assert t["tenants"] and all(len(h) == 64 for x in t["tenants"] for h in x["api_k
 if command -v promtool > /dev/null; then
   check "promtool check config deploy/prometheus/prometheus.yml" \
     promtool check config deploy/prometheus/prometheus.yml
-  "$PY" -c '
+  for f in deploy/k8s/base/prometheus-scrape.yaml deploy/k8s/replicas/prometheus-scrape.yaml; do
+    "$PY" -c '
 import sys, yaml
-cm = yaml.safe_load(open("deploy/k8s/prometheus-scrape.yaml"))
-open(sys.argv[1], "w").write(cm["data"]["prometheus.yml"])
-' "$tmp/k8s-prometheus.yml"
-  check "promtool check config of the k8s scrape config" \
-    promtool check config "$tmp/k8s-prometheus.yml"
+cm = yaml.safe_load(open(sys.argv[1]))
+open(sys.argv[2], "w").write(cm["data"]["prometheus.yml"])
+' "$f" "$tmp/k8s-prometheus.yml"
+    check "promtool check config of the k8s scrape config in $f" \
+      promtool check config "$tmp/k8s-prometheus.yml"
+  done
 else
   fail "promtool is missing (Debian package prometheus; scripts/install-deps.sh)"
 fi
@@ -120,23 +128,55 @@ assert p["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:946
 ds = yaml.safe_load(open("deploy/grafana/provisioning/datasources/prometheus.yml"))
 assert ds["datasources"][0]["url"] == "http://127.0.0.1:9090"
 '
-for k in deploy/k8s deploy/k8s/gpu; do
-  check "the kustomization $k lists files that exist" "$PY" -c '
+mapfile -t kustomizations < <(find deploy/k8s -name kustomization.yaml -printf '%h\n' | sort)
+check "the kustomizations: deploy/k8s, its base, the gpu and replicas overlays" \
+  "$PY" -c 'import sys; assert {"deploy/k8s", "deploy/k8s/base", "deploy/k8s/gpu",
+    "deploy/k8s/replicas", "deploy/k8s/replicas/postgres"} <= set(sys.argv[1:]), sys.argv[1:]' \
+  "${kustomizations[@]}"
+for k in "${kustomizations[@]}"; do
+  # Kustomize refuses a directory resource that contains the kustomization
+  # itself (an overlay inside its base's folder: "cycle detected").
+  check "the kustomization $k lists files that exist, and no folder above it" "$PY" -c '
 import os, sys, yaml
 d = sys.argv[1]
 k = yaml.safe_load(open(os.path.join(d, "kustomization.yaml")))
 for r in k["resources"]:
     p = os.path.join(d, r)
     assert os.path.isfile(p) or os.path.isfile(os.path.join(p, "kustomization.yaml")), r
+    if os.path.isdir(p):
+        base, here = os.path.realpath(p), os.path.realpath(d)
+        assert os.path.commonpath([base, here]) != base, f"{r} contains {d}"
 for p in k.get("patches", []):
     assert os.path.isfile(os.path.join(d, p["path"])), p
 ' "$k"
 done
+check "every manifest under deploy/k8s is a resource or a patch of a kustomization" "$PY" -c '
+import os, sys, yaml
+used = set()
+for d in sys.argv[1:]:
+    k = yaml.safe_load(open(os.path.join(d, "kustomization.yaml")))
+    used |= {os.path.normpath(os.path.join(d, r)) for r in k["resources"]}
+    used |= {os.path.normpath(os.path.join(d, p["path"])) for p in k.get("patches", [])}
+for root, _, files in os.walk("deploy/k8s"):
+    for f in files:
+        p = os.path.normpath(os.path.join(root, f))
+        if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml":
+            assert p in used, p
+' "${kustomizations[@]}"
+if command -v kubectl > /dev/null; then
+  for k in "${kustomizations[@]}"; do
+    check "kubectl kustomize $k" bash -c 'kubectl kustomize "$1" > /dev/null' _ "$k"
+  done
+else
+  echo "NOTE: no kubectl here; the kustomizations were checked without it"
+fi
 check "the Deployment: one replica, no GPU, gRPC probes, its three ports" "$PY" -c '
 import yaml
-d = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
+d = yaml.safe_load(open("deploy/k8s/base/deployment.yaml"))
 assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate"
 c = d["spec"]["template"]["spec"]["containers"][0]
+# The image has a CMD and no ENTRYPOINT: args alone would be run as the program.
+assert c["command"] == ["zeroq-server"], c.get("command")
 for kind in ("requests", "limits"):
     assert "nvidia.com/gpu" not in c["resources"].get(kind, {}), kind
 assert c["readinessProbe"]["grpc"]["port"] == 50051
@@ -149,8 +189,8 @@ assert "--devices=auto" in c["args"]
 check "the GPU overlay: one nvidia.com/gpu for the server container of that Deployment" "$PY" -c '
 import yaml
 k = yaml.safe_load(open("deploy/k8s/gpu/kustomization.yaml"))
-assert k["resources"] == ["../"], k["resources"]
-base = yaml.safe_load(open("deploy/k8s/deployment.yaml"))
+assert k["resources"] == ["../base"], k["resources"]
+base = yaml.safe_load(open("deploy/k8s/base/deployment.yaml"))
 patch = yaml.safe_load(open("deploy/k8s/gpu/" + k["patches"][0]["path"]))
 assert (patch["kind"], patch["metadata"]["name"], patch["metadata"]["namespace"]) == \
        (base["kind"], base["metadata"]["name"], base["metadata"]["namespace"])
@@ -158,6 +198,205 @@ c = patch["spec"]["template"]["spec"]["containers"][0]
 assert c["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"], c["name"]
 assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
 '
+# --- Several replicas on PostgreSQL -------------------------------------------
+# The replicas overlay's documents (its base left out), and the base with the
+# overlay's strategic merge patches applied (maps merged, lists of strings
+# replaced, null deletes a key, containers merged by name), for the checks
+# below.
+"$PY" - "$tmp/replicas.json" << 'PYEOF' || fail "reading the replicas overlay and merging its patches"
+import json, os, sys, yaml
+d = "deploy/k8s/replicas"
+def docs(folder):
+    k = yaml.safe_load(open(os.path.join(folder, "kustomization.yaml")))
+    out = []
+    for r in k["resources"]:
+        p = os.path.join(folder, r)
+        if os.path.isdir(p):
+            if os.path.realpath(p) != os.path.realpath("deploy/k8s/base"):
+                out += docs(p)
+        else:
+            out += [x for x in yaml.safe_load_all(open(p)) if x]
+    return out
+def merge(base, patch):
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, v in patch.items():
+            if v is None:
+                out.pop(key, None)
+            elif key == "containers":
+                named = {c["name"]: c for c in v}
+                out[key] = [merge(c, named.pop(c["name"], {})) for c in base.get(key, [])]
+                out[key] += list(named.values())
+            else:
+                out[key] = merge(base.get(key), v)
+        return out
+    return patch
+k = yaml.safe_load(open(os.path.join(d, "kustomization.yaml")))
+patches = [yaml.safe_load(open(os.path.join(d, p["path"]))) for p in k["patches"]]
+base = {}
+for f in sorted(os.listdir("deploy/k8s/base")):
+    if f != "kustomization.yaml":
+        for x in yaml.safe_load_all(open(os.path.join("deploy/k8s/base", f))):
+            base[(x["kind"], x["metadata"]["name"])] = x
+merged = dict(base)
+for p in patches:
+    key = (p["kind"], p["metadata"]["name"])
+    assert key in base, f"the patch of {key} matches nothing in the base"
+    assert p["metadata"]["namespace"] == base[key]["metadata"]["namespace"], key
+    merged[key] = merge(merged[key], p)
+json.dump({"kustomization": k, "resources": docs(d), "patches": patches,
+           "base": list(base.values()), "merged": list(merged.values())},
+          open(sys.argv[1], "w"))
+PYEOF
+# replicas_check NAME PYTHON: PYTHON runs with o (the above), r (the
+# overlay's resources), m (the merged base), dep, pod, c (the replicas'
+# Deployment, its pod spec, the server container), env (c's env by name) and
+# one(docs, kind[, name]) (the one such document).
+replicas_check() {
+  check "$1" "$PY" -c '
+import json, re, sys, urllib.parse, yaml
+o = json.load(open(sys.argv[1]))
+def one(docs, kind, name=None):
+    found = [x for x in docs if x["kind"] == kind and name in (None, x["metadata"]["name"])]
+    assert len(found) == 1, (kind, name, len(found))
+    return found[0]
+r, m = o["resources"], o["merged"]
+dep = one(m, "Deployment", "zeroq")
+pod = dep["spec"]["template"]["spec"]
+c = [x for x in pod["containers"] if x["name"] == "zeroq-server"][0]
+env = {e["name"]: e for e in c.get("env", [])}
+'"$2" "$tmp/replicas.json"
+}
+replicas_check "the replicas overlay: the base, patches of its Deployment and volume claim" '
+k = o["kustomization"]
+assert k["resources"][0] == "../base", k["resources"]
+kinds = {(p["kind"], p["metadata"]["name"]) for p in o["patches"]}
+assert {("Deployment", "zeroq"), ("PersistentVolumeClaim", "zeroq-data")} <= kinds, kinds
+'
+replicas_check "the replicas Deployment: 2 replicas, rolling updates, spread over nodes" '
+assert dep["spec"]["replicas"] == 2, dep["spec"]["replicas"]
+assert dep["spec"]["strategy"]["type"] == "RollingUpdate", dep["spec"]["strategy"]
+terms = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+assert any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname" for t in terms)
+'
+replicas_check "the replicas Deployment: --store from the Secret zeroq-postgres (key uri), expanded by Kubernetes" '
+assert c["command"] == ["zeroq-server"], c.get("command")
+stores = [a for a in c["args"] if a.startswith("--store")]
+assert stores == ["--store=$(ZEROQ_STORE)"], stores
+ref = env["ZEROQ_STORE"]["valueFrom"]["secretKeyRef"]
+assert (ref["name"], ref["key"]) == ("zeroq-postgres", "uri") and not ref.get("optional"), ref
+uri = one(r, "Secret", "zeroq-postgres")["stringData"]["uri"]
+assert urllib.parse.urlsplit(uri).scheme in ("postgresql", "postgres"), uri
+'
+replicas_check "the replicas Deployment: --replica_id is the pod name (downward API); every \$(VAR) is defined" '
+ids = [a for a in c["args"] if a.startswith("--replica_id")]
+assert ids == ["--replica_id=$(ZEROQ_REPLICA_ID)"], ids
+assert env["ZEROQ_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+for a in c["args"]:
+    for v in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", a):
+        assert v in env, (a, v)
+'
+replicas_check "the replicas Deployment keeps the base server args (a merge replaces the list)" '
+base_c = one(o["base"], "Deployment", "zeroq")["spec"]["template"]["spec"]["containers"][0]
+assert set(base_c["args"]) <= set(c["args"]), set(base_c["args"]) - set(c["args"])
+'
+replicas_check "the replicas Deployment: readiness on gRPC health; liveness has one handler, not gRPC health" '
+assert c["readinessProbe"]["grpc"]["port"] == 50051, c["readinessProbe"]
+handlers = [h for h in ("exec", "httpGet", "tcpSocket", "grpc") if h in c["livenessProbe"]]
+assert len(handlers) == 1 and handlers != ["grpc"], handlers
+'
+replicas_check "the replicas data volume: a ReadWriteMany claim mounted at --data_dir" '
+vols = {v["name"]: v for v in pod["volumes"]}
+mount = [x for x in c["volumeMounts"] if x["mountPath"] == "/var/lib/zeroq"][0]
+claim = vols[mount["name"]]["persistentVolumeClaim"]["claimName"]
+pvc = one(m, "PersistentVolumeClaim", claim)
+assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], pvc["spec"]["accessModes"]
+assert "--data_dir=/var/lib/zeroq" in c["args"]
+'
+replicas_check "the example PostgreSQL: a postgres:15 StatefulSet, its headless Service, the Secret's uri and password match it" '
+ss = one(r, "StatefulSet")
+svc = one(r, "Service", ss["spec"]["serviceName"])
+assert svc["spec"]["clusterIP"] == "None", svc["spec"]
+sel = ss["spec"]["selector"]["matchLabels"]
+labels = ss["spec"]["template"]["metadata"]["labels"]
+assert svc["spec"]["selector"] == sel and all(labels[x] == y for x, y in sel.items()), sel
+assert dep["spec"]["selector"]["matchLabels"].items() - labels.items(), "the zeroq Service would select the database"
+pc = ss["spec"]["template"]["spec"]["containers"][0]
+assert pc["image"].startswith("postgres:15"), pc["image"]
+penv = {e["name"]: e for e in pc["env"]}
+ref = penv["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+secret = one(r, "Secret", ref["name"])["stringData"]
+assert ref["name"] == "zeroq-postgres" and ref["key"] in secret, ref
+u = urllib.parse.urlsplit(secret["uri"])
+assert u.hostname.split(".")[0] == svc["metadata"]["name"], u.hostname
+assert u.port == svc["spec"]["ports"][0]["port"] and u.path == "/" + penv["POSTGRES_DB"]["value"], u
+assert u.username == penv["POSTGRES_USER"]["value"] and u.password == secret[ref["key"]], u
+assert "pg_isready" in pc["readinessProbe"]["exec"]["command"]
+assert ss["spec"]["volumeClaimTemplates"], "no volume for the database"
+'
+replicas_check "Prometheus scrapes every replica: a headless Service on the pods, the scrape config on its name" '
+svc = one(r, "Service", "zeroq-pods")
+assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+cfg = yaml.safe_load(one(m, "ConfigMap", "prometheus-zeroq")["data"]["prometheus.yml"])
+sd = cfg["scrape_configs"][0]["dns_sd_configs"][0]
+assert sd["names"][0].startswith("zeroq-pods.zeroq.svc") and sd["port"] == 9464, sd
+'
+check "docker-compose.yml: the replicas profile is postgres (15, named volume, pg_isready), zeroq-a and zeroq-b" "$PY" -c '
+import yaml
+c = yaml.safe_load(open("docker-compose.yml"))
+s = c["services"]
+prof = {n for n, v in s.items() if "replicas" in v.get("profiles", [])}
+assert prof == {"postgres", "zeroq-a", "zeroq-b"}, prof
+pg = s["postgres"]
+assert pg["image"] == "postgres:15-bookworm", pg["image"]
+vol = [v.split(":") for v in pg["volumes"]]
+assert any(src in c["volumes"] and dst == "/var/lib/postgresql/data" for src, dst, *_ in vol), vol
+assert "pg_isready" in pg["healthcheck"]["test"], pg["healthcheck"]
+assert pg["environment"]["POSTGRES_PASSWORD"].startswith("${ZEROQ_PG_PASSWORD:-"), pg["environment"]
+assert "listen_addresses=127.0.0.1" in pg["command"], pg["command"]
+'
+check "docker-compose.yml: the replicas use that PostgreSQL, their own ids and ports, one shared data volume" "$PY" -c '
+import yaml, urllib.parse
+c = yaml.safe_load(open("docker-compose.yml"))
+s = c["services"]
+pg = s["postgres"]
+def arg(svc, flag):
+    found = [a.split("=", 1)[1] for a in svc["command"] if a.startswith(flag + "=")]
+    assert len(found) == 1, (flag, svc["command"])
+    return found[0]
+ids, listens, data = set(), set(), set()
+for name in ("zeroq", "zeroq-a", "zeroq-b"):
+    listens |= {arg(s[name], f) for f in ("--listen", "--http_listen", "--metrics_listen")}
+for name in ("zeroq-a", "zeroq-b"):
+    z = s[name]
+    assert z["image"] == s["zeroq"]["image"] and z["command"][0] == "zeroq-server", name
+    u = urllib.parse.urlsplit(arg(z, "--store"))
+    assert u.scheme == "postgresql" and u.path == "/" + pg["environment"]["POSTGRES_DB"], u
+    assert u.username == pg["environment"]["POSTGRES_USER"], u
+    # Host network: PostgreSQL on loopback, on the port the postgres service uses.
+    assert u.netloc.endswith("@127.0.0.1:" + pg["environment"]["PGPORT"]), (u.netloc, pg["environment"])
+    assert u.password is None and z["environment"]["PGPASSWORD"] == pg["environment"]["POSTGRES_PASSWORD"]
+    assert z["depends_on"]["postgres"]["condition"] == "service_healthy", z["depends_on"]
+    assert z["environment"]["ZEROQ_SERVER"] == "127.0.0.1:" + arg(z, "--listen").rsplit(":", 1)[1]
+    ids.add(arg(z, "--replica_id"))
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in z["volumes"]}
+    assert arg(z, "--data_dir") == "/var/lib/zeroq" and mounts["/etc/zeroq/tenants.json"]
+    data.add(mounts["/var/lib/zeroq"])
+assert len(ids) == 2, ids
+assert len(listens) == 9, listens
+assert len(data) == 1 and data <= set(c["volumes"]), data
+# Not the single server'"'"'s volume: its SQLite store does not know these blobs.
+assert not data & {v.split(":")[0] for v in s["zeroq"]["volumes"]}, data
+'
+if command -v docker-compose > /dev/null; then
+  for profile in "" gpu replicas; do
+    check "docker-compose config accepts docker-compose.yml${profile:+ with the $profile profile}" \
+      bash -c 'docker-compose ${1:+--profile "$1"} -f docker-compose.yml config -q' _ "$profile"
+  done
+else
+  echo "NOTE: no docker-compose here; docker-compose.yml was checked without it"
+fi
+
 check "the Grafana datasource is the one the dashboard uses" "$PY" -c '
 import json, yaml
 ds = yaml.safe_load(open("deploy/grafana/provisioning/datasources/prometheus.yml"))

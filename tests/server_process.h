@@ -51,6 +51,7 @@ class ServerProcess {
                                      "--listen=127.0.0.1:0",
                                      "--port_file=" + port_file,
                                      "--data_dir=" + dir_ + "/data",
+                                     "--replica_id=r1",
                                      "--worker=" ZEROQ_WORKER,
                                      "--threads_per_job=1", "--metrics_listen=",
                                      "--http_listen=127.0.0.1:0",
@@ -111,6 +112,9 @@ class ServerProcess {
   pid_t pid() const { return pid_; }
   const std::string& dir() const { return dir_; }
   std::string data_dir() const { return dir_ + "/data"; }
+  // Running jobs' folders (the server runs as replica r1 unless a test's
+  // flags name another).
+  std::string jobs_dir() const { return data_dir() + "/replicas/r1/jobs"; }
   std::string log_path() const { return dir_ + "/server.log"; }
   std::string Log() const {
     std::ifstream in(log_path());

@@ -544,7 +544,7 @@ TEST_F(ServiceTest, ServerKilledMidJobRequeuesItOnRestart) {
     EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
   // Nothing partial is left in the job folders.
   int leftovers = 0;
-  for (const auto& e : fs::directory_iterator(server_->data_dir() + "/jobs"))
+  for (const auto& e : fs::directory_iterator(server_->jobs_dir()))
     leftovers += 1 + 0 * e.is_directory();
   EXPECT_EQ(leftovers, 0);
 }
@@ -872,7 +872,7 @@ TEST_F(ServiceTest, JobInterruptedTooOftenFails) {
   fs::create_directories(server_->data_dir() + "/blobs/tmp");
   std::ofstream(server_->data_dir() + "/blobs/tmp/upload-partial")
       << "half a model";
-  ASSERT_TRUE(fs::exists(server_->data_dir() + "/jobs/" + job->id()));
+  ASSERT_TRUE(fs::exists(server_->jobs_dir() + "/" + job->id()));
   ASSERT_TRUE(server_->Start());
   client_ = server_->NewClient();
   v1::Job failed = WaitFor(job->id(), Finished);
@@ -881,7 +881,7 @@ TEST_F(ServiceTest, JobInterruptedTooOftenFails) {
             static_cast<int>(absl::StatusCode::kAborted));
   EXPECT_THAT(failed.error().message(), HasSubstr("server restarts"));
   EXPECT_FALSE(fs::exists(server_->data_dir() + "/blobs/tmp/upload-partial"));
-  EXPECT_FALSE(fs::exists(server_->data_dir() + "/jobs/" + job->id()));
+  EXPECT_FALSE(fs::exists(server_->jobs_dir() + "/" + job->id()));
   // The model survived the crash and still serves jobs.
   EXPECT_EQ(client_->GetModel(model.id())->state(), v1::MODEL_READY);
 }
