@@ -105,6 +105,7 @@ void Dispatcher::SetReachable(bool reachable) {
     LogWarning({}, "the job store does not answer; not claiming jobs until "
                    "it does");
   }
+  if (options_.metrics) options_.metrics->SetStoreUp(reachable);
   if (options_.on_store_reachable) options_.on_store_reachable(reachable);
 }
 
@@ -495,6 +496,7 @@ void Dispatcher::LoseLease(Run& run, const std::string& why) {
   if (run.stop == StopReason::kLeaseLost) return;
   run.stop = StopReason::kLeaseLost;
   run.pending.clear();
+  if (options_.metrics) options_.metrics->LeaseLost();
   LogWarning({run.tenant, run.job_id, run.model_id},
              absl::StrCat("stopping its worker: ", why));
   if (run.worker) run.worker->Cancel();

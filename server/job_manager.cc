@@ -346,7 +346,9 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(const std::string& tenant,
       return absl::UnavailableError(
           "the server is shutting down; submit again later");
   }
-  if (!dispatcher_.Has(r.device())) {
+  // With other replicas on the store, one of them may have the device:
+  // the job waits for it. Alone, this server never could run it.
+  if (options_.single_replica && !dispatcher_.Has(r.device())) {
     return absl::FailedPreconditionError(absl::StrCat(
         "device: this server has no ", v1::DeviceKind_Name(r.device()),
         " devices (it has ", dispatcher_.DescribeDevices(), ")"));

@@ -184,6 +184,8 @@ struct Metrics::Impl {
   prometheus::Family<prometheus::Gauge>& watch_streams_family;
   prometheus::Family<prometheus::Counter>& rpcs;
   prometheus::Family<prometheus::Histogram>& rpc_duration;
+  prometheus::Family<prometheus::Gauge>& store_up_family;
+  prometheus::Family<prometheus::Counter>& leases_lost_family;
 
   // The unlabelled series, created once.
   prometheus::Gauge& queue_depth;
@@ -193,6 +195,8 @@ struct Metrics::Impl {
   prometheus::Gauge& watch_streams;
   prometheus::Counter& blobs_removed;
   prometheus::Gauge& sse_streams;
+  prometheus::Gauge& store_up;
+  prometheus::Counter& leases_lost;
 
   absl::Mutex rpc_mu;
   // Keyed by the full method name gRPC reports; a handful of entries.
@@ -308,13 +312,29 @@ Metrics::Impl::Impl()
                        .Help("Seconds from the start of an RPC until its "
                              "status was sent, by method.")
                        .Register(*registry)),
+      store_up_family(prometheus::BuildGauge()
+                          .Name("zeroq_store_up")
+                          .Help("1 while the job store answers this "
+                                "replica, 0 while it does not (the replica "
+                                "then claims no jobs and is NOT_SERVING).")
+                          .Register(*registry)),
+      leases_lost_family(
+          prometheus::BuildCounter()
+              .Name("zeroq_leases_lost_total")
+              .Help("Running jobs whose worker this replica stopped because "
+                    "its lease was lost (taken over by another replica, or "
+                    "not renewable for 7/10 of the lease).")
+              .Register(*registry)),
       queue_depth(queue_depth_family.Add({})),
       queue_wait(queue_wait_family.Add({}, JobBuckets())),
       worker_crashes(worker_crashes_family.Add({})),
       worker_restarts(worker_restarts_family.Add({})),
       watch_streams(watch_streams_family.Add({})),
       blobs_removed(blobs_removed_family.Add({})),
-      sse_streams(sse_streams_family.Add({})) {
+      sse_streams(sse_streams_family.Add({})),
+      store_up(store_up_family.Add({})),
+      leases_lost(leases_lost_family.Add({})) {
+  store_up.Set(1);
   for (const char* result : kJobResults) {
     jobs_finished.Add({{"result", result}});
     job_duration.Add({{"result", result}}, JobBuckets());
@@ -509,6 +529,10 @@ void Metrics::SetDevice(const std::string& device, int64_t running,
 void Metrics::WorkerCrashed() { impl_->worker_crashes.Increment(); }
 
 void Metrics::WorkerRestarted() { impl_->worker_restarts.Increment(); }
+
+void Metrics::SetStoreUp(bool up) { impl_->store_up.Set(up ? 1 : 0); }
+
+void Metrics::LeaseLost() { impl_->leases_lost.Increment(); }
 
 void Metrics::JobDeleted(const std::string& reason) {
   impl_->jobs_deleted.Add({{"reason", reason}}).Increment();

@@ -90,6 +90,10 @@ class Metrics {
                  int64_t slots);
   void WorkerCrashed();
   void WorkerRestarted();
+  // Whether the job store answers (zeroq_store_up).
+  void SetStoreUp(bool up);
+  // A running job's worker was stopped because its lease was lost.
+  void LeaseLost();
   void InspectionFinished(bool ready);
   void Uploaded(const std::string& tenant, int64_t bytes);
   void SetStoredBytes(const std::string& tenant, int64_t bytes);

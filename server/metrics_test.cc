@@ -164,6 +164,8 @@ void CallEveryMethod(Metrics& m) {
   m.SetDevice("cuda:0", 1, 1, 2);
   m.WorkerCrashed();
   m.WorkerRestarted();
+  m.SetStoreUp(false);
+  m.LeaseLost();
   m.InspectionFinished(true);
   m.Uploaded("acme", 100);
   m.SetStoredBytes("acme", 1000);
@@ -193,6 +195,8 @@ TEST(Metrics, EveryFamilyIsExposedWithItsType) {
       {"zeroq_slots", "gauge"},
       {"zeroq_worker_crashes_total", "counter"},
       {"zeroq_worker_restarts_total", "counter"},
+      {"zeroq_store_up", "gauge"},
+      {"zeroq_leases_lost_total", "counter"},
       {"zeroq_inspections_total", "counter"},
       {"zeroq_uploaded_bytes_total", "counter"},
       {"zeroq_stored_bytes", "gauge"},
@@ -219,6 +223,8 @@ TEST(Metrics, CountersAndGaugesMoveByTheRightAmounts) {
   EXPECT_EQ(Value(text, R"(zeroq_inspections_total{result="invalid"})"), 0);
   EXPECT_EQ(Value(text, "zeroq_worker_crashes_total"), 0);
   EXPECT_EQ(Value(text, "zeroq_queue_wait_seconds_count"), 0);
+  EXPECT_EQ(Value(text, "zeroq_store_up"), 1);
+  EXPECT_EQ(Value(text, "zeroq_leases_lost_total"), 0);
   EXPECT_TRUE(std::isnan(Value(text, R"(zeroq_slots{device="cpu"})")));
 
   m->JobSubmitted("acme");
@@ -237,6 +243,9 @@ TEST(Metrics, CountersAndGaugesMoveByTheRightAmounts) {
   m->WorkerCrashed();
   m->WorkerCrashed();
   m->WorkerRestarted();
+  m->SetStoreUp(false);
+  m->LeaseLost();
+  m->LeaseLost();
   m->InspectionFinished(true);
   m->InspectionFinished(false);
   m->InspectionFinished(false);
@@ -248,6 +257,8 @@ TEST(Metrics, CountersAndGaugesMoveByTheRightAmounts) {
 
   text = m->Scrape();
   EXPECT_EQ(Value(text, R"(zeroq_jobs_submitted_total{tenant="acme"})"), 2);
+  EXPECT_EQ(Value(text, "zeroq_store_up"), 0);
+  EXPECT_EQ(Value(text, "zeroq_leases_lost_total"), 2);
   EXPECT_EQ(Value(text, R"(zeroq_jobs_submitted_total{tenant="beta"})"), 1);
   EXPECT_EQ(Value(text, R"(zeroq_jobs_finished_total{result="succeeded"})"), 2);
   EXPECT_EQ(Value(text, R"(zeroq_jobs_finished_total{result="failed"})"), 1);
