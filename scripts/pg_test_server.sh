@@ -7,6 +7,16 @@
 #   scripts/pg_test_server.sh start DIR   # prints the URI once it accepts connections
 #   export ZEROQ_TEST_PG_URI=$(scripts/pg_test_server.sh start /tmp/zq-pg)
 #   scripts/pg_test_server.sh stop DIR    # stops it and removes DIR
+#   scripts/pg_test_server.sh pause DIR   # stops it, keeps DIR and its data
+#   scripts/pg_test_server.sh resume DIR  # starts it again on the same socket
+#   scripts/pg_test_server.sh restart DIR # pause, then resume
+#
+# pause and resume make a database outage (tests of servers that must ride
+# one out): pause stops the cluster (-m fast: open connections are cut, and
+# every committed transaction is kept, which an immediate stop would not
+# promise with synchronous_commit off) and leaves its folder and data;
+# resume starts the same cluster on the same socket, waits until it accepts
+# connections and prints the URI.
 #
 # `start` first stops and removes what an earlier run left in DIR (a run
 # killed before its `stop`). PostgreSQL refuses to run as root: as root the
@@ -20,7 +30,7 @@ PG_BIN=${ZEROQ_PG_BIN:-/usr/lib/postgresql/15/bin}
 PORT=5432   # only names the socket file: nothing listens on TCP
 
 usage() {
-  echo "usage: $0 start|stop DIR" >&2
+  echo "usage: $0 start|stop|pause|resume|restart DIR" >&2
   exit 2
 }
 [ $# -eq 2 ] || usage
@@ -83,6 +93,14 @@ start() {
     echo "pg_test_server: initdb failed" >&2
     exit 1
   fi
+  run_cluster "$real"
+}
+
+# Starts the cluster in $1 (its data in $1/data) and waits until it accepts
+# connections; prints the URI.
+run_cluster() {
+  local real=$1
+  local socket="$dir/.s.PGSQL.$PORT"
   if ! "${as_owner[@]}" "$PG_BIN/pg_ctl" start -D "$real/data" -l "$real/server.log" -w -t 60 \
       -o "-c listen_addresses='' -c unix_socket_directories='$real' -c port=$PORT \
           -c fsync=off -c synchronous_commit=off -c full_page_writes=off" > /dev/null; then
@@ -103,8 +121,40 @@ start() {
   exit 1
 }
 
+# Stops the cluster, keeping its folder and data.
+pause() {
+  local real
+  real=$(cluster_dir)
+  if [ ! -d "$real/data" ]; then
+    echo "pg_test_server: no cluster in $dir" >&2
+    exit 1
+  fi
+  if [ -f "$real/data/postmaster.pid" ]; then
+    if ! (cd / && "${as_owner[@]}" "$PG_BIN/pg_ctl" stop -D "$real/data" -m fast -w -t 60) \
+        > /dev/null; then
+      echo "pg_test_server: the server in $dir did not stop" >&2
+      exit 1
+    fi
+  fi
+}
+
+# Starts the paused cluster again (on the same socket).
+resume() {
+  local real
+  real=$(cluster_dir)
+  if [ ! -d "$real/data" ]; then
+    echo "pg_test_server: no cluster in $dir" >&2
+    exit 1
+  fi
+  cd "$real"
+  run_cluster "$real"
+}
+
 case $command in
   start) start ;;
   stop) stop ;;
+  pause) pause ;;
+  resume) resume ;;
+  restart) pause; resume ;;
   *) usage ;;
 esac

@@ -3,7 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -39,8 +39,8 @@ void CloseFd(int& fd) {
   fd = -1;
 }
 
-// Moves a descriptor above 3: posix_spawn's dup2 actions onto 0..3 must never
-// have source == target, which would leave close-on-exec set on the target.
+// Moves a descriptor above 3: the child's dup2 onto 0..3 must never have
+// source == target, which would leave close-on-exec set on the target.
 int AboveStdio(int fd) {
   if (fd < 0 || fd > 3) return fd;
   int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 4);
@@ -174,8 +174,8 @@ absl::Status WorkerProcess::State::Spawn() {
         absl::StrCat("cannot open ", log_path, ": ", ErrnoText(err)));
   }
 
-  // Everything the child needs is prepared here: between posix_spawn's
-  // clone and exec nothing runs but the file actions.
+  // Everything the child needs is prepared here: between fork and exec it
+  // may only make system calls.
   const std::vector<std::string> args = {
       launch.worker_path,
       absl::StrCat("--request=", request_path),
@@ -199,34 +199,66 @@ absl::Status WorkerProcess::State::Spawn() {
   for (const std::string& e : env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
 
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
-  posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
-  posix_spawn_file_actions_adddup2(&actions, pipe_write, 3);
-
-  // Its own process group (signals reach anything it starts); no signal
-  // blocked or ignored that the server happens to block or ignore.
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setpgroup(&attr, 0);
-  sigset_t none, defaults;
+  // Signals the worker must not inherit blocked or ignored from the server.
+  sigset_t none;
   sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  sigemptyset(&defaults);
-  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD})
-    sigaddset(&defaults, sig);
-  posix_spawnattr_setsigdefault(&attr, &defaults);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP |
-                                      POSIX_SPAWN_SETSIGMASK |
-                                      POSIX_SPAWN_SETSIGDEF);
-
-  pid_t pid_out = 0;
-  const int rc = ::posix_spawn(&pid_out, launch.worker_path.c_str(), &actions,
-                               &attr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
+  const int defaults[] = {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD};
+  // exec's failure travels back through this close-on-exec pipe; success
+  // closes it empty.
+  int exec_error[2];
+  if (::pipe2(exec_error, O_CLOEXEC) != 0) {
+    const int err = errno;
+    CloseFd(pipe_write);
+    CloseFd(log_fd);
+    CloseFd(pipe_read);
+    return absl::InternalError(absl::StrCat("pipe: ", ErrnoText(err)));
+  }
+  const pid_t parent = ::getpid();
+  // fork, not posix_spawn: the death signal must be set before exec. The
+  // worker links LibTorch, whose loading takes a second or more before its
+  // main() could set it itself; a server killed in that second would leave
+  // a worker behind. Between fork and exec the child (one thread of a
+  // multithreaded server) calls async-signal-safe functions only.
+  const pid_t pid_out = ::fork();
+  if (pid_out == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);  // the server died already
+    // Its own process group: signals reach anything it starts.
+    ::setpgid(0, 0);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    for (int sig : defaults) ::sigaction(sig, &dfl, nullptr);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    const int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    int err = 0;
+    if (null_fd < 0 || ::dup2(null_fd, 0) < 0 || ::dup2(log_fd, 1) < 0 ||
+        ::dup2(log_fd, 2) < 0 || ::dup2(pipe_write, 3) < 0) {
+      err = errno;
+    } else {
+      ::execve(launch.worker_path.c_str(), argv.data(), envp.data());
+      err = errno;
+    }
+    while (::write(exec_error[1], &err, sizeof(err)) < 0 && errno == EINTR) {
+    }
+    ::_exit(127);
+  }
+  const int fork_errno = pid_out < 0 ? errno : 0;
+  ::close(exec_error[1]);
+  int rc = fork_errno;
+  if (pid_out > 0) {
+    ::setpgid(pid_out, pid_out);  // either side may run first
+    int child_errno = 0;
+    ssize_t n;
+    while ((n = ::read(exec_error[0], &child_errno, sizeof(child_errno))) < 0 &&
+           errno == EINTR) {
+    }
+    if (n == sizeof(child_errno)) {
+      rc = child_errno;
+      int ignored;
+      ::waitpid(pid_out, &ignored, 0);  // exec failed: reap it now
+    }
+  }
+  ::close(exec_error[0]);
   // The child holds the write end now: EOF on pipe_read means it is gone.
   CloseFd(pipe_write);
   CloseFd(log_fd);

@@ -131,12 +131,19 @@ class ServerProcess {
 
 // The pid of the worker running `job_id` (from its command line), or -1.
 inline pid_t FindWorkerPid(const std::string& job_id) {
-  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
     std::string name = e.path().filename().string();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(e.path() / "cmdline");
-    std::string cmd((std::istreambuf_iterator<char>(in)),
-                    std::istreambuf_iterator<char>());
+    // open/read, not an ifstream: a process that exits mid-read makes
+    // libstdc++ throw.
+    std::string cmd;
+    const int fd = ::open((e.path() / "cmdline").c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof(buf))) > 0) cmd.append(buf, n);
+    ::close(fd);
     if (cmd.find("zeroq-worker") != std::string::npos &&
         cmd.find("/jobs/" + job_id + "/") != std::string::npos) {
       return std::stoi(name);

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <set>
 #include <string>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -542,11 +543,17 @@ TEST_F(ServiceTest, ServerKilledMidJobRequeuesItOnRestart) {
   EXPECT_TRUE(requeued);
   for (size_t i = 0; i < events.size(); ++i)
     EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i + 1));
-  // Nothing partial is left in the job folders.
-  int leftovers = 0;
-  for (const auto& e : fs::directory_iterator(server_->jobs_dir()))
-    leftovers += 1 + 0 * e.is_directory();
-  EXPECT_EQ(leftovers, 0);
+  // Nothing partial is left in the job folders (a finished job's folder
+  // goes a moment after its end is stored).
+  auto leftovers = [&] {
+    int n = 0;
+    for (const auto& e : fs::directory_iterator(server_->jobs_dir()))
+      n += 1 + 0 * e.is_directory();
+    return n;
+  };
+  for (int i = 0; i < 100 && leftovers() > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(leftovers(), 0);
 }
 
 // A cancel taken just before the server died is not lost: the restart ends
