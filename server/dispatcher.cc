@@ -34,6 +34,9 @@ struct Dispatcher::Run {
   StopReason stop = StopReason::kNone;
   std::vector<v1::JobEvent> pending;       // progress not yet stored
   std::optional<WorkerOutcome> outcome;    // the exit, not yet stored
+  // Its end is being stored: a renewal that no longer finds it RUNNING is
+  // not a lost lease.
+  bool ending = false;
   // One write of this run at a time, so its events are stored in order.
   absl::Mutex write_mu;
 };
@@ -671,6 +674,10 @@ void Dispatcher::Finish(const std::shared_ptr<Run>& run) {
   }
   absl::StatusOr<JobWrite> written;
   {
+    absl::MutexLock lock(&mu_);
+    run->ending = true;
+  }
+  {
     // Recording references to blobs and deleting unreferenced blobs do not
     // interleave on this replica.
     std::optional<absl::MutexLock> blobs;
@@ -690,6 +697,10 @@ void Dispatcher::Finish(const std::shared_ptr<Run>& run) {
     }
   }
   if (!written.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      run->ending = false;
+    }
     if (written.status().code() == absl::StatusCode::kAborted) {
       {
         absl::MutexLock lock(&mu_);
@@ -814,7 +825,7 @@ void Dispatcher::LeaseRound() {
             run->stop = StopReason::kClient;
             if (run->worker) run->worker->Cancel();
           }
-        } else if (run->claimed < round) {
+        } else if (run->claimed < round && !run->ending) {
           LoseLease(*run, "another server has taken the job over");
         }
       }
