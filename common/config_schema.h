@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace zeroq {
 
@@ -68,6 +69,15 @@ inline constexpr IntField kNumBatches{
 inline constexpr IntField kIterations{
     "distillation.iterations", 0, 100000, nullptr, 500,
     "distillation iterations per batch, 0..100000 (default 500)"};
+// Distillation stops early once the best loss has improved by less than
+// early_stop_tolerance (relative) over the last early_stop_window iterations.
+// A window shorter than the plateau scheduler's patience (100) stops on the
+// plateau that precedes a learning-rate drop, so the useful windows are
+// longer than that.
+inline constexpr IntField kEarlyStopWindow{
+    "distillation.early_stop_window", 1, 100000, "off", 0,
+    "stop distilling once the loss improved by less than the tolerance over "
+    "this many iterations, 1..100000 (0: off; default 0: off)"};
 inline constexpr IntField kThreads{
     "threads", 1, 256, "the default", 0,
     "intra-op threads of a CPU job, 1..256 (0: the default: the server's "
@@ -107,8 +117,53 @@ inline constexpr RealField kLearningRate{
     "distillation.lr", 0.0, 100.0, 0.5,
     "distillation Adam learning rate, in (0, 100] (default 0.5)"};
 
+inline constexpr RealField kEarlyStopTolerance{
+    "distillation.early_stop_tolerance", 0.0, 1.0, 0.01,
+    "relative loss improvement over the early-stop window below which "
+    "distillation stops, in (0, 1] (default 0.01)"};
+
 inline constexpr const RealField* kRealFields[] = {&kActivationPercentile,
                                                    &kLearningRate};
+// kEarlyStopWindow and kEarlyStopTolerance are not in kIntFields/kRealFields:
+// tests/config_schema_test.cc, which walks those tables through a server,
+// has no route for them yet. core's LimitsTest checks their edges.
+
+// A field that names one of a few methods (a proto enum, a flag's word).
+struct ChoiceField {
+  const char* name;
+  const char* const* choices;  // the words, in the proto enum's order from 1
+  int count;
+  int def;                     // index into choices: the value when unset
+  const char* help;
+
+  // The index of `word`, or -1.
+  constexpr int Find(std::string_view word) const {
+    for (int i = 0; i < count; ++i) {
+      if (word == choices[i]) return i;
+    }
+    return -1;
+  }
+  // "minmax, percentile or mse".
+  std::string Describe() const {
+    std::string out;
+    for (int i = 0; i < count; ++i) {
+      if (i > 0) out += i + 1 == count ? " or " : ", ";
+      out += choices[i];
+    }
+    return out;
+  }
+};
+
+// QuantizationConfig.activation_range: ACTIVATION_RANGE_MINMAX = 1, _PERCENTILE
+// = 2, _MSE = 3; unset (0) is the default, or percentile when
+// activation_percentile is below 100.
+inline constexpr const char* kActivationRangeNames[] = {"minmax", "percentile",
+                                                        "mse"};
+inline constexpr ChoiceField kActivationRange{
+    "activation_range", kActivationRangeNames, 3, 2,
+    "how each activation range is set: minmax, percentile "
+    "(activation_percentile) or mse (the clip with the least quantization "
+    "error) (default mse; percentile when activation_percentile < 100)"};
 
 }  // namespace zeroq
 

@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -76,6 +77,16 @@ torch::Tensor StatsTerm(const torch::Tensor& v, const torch::Tensor& mu,
 
 }  // namespace
 
+bool ConvergenceCheck::Add(double loss) {
+  const double previous =
+      best_.empty() ? std::numeric_limits<double>::infinity() : best_.back();
+  best_.push_back(std::isnan(loss) ? previous : std::min(previous, loss));
+  const int t = static_cast<int>(best_.size());
+  if (window_ <= 0 || t <= window_) return false;
+  const double before = best_[t - 1 - window_];
+  return std::isfinite(before) && before - best_.back() <= tolerance_ * before;
+}
+
 absl::Status ValidateDistillOptions(const DistillOptions& o) {
   auto bad = [](absl::string_view field, auto value, absl::string_view want) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -89,6 +100,14 @@ absl::Status ValidateDistillOptions(const DistillOptions& o) {
     return bad("iterations", o.iterations, kIterations.Describe());
   if (!kLearningRate.Contains(o.lr))
     return bad("lr", o.lr, kLearningRate.Describe());
+  if (!kEarlyStopWindow.Contains(o.early_stop_window)) {
+    return bad("early_stop_window", o.early_stop_window,
+               kEarlyStopWindow.Describe());
+  }
+  if (!kEarlyStopTolerance.Contains(o.early_stop_tolerance)) {
+    return bad("early_stop_tolerance", o.early_stop_tolerance,
+               kEarlyStopTolerance.Describe());
+  }
   if (!(o.plateau_factor > 0 && o.plateau_factor < 1))
     return bad("plateau_factor", o.plateau_factor, "in (0, 1)");
   if (o.plateau_patience < 0)
@@ -331,6 +350,9 @@ absl::StatusOr<DistilledData> Distill(const Model& model,
           PlateauScheduler scheduler(options.lr, options.plateau_factor,
                                      options.plateau_patience, options.min_lr);
           double first = std::numeric_limits<double>::quiet_NaN();
+          ConvergenceCheck converged(options.early_stop_window,
+                                     options.early_stop_tolerance);
+          int run = 0;
           for (int it = 0; it < options.iterations; ++it) {
             if (cancel != nullptr && cancel->IsCancelled()) return;
             adam.zero_grad();
@@ -346,14 +368,20 @@ absl::StatusOr<DistilledData> Distill(const Model& model,
                     .lr(next);
               }
             }
+            run = it + 1;
+            // The last iteration needs no stop: it ends the batch anyway.
+            const bool stop =
+                converged.Add(value) && it + 1 < options.iterations;
             if (progress) {
               progress({b, options.num_batches, it + 1, options.iterations,
-                        value, used_lr});
+                        value, used_lr, stop});
             }
+            if (stop) break;
           }
           torch::Tensor result = x.detach();
           data.batches.push_back(result);
           data.initial_loss.push_back(first);
+          data.iterations.push_back(run);
         },
         absl::StatusCode::kInternal);
     ZQ_RETURN_IF_ERROR(status);

@@ -12,6 +12,10 @@
 // plus the same terms for the input against mean 0 / std 1. The BN inputs are
 // found by data flow (Model), so convs without a BN are handled correctly.
 //
+// With an early stop (DistillOptions::early_stop_window), a batch ends once
+// its loss has converged: the data is exactly what a run with that many
+// iterations gives.
+//
 // Deterministic for a given seed and intra-op thread count. Not thread-safe
 // with respect to the same Model (one distillation per model at a time).
 #ifndef ZEROQ_CORE_DISTILL_H_
@@ -37,6 +41,9 @@ struct DistillProgress {
   int iterations = 0;
   double loss = 0.0;    // loss before this iteration's step
   double lr = 0.0;      // learning rate used for this step
+  // This is the batch's last iteration although iteration < iterations: the
+  // early stop found the loss converged.
+  bool converged = false;
 };
 using DistillProgressFn = std::function<void(const DistillProgress&)>;
 
@@ -44,6 +51,22 @@ struct DistilledData {
   std::vector<torch::Tensor> batches;  // on the model's device, no grad
   std::vector<double> initial_loss;    // per batch, at the starting noise
   std::vector<double> final_loss;      // per batch, after the last step
+  std::vector<int> iterations;         // per batch, steps run (early stop)
+};
+
+// The early-stop rule of DistillOptions over one batch's losses, fed one
+// iteration at a time: Add() returns true when the batch should stop after
+// this iteration. With window 0 it never does.
+class ConvergenceCheck {
+ public:
+  ConvergenceCheck(int window, double tolerance)
+      : window_(window), tolerance_(tolerance) {}
+  bool Add(double loss);
+
+ private:
+  int window_;
+  double tolerance_;
+  std::vector<double> best_;  // best_[t]: least loss of iterations 1..t+1
 };
 
 // INVALID_ARGUMENT naming the option when one is out of its range (the

@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -388,6 +389,116 @@ TEST_F(DistillTest, ProgressIsCalledEveryIterationOfEveryBatch) {
               1e-5 * data->initial_loss[0]);
   EXPECT_NEAR(events[7].loss, data->initial_loss[1],
               1e-5 * data->initial_loss[1]);
+}
+
+// The early-stop rule on synthetic losses: geometric decrease, then flat.
+TEST(ConvergenceCheckTest, StopsWithinTheWindowOnceConvergedNeverBefore) {
+  const int window = 20;
+  const double tolerance = 0.01;
+  ConvergenceCheck check(window, tolerance);
+  const int flat_from = 60;  // iterations 60.. repeat iteration 59's loss
+  int stopped = 0;
+  for (int t = 1; t <= 500 && stopped == 0; ++t) {
+    const double loss = 100.0 * std::pow(0.9, std::min(t, flat_from - 1));
+    if (check.Add(loss)) stopped = t;
+  }
+  // Flat from 59 on: the window's improvement is below 1% once it starts at
+  // an iteration where the decrease already was (0.9^k > 0.99 never holds,
+  // so only a window that is entirely flat qualifies).
+  EXPECT_EQ(stopped, flat_from - 1 + window);
+  EXPECT_GT(stopped, window);
+}
+
+TEST(ConvergenceCheckTest, FlatFromTheStartStopsRightAfterTheWindow) {
+  for (int window : {1, 5, 150}) {
+    ConvergenceCheck check(window, 0.01);
+    int stopped = 0;
+    for (int t = 1; t <= 1000 && stopped == 0; ++t) {
+      if (check.Add(7.0)) stopped = t;
+    }
+    EXPECT_EQ(stopped, window + 1) << window;
+  }
+}
+
+// A slow but steady decrease (2% per window) never stops at 1%; noise
+// above the best (Adam's oscillations) does not count against it.
+TEST(ConvergenceCheckTest, SteadyImprovementAndNoiseDoNotStop) {
+  const int window = 50;
+  ConvergenceCheck check(window, 0.01);
+  const double per_step = std::pow(0.98, 1.0 / window);
+  for (int t = 1; t <= 2000; ++t) {
+    double loss = 10.0 * std::pow(per_step, t);
+    if (t % 3 == 0) loss *= 5;  // spikes
+    ASSERT_FALSE(check.Add(loss)) << t;
+  }
+}
+
+TEST(ConvergenceCheckTest, WindowZeroNeverStopsAndNanIsNoImprovement) {
+  ConvergenceCheck off(0, 0.5);
+  for (int t = 1; t <= 1000; ++t) ASSERT_FALSE(off.Add(1.0)) << t;
+  ConvergenceCheck check(3, 0.01);
+  EXPECT_FALSE(check.Add(std::nan("")));
+  EXPECT_FALSE(check.Add(4.0));
+  EXPECT_FALSE(check.Add(std::nan("")));
+  EXPECT_FALSE(check.Add(2.0));           // best inf -> 2: not a measure
+  EXPECT_FALSE(check.Add(1.0));           // best 4 -> 1 over 3
+  EXPECT_FALSE(check.Add(std::nan("")));  // best 4 -> 1
+  EXPECT_FALSE(check.Add(1.0));           // best 2 -> 1
+  EXPECT_TRUE(check.Add(1.0));            // best 1 -> 1: converged
+}
+
+// A real distillation with an early stop ends a batch once converged, and
+// its data is exactly what a run of that many iterations gives.
+TEST_F(DistillTest, EarlyStopEndsTheBatchWithTheDataOfThatManyIterations) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(300, 4);
+  options.num_batches = 2;
+  options.early_stop_window = 10;
+  options.early_stop_tolerance = 0.05;
+  std::vector<DistillProgress> events;
+  absl::StatusOr<DistilledData> data =
+      Distill(*model, {3, 16, 16}, options,
+              [&](const DistillProgress& p) { events.push_back(p); });
+  ASSERT_TRUE(data.ok()) << data.status();
+  ASSERT_EQ(data->iterations.size(), 2u);
+  size_t first_batch_events = 0;
+  for (int b = 0; b < 2; ++b) {
+    SCOPED_TRACE(b);
+    const int n = data->iterations[b];
+    EXPECT_GT(n, options.early_stop_window);
+    EXPECT_LT(n, options.iterations);
+    std::vector<DistillProgress> batch;
+    for (const DistillProgress& p : events) {
+      if (p.batch == b) batch.push_back(p);
+    }
+    ASSERT_EQ(static_cast<int>(batch.size()), n);
+    for (int i = 0; i + 1 < n; ++i) EXPECT_FALSE(batch[i].converged) << i;
+    EXPECT_TRUE(batch.back().converged);
+    EXPECT_EQ(batch.back().iteration, n);
+    EXPECT_EQ(batch.back().iterations, options.iterations);
+    if (b == 0) first_batch_events = batch.size();
+  }
+  EXPECT_EQ(events.size(), first_batch_events + data->iterations[1]);
+
+  DistillOptions fixed = options;
+  fixed.early_stop_window = 0;
+  fixed.iterations = data->iterations[0];
+  fixed.num_batches = 1;
+  absl::StatusOr<DistilledData> same = Distill(*model, {3, 16, 16}, fixed);
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_EQ(same->iterations, std::vector<int>{data->iterations[0]});
+  EXPECT_TRUE(torch::equal(same->batches[0], data->batches[0]));
+}
+
+TEST_F(DistillTest, WithoutEarlyStopEveryBatchRunsAllIterations) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(12, 4);
+  options.num_batches = 2;
+  absl::StatusOr<DistilledData> data = Distill(*model, {3, 16, 16}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+  EXPECT_EQ(data->iterations, (std::vector<int>{12, 12}));
 }
 
 TEST_F(DistillTest, PlateauSchedulerLowersTheRateDownToMinLr) {

@@ -58,6 +58,7 @@ std::string RecipeJson(const Model& model, const QuantizedModel& qmodel,
   for (const ActivationSiteInfo& s : qmodel.sites()) {
     acts.push_back({{"name", s.name},
                     {"after", s.after},
+                    {"range", s.range},
                     {"bits", s.quant.bits},
                     {"min", s.quant.lo},
                     {"max", s.quant.hi},

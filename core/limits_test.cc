@@ -157,5 +157,126 @@ TEST(LimitsTest, ServerAndCoreAgreeOnPercentileAndLearningRate) {
   }
 }
 
+// The early-stop fields and activation_range are not in the schema's
+// walked tables (kIntFields, kRealFields): their edges are checked here.
+TEST(LimitsTest, ServerAndCoreAgreeOnEarlyStop) {
+  for (int64_t w : {-1, 0, 1, 150, 100000, 100001}) {
+    v1::QuantizationConfig config;
+    config.mutable_distillation()->set_early_stop_window(w);
+    DistillOptions o;
+    o.early_stop_window = w;
+    const bool want = kEarlyStopWindow.Contains(w);
+    absl::Status server = ValidateQuantizationConfig(config);
+    EXPECT_EQ(server.ok(), want) << w << ": " << server;
+    EXPECT_EQ(ValidateDistillOptions(o).ok(), want) << w;
+    if (!want) {
+      EXPECT_NE(server.message().find("config.distillation.early_stop_window"),
+                std::string::npos)
+          << server;
+    }
+  }
+  for (double t : {-0.1, 0.0, 1e-6, 0.01, 1.0, 1.001}) {
+    v1::QuantizationConfig config;
+    config.mutable_distillation()->set_early_stop_tolerance(t);
+    DistillOptions o;
+    o.early_stop_tolerance = t;
+    const bool want = kEarlyStopTolerance.Contains(t);
+    absl::Status server = ValidateQuantizationConfig(config);
+    EXPECT_EQ(server.ok(), want) << t << ": " << server;
+    EXPECT_EQ(ValidateDistillOptions(o).ok(), want) << t;
+    if (!want) {
+      EXPECT_NE(
+          server.message().find("config.distillation.early_stop_tolerance"),
+          std::string::npos)
+          << server;
+    }
+  }
+}
+
+TEST(LimitsTest, ServerAndCoreAgreeOnActivationRange) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  struct Case {
+    v1::ActivationRange proto;
+    ActivationRange core;
+    double percentile;  // 0: unset
+    bool want;
+  };
+  const Case cases[] = {
+      {v1::ACTIVATION_RANGE_UNSPECIFIED, ActivationRange::kAuto, 0, true},
+      {v1::ACTIVATION_RANGE_UNSPECIFIED, ActivationRange::kAuto, 99.99, true},
+      {v1::ACTIVATION_RANGE_MINMAX, ActivationRange::kMinMax, 0, true},
+      {v1::ACTIVATION_RANGE_MINMAX, ActivationRange::kMinMax, 100, true},
+      {v1::ACTIVATION_RANGE_MINMAX, ActivationRange::kMinMax, 99.99, false},
+      {v1::ACTIVATION_RANGE_PERCENTILE, ActivationRange::kPercentile, 0, true},
+      {v1::ACTIVATION_RANGE_PERCENTILE, ActivationRange::kPercentile, 99.99,
+       true},
+      {v1::ACTIVATION_RANGE_PERCENTILE, ActivationRange::kPercentile, 50,
+       false},
+      {v1::ACTIVATION_RANGE_MSE, ActivationRange::kMse, 0, true},
+      {v1::ACTIVATION_RANGE_MSE, ActivationRange::kMse, 99, false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(
+        absl::StrCat(v1::ActivationRange_Name(c.proto), " ", c.percentile));
+    v1::QuantizationConfig config;
+    config.set_activation_range(c.proto);
+    JobSpec spec;
+    spec.quant.activation_range = c.core;
+    if (c.percentile > 0) {
+      config.set_activation_percentile(c.percentile);
+      spec.quant.activation_percentile = c.percentile;
+    }
+    absl::Status server = ValidateQuantizationConfig(config);
+    EXPECT_EQ(server.ok(), c.want) << server;
+    EXPECT_EQ(ValidateJobSpec(*model, spec).ok(), c.want);
+    if (!server.ok()) {
+      EXPECT_NE(server.message().find("config.activation_percentile"),
+                std::string::npos)
+          << server;
+    }
+  }
+  v1::QuantizationConfig config;
+  config.set_activation_range(static_cast<v1::ActivationRange>(4));
+  absl::Status server = ValidateQuantizationConfig(config);
+  EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(server.message().find("config.activation_range"), std::string::npos)
+      << server;
+}
+
+TEST(LimitsTest, EarlyStopAndActivationRangeHelpAndDefaults) {
+  const std::string window = kEarlyStopWindow.help;
+  EXPECT_NE(window.find("1..100000"), std::string::npos) << window;
+  EXPECT_NE(window.find("(0: off"), std::string::npos) << window;
+  EXPECT_NE(window.find(absl::StrCat("default ", kEarlyStopWindow.def)),
+            std::string::npos)
+      << window;
+  const std::string tolerance = kEarlyStopTolerance.help;
+  EXPECT_NE(tolerance.find(kEarlyStopTolerance.Describe()), std::string::npos)
+      << tolerance;
+  EXPECT_NE(
+      tolerance.find(absl::StrFormat("default %g", kEarlyStopTolerance.def)),
+      std::string::npos)
+      << tolerance;
+  const std::string range = kActivationRange.help;
+  for (int i = 0; i < kActivationRange.count; ++i) {
+    EXPECT_NE(range.find(kActivationRange.choices[i]), std::string::npos)
+        << kActivationRange.choices[i];
+  }
+  EXPECT_NE(range.find(absl::StrCat(
+                "default ", kActivationRange.choices[kActivationRange.def])),
+            std::string::npos)
+      << range;
+  EXPECT_EQ(kActivationRange.Describe(), "minmax, percentile or mse");
+  EXPECT_EQ(kActivationRange.Find("mse"), 2);
+  EXPECT_EQ(kActivationRange.Find("MSE"), -1);
+  const DistillOptions d;
+  EXPECT_EQ(d.early_stop_window, kEarlyStopWindow.def);
+  EXPECT_EQ(d.early_stop_tolerance, kEarlyStopTolerance.def);
+  EXPECT_EQ(static_cast<int>(kDefaultActivationRange) - 1,
+            kActivationRange.def);
+  EXPECT_EQ(QuantOptions().activation_range, ActivationRange::kAuto);
+}
+
 }  // namespace
 }  // namespace zeroq::core

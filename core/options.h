@@ -1,11 +1,14 @@
 // options.h: the plain option structs of the ZeroQ core, free of LibTorch
 // types so that the worker, tools and tests can fill them without the heavy
 // headers. Every field documents its default; the defaults are the reference
-// implementation's choices (ZEROQ.md).
+// implementation's choices (ZEROQ.md), except the activation range: the MSE
+// search, measured better than the reference's min/max at 4-bit activations
+// and no worse at 8 (README).
 //
 //   DistillOptions d;            // 1 batch of 32, 500 Adam iterations
 //   d.iterations = 200;
-//   QuantOptions q;              // W8A8, activations after ReLU/ReLU6
+//   d.early_stop_window = 150;   // a batch ends once its loss stops improving
+//   QuantOptions q;              // W8A8, ReLU/ReLU6 outputs, MSE ranges
 //   q.weight_bits = 4;
 #ifndef ZEROQ_CORE_OPTIONS_H_
 #define ZEROQ_CORE_OPTIONS_H_
@@ -50,8 +53,38 @@ struct DistillOptions {
   DistillInit init = DistillInit::kReference;
   DistillStats stats = DistillStats::kPerSample;
   bool match_input_stats = true;  // also pull the input to mean 0 / std 1
+  // Early stop, per batch: after iteration t > early_stop_window, stop once
+  // best(t - window) - best(t) <= early_stop_tolerance * best(t - window),
+  // best(t) being the least loss of iterations 1..t. 0 = off: always
+  // `iterations` steps (the reference). Never stops before window + 1.
+  int early_stop_window = static_cast<int>(kEarlyStopWindow.def);
+  double early_stop_tolerance = kEarlyStopTolerance.def;
   uint64_t seed = 0;           // same seed + thread count = same data
 };
+
+// How each activation site's range is set from its calibration values.
+enum class ActivationRange {
+  // kPercentile when activation_percentile is below 100, else
+  // kDefaultActivationRange: what an unset config field means.
+  kAuto,
+  // The reference: the running min/max.
+  kMinMax,
+  // The [100 - p, p] percentiles, p = activation_percentile (100: min/max).
+  kPercentile,
+  // The clipping range (a fraction of min/max, on a grid of 100) with the
+  // least mean squared error between the values and their quantized values at
+  // the site's width.
+  kMse,
+};
+// The schema's words are these methods, in this order from 1 (as the proto).
+static_assert(kActivationRange.Find("minmax") + 1 ==
+                  static_cast<int>(ActivationRange::kMinMax) &&
+              kActivationRange.Find("percentile") + 1 ==
+                  static_cast<int>(ActivationRange::kPercentile) &&
+              kActivationRange.Find("mse") + 1 ==
+                  static_cast<int>(ActivationRange::kMse));
+inline constexpr ActivationRange kDefaultActivationRange =
+    static_cast<ActivationRange>(kActivationRange.def + 1);
 
 struct QuantOptions {
   // Uniform weight width for every conv/linear layer, 2..8; 0 keeps weights
@@ -64,10 +97,21 @@ struct QuantOptions {
   // input of every conv/linear layer (network input, residual sums, pooled
   // features before the classifier).
   bool quantize_layer_inputs = false;
-  // 100 = min/max range (reference); below 100, e.g. 99.99, clips the range to
-  // the [100 - p, p] percentiles of the calibration activations.
+  // kAuto: percentile clipping when activation_percentile < 100, else
+  // kDefaultActivationRange.
+  ActivationRange activation_range = ActivationRange::kAuto;
+  // For kPercentile (and kAuto): 100 = min/max range (reference); below 100,
+  // e.g. 99.99, clips the range to the [100 - p, p] percentiles of the
+  // calibration activations. Must stay 100 with kMinMax and kMse.
   double activation_percentile = kActivationPercentile.def;
 };
+
+// The method kAuto stands for with these options (never kAuto).
+inline ActivationRange ResolvedActivationRange(const QuantOptions& o) {
+  if (o.activation_range != ActivationRange::kAuto) return o.activation_range;
+  return o.activation_percentile < 100.0 ? ActivationRange::kPercentile
+                                         : kDefaultActivationRange;
+}
 
 struct SensitivityOptions {
   // Candidate widths, each 2..8.

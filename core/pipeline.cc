@@ -213,19 +213,29 @@ absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress
   switch (spec.calibration) {
     case CalibrationSource::kDistilled: {
       timer.Start("DISTILL");
+      // The total is the most iterations the batches may take. A batch that
+      // converges early reports its step as the end of its share, so the
+      // steps still end at the total and never go back.
       const int64_t total = static_cast<int64_t>(d.iterations) * d.num_batches;
       ZQ_ASSIGN_OR_RETURN(
           DistilledData distilled,
-          Distill(*model, spec.input_shape, d,
-                  [&](const DistillProgress& p) {
-                    emit({Stage::kDistill,
-                          static_cast<int64_t>(p.batch) * p.iterations + p.iteration,
-                          total, p.loss, p.lr, ""});
-                  },
-                  cancel));
+          Distill(
+              *model, spec.input_shape, d,
+              [&](const DistillProgress& p) {
+                const int64_t done =
+                    static_cast<int64_t>(p.batch) * p.iterations;
+                emit({Stage::kDistill,
+                      done + (p.converged ? p.iterations : p.iteration), total,
+                      p.loss, p.lr,
+                      p.converged ? absl::StrCat("converged after ",
+                                                 p.iteration, " iterations")
+                                  : ""});
+              },
+              cancel));
       data = std::move(distilled.batches);
       result.distill_initial_loss = distilled.initial_loss.front();
       result.distill_final_loss = distilled.final_loss.back();
+      for (int n : distilled.iterations) result.distill_iterations += n;
       result.calibration = "distilled";
       break;
     }
@@ -357,7 +367,8 @@ absl::StatusOr<JobResult> RunJob(const JobSpec& spec, const ProgressFn& progress
     result.layers.push_back({l.name, s.op, s.bn, l.params, l.bits});
   }
   for (const ActivationSiteInfo& s : qmodel->sites()) {
-    result.activations.push_back({s.name, s.quant.bits, s.quant.lo, s.quant.hi});
+    result.activations.push_back(
+        {s.name, s.quant.bits, s.quant.lo, s.quant.hi, s.range});
   }
   result.float_weight_bytes = summary.quantizable_params * 4.0;
   result.weight_bytes = qmodel->weight_bytes();
@@ -436,7 +447,10 @@ std::string FormatSummary(const JobResult& r) {
   }
   int act_bits = r.activations.empty() ? 0 : r.activations.front().bits;
   absl::StrAppendFormat(&out, "activation quantizers: %d", r.activations.size());
-  if (act_bits) absl::StrAppendFormat(&out, " at %d bits", act_bits);
+  if (act_bits) {
+    absl::StrAppendFormat(&out, " at %d bits, %s ranges", act_bits,
+                          r.activations.front().range);
+  }
   absl::StrAppendFormat(&out, "\nBatchNorm layers: %d\n", r.bn_layers);
   absl::StrAppendFormat(
       &out, "weights: %.1f KiB -> %.1f KiB (%.2fx smaller, %.2f bits average)\n",
@@ -444,8 +458,9 @@ std::string FormatSummary(const JobResult& r) {
       r.weight_bytes > 0 ? r.float_weight_bytes / r.weight_bytes : 0.0,
       r.quantizable_params ? r.weight_bytes * 8 / r.quantizable_params : 0.0);
   if (!std::isnan(r.distill_final_loss)) {
-    absl::StrAppendFormat(&out, "distillation loss: %.4g -> %.4g\n",
-                          r.distill_initial_loss, r.distill_final_loss);
+    absl::StrAppendFormat(
+        &out, "distillation loss: %.4g -> %.4g (%d iterations)\n",
+        r.distill_initial_loss, r.distill_final_loss, r.distill_iterations);
   }
   absl::StrAppendFormat(
       &out,
@@ -471,7 +486,11 @@ std::string ResultJson(const JobResult& r) {
   }
   nlohmann::json acts = nlohmann::json::array();
   for (const ActivationReport& a : r.activations) {
-    acts.push_back({{"name", a.name}, {"bits", a.bits}, {"min", a.min}, {"max", a.max}});
+    acts.push_back({{"name", a.name},
+                    {"bits", a.bits},
+                    {"min", a.min},
+                    {"max", a.max},
+                    {"range", a.range}});
   }
   nlohmann::json stages = nlohmann::json::object();
   for (const auto& [name, s] : r.stage_seconds) stages[name] = s;
@@ -496,6 +515,7 @@ std::string ResultJson(const JobResult& r) {
        {"weight_bytes", r.weight_bytes},
        {"distill_initial_loss", num(r.distill_initial_loss)},
        {"distill_final_loss", num(r.distill_final_loss)},
+       {"distill_iterations", r.distill_iterations},
        {"top1_agreement", r.top1_agreement},
        {"mean_kl", r.mean_kl},
        {"samples", r.samples},
@@ -509,8 +529,10 @@ std::string ResultJson(const JobResult& r) {
        {"device", r.device},
        {"calibration", r.calibration},
        {"artifacts",
-        {{"model", r.model_artifact}, {"recipe", r.recipe_artifact},
-         {"data", r.data_artifact}, {"report", r.report_artifact}}}};
+        {{"model", r.model_artifact},
+         {"recipe", r.recipe_artifact},
+         {"data", r.data_artifact},
+         {"report", r.report_artifact}}}};
   return j.dump(1);
 }
 

@@ -98,6 +98,7 @@ struct ActivationReport {
   std::string name;
   int bits = 0;
   double min = 0, max = 0;
+  std::string range;  // how min/max were set: "minmax", "percentile P", "mse"
 };
 
 struct JobResult {
@@ -109,6 +110,9 @@ struct JobResult {
   double weight_bytes = 0;           // at their chosen widths
   double distill_initial_loss = std::numeric_limits<double>::quiet_NaN();
   double distill_final_loss = std::numeric_limits<double>::quiet_NaN();
+  // Adam steps run over all distilled batches: iterations x num_batches, or
+  // fewer after an early stop; 0 without distillation.
+  int64_t distill_iterations = 0;
   // Quantized vs float on the calibration data: share of samples with the
   // same top-1 class, and mean KL(softmax float || softmax quantized).
   double top1_agreement = 0;

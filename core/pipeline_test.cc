@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "core/cancellation.h"
 #include "core/export.h"
 #include "core/model.h"
@@ -426,6 +427,40 @@ TEST_F(PipelineTest, SeveralDistilledBatches) {
   absl::StatusOr<torch::Tensor> data = LoadTensor(r->data_artifact);
   ASSERT_TRUE(data.ok());
   EXPECT_THAT(data->sizes().vec(), ElementsAre(24, 1, 28, 28));
+}
+
+// With an early stop, a converged batch jumps its step to the end of its
+// share: the steps never go back and the last one is the total, which stays
+// iterations x num_batches (the most the distillation could have taken).
+TEST_F(PipelineTest, EarlyStopProgressEndsAtTheTotal) {
+  JobSpec spec = FashionSpec();
+  spec.distill.iterations = 200;
+  spec.distill.batch_size = 8;
+  spec.distill.num_batches = 2;
+  spec.distill.early_stop_window = 5;
+  spec.distill.early_stop_tolerance = 0.5;
+  std::vector<int64_t> steps;
+  std::vector<std::string> messages;
+  absl::StatusOr<JobResult> r = RunJob(spec, [&](const ProgressEvent& e) {
+    if (e.stage != Stage::kDistill) return;
+    steps.push_back(e.step);
+    EXPECT_EQ(e.total, 400);
+    if (!e.message.empty()) messages.push_back(e.message);
+  });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->distill_iterations, 2 * 5);
+  EXPECT_LT(r->distill_iterations, 400);
+  EXPECT_EQ(static_cast<int64_t>(steps.size()), r->distill_iterations);
+  for (size_t i = 1; i < steps.size(); ++i) EXPECT_GT(steps[i], steps[i - 1]);
+  ASSERT_FALSE(steps.empty());
+  EXPECT_EQ(steps.back(), 400);
+  ASSERT_EQ(messages.size(), 2u);
+  EXPECT_THAT(messages[0], HasSubstr("converged after"));
+  nlohmann::json report = nlohmann::json::parse(ReadFile(r->report_artifact));
+  EXPECT_EQ(report["distill_iterations"], r->distill_iterations);
+  EXPECT_THAT(
+      FormatSummary(*r),
+      HasSubstr(absl::StrCat("(", r->distill_iterations, " iterations)")));
 }
 
 TEST_F(PipelineTest, StageNames) {

@@ -1,5 +1,7 @@
 #include "core/quantized_model.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,6 +21,10 @@ namespace {
 
 using torch::jit::Node;
 using torch::jit::Value;
+
+// Values of a site the MSE range search looks at, over all calibration
+// batches: enough for the mean squared error to three digits, and cheap.
+constexpr int64_t kMseSample = int64_t{1} << 18;
 
 bool IsActivationOp(const Node& n) {
   const auto k = n.kind();
@@ -88,6 +94,23 @@ absl::Status ValidateQuantOptions(const Model& model,
     return absl::InvalidArgumentError(
         absl::StrCat("activation_percentile = ", options.activation_percentile,
                      ": must be in ", kActivationPercentile.Describe()));
+  }
+  switch (options.activation_range) {
+    case ActivationRange::kAuto:
+    case ActivationRange::kPercentile:
+      break;
+    case ActivationRange::kMinMax:
+    case ActivationRange::kMse:
+      if (options.activation_percentile < 100.0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "activation_percentile = ", options.activation_percentile,
+            ": only the percentile activation_range uses it"));
+      }
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "activation_range = ", static_cast<int>(options.activation_range),
+          ": must be ", kActivationRange.Describe()));
   }
   return absl::OkStatus();
 }
@@ -186,6 +209,7 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
 
   // Activations: calibrate in graph order with upstream quantizers active.
   c10::IValue self = q->module_._ivalue();
+  const ActivationRange method = ResolvedActivationRange(options);
   const double pct = options.activation_percentile;
   for (size_t i = 0; i < sites.size(); ++i) {
     ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "calibration"));
@@ -198,18 +222,35 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
                              self);
           double lo = std::numeric_limits<double>::infinity();
           double hi = -lo;
-          std::vector<torch::Tensor> all;
+          // Percentile: every value. MSE: a seeded sample of each batch's
+          // values, at most kMseSample in all (the search costs 100 passes).
+          std::vector<torch::Tensor> kept;
+          const int64_t per_batch = std::max<int64_t>(
+              1, kMseSample / static_cast<int64_t>(calibration.size()));
+          auto gen = at::make_generator<at::CPUGeneratorImpl>(i);
           for (const torch::Tensor& batch : calibration) {
             torch::Tensor a = probe.Run(batch.to(q->device_))[0].detach();
-            if (pct >= 100.0) {
-              lo = std::min(lo, a.min().item<double>());
-              hi = std::max(hi, a.max().item<double>());
-            } else {
-              all.push_back(a.flatten().to(torch::kFloat));
+            lo = std::min(lo, a.min().item<double>());
+            hi = std::max(hi, a.max().item<double>());
+            if (method == ActivationRange::kPercentile && pct < 100.0) {
+              kept.push_back(a.flatten().to(torch::kFloat));
+            } else if (method == ActivationRange::kMse) {
+              torch::Tensor flat = a.flatten().to(torch::kFloat);
+              if (flat.numel() > per_batch) {
+                torch::Tensor pick = torch::randint(flat.numel(), {per_batch},
+                                                    gen, torch::kLong);
+                flat = flat.index_select(0, pick.to(flat.device()));
+              }
+              kept.push_back(flat);
             }
           }
-          if (pct < 100.0) {
-            torch::Tensor v = torch::cat(all);
+          absl::StatusOr<ActivationQuantization> params;
+          if (method == ActivationRange::kMse) {
+            params = MseActivationParams(torch::cat(kept), lo, hi,
+                                         options.activation_bits);
+            site.info.range = "mse";
+          } else if (!kept.empty()) {
+            torch::Tensor v = torch::cat(kept);
             const int64_t n = v.numel();
             auto kth = [&](double p) {
               int64_t k = std::clamp<int64_t>(
@@ -217,10 +258,13 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
                   1, n);
               return std::get<0>(v.kthvalue(k)).item<double>();
             };
-            lo = kth(100.0 - pct);
-            hi = kth(pct);
+            params = ActivationParams(kth(100.0 - pct), kth(pct),
+                                      options.activation_bits);
+            site.info.range = absl::StrCat("percentile ", pct);
+          } else {
+            params = ActivationParams(lo, hi, options.activation_bits);
+            site.info.range = "minmax";
           }
-          auto params = ActivationParams(lo, hi, options.activation_bits);
           if (!params.ok())
             throw std::runtime_error(std::string(params.status().message()));
           site.info.quant = *params;

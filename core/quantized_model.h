@@ -12,8 +12,10 @@
 // clamp, add, div) are inserted after every ReLU/ReLU6 (and, optionally, on
 // every conv/linear input). Activation ranges are calibrated site by site in
 // graph order, each on the calibration batches with every upstream
-// quantizer already active. The result is an ordinary TorchScript module with
-// the input model's call signature: Save() writes exactly what Forward() runs.
+// quantizer already active, by QuantOptions::activation_range (min/max,
+// percentiles, or the clip with the least quantization error). The result
+// is an ordinary TorchScript module with the input model's call signature:
+// Save() writes exactly what Forward() runs.
 //
 // Not thread-safe: one Forward() at a time.
 #ifndef ZEROQ_CORE_QUANTIZED_MODEL_H_
@@ -45,6 +47,7 @@ struct LayerQuantInfo {
 struct ActivationSiteInfo {
   std::string name;           // e.g. "block/relu", "fc:input"
   std::string after;          // op or "input of <layer>"
+  std::string range;          // "minmax", "percentile 99.99" or "mse"
   ActivationQuantization quant;
 };
 

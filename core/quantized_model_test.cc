@@ -303,6 +303,7 @@ TEST_F(QuantizedModelTest, RangesAreCalibratedWithUpstreamQuantization) {
   QuantOptions options;
   options.weight_bits = 4;
   options.activation_bits = 3;  // coarse, so upstream quantization shows
+  options.activation_range = ActivationRange::kMinMax;
   std::unique_ptr<QuantizedModel> q = Quantize(options, calib);
   ASSERT_NE(q, nullptr);
   ASSERT_EQ(q->sites().size(), 5u);
@@ -369,6 +370,57 @@ TEST_F(QuantizedModelTest, PercentileRangeIsNoWiderThanMinMax) {
   EXPECT_NEAR(fb.lo, p01, 1e-6 + 1e-3 * std::abs(p01));
 }
 
+// The MSE range search on a real site: the network input (quantized with
+// quantize_layer_inputs) sees the same values whatever the method, so the
+// two ranges can be compared on them.
+TEST_F(QuantizedModelTest, MseRangeHasNoMoreErrorThanMinMaxOnTheSameValues) {
+  std::vector<torch::Tensor> calib = Distilled(/*seed=*/6, /*batch=*/16);
+  ASSERT_FALSE(calib.empty());
+  QuantOptions minmax;
+  minmax.quantize_layer_inputs = true;
+  minmax.activation_bits = 4;
+  minmax.activation_range = ActivationRange::kMinMax;
+  QuantOptions mse = minmax;
+  mse.activation_range = ActivationRange::kMse;
+  std::unique_ptr<QuantizedModel> a = Quantize(minmax, calib);
+  std::unique_ptr<QuantizedModel> b = Quantize(mse, calib);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_EQ(a->sites().size(), b->sites().size());
+  for (size_t i = 0; i < a->sites().size(); ++i) {
+    EXPECT_EQ(a->sites()[i].range, "minmax");
+    EXPECT_EQ(b->sites()[i].range, "mse");
+  }
+  const ActivationQuantization& fa = a->sites()[0].quant;
+  const ActivationQuantization& fb = b->sites()[0].quant;
+  EXPECT_EQ(fa.lo, calib[0].min().item<double>());
+  EXPECT_EQ(fa.hi, calib[0].max().item<double>());
+  EXPECT_GE(fb.lo, fa.lo);
+  EXPECT_LE(fb.hi, fa.hi);
+  EXPECT_LE(QuantizationMse(calib[0], fb), QuantizationMse(calib[0], fa));
+  // Both ends of the distilled input are tails that 4 bits cannot afford.
+  EXPECT_LT(fb.hi - fb.lo, fa.hi - fa.lo);
+}
+
+// Unset (kAuto): percentile below 100, else the default method.
+TEST_F(QuantizedModelTest, AutoRangeIsPercentileBelow100ElseTheDefault) {
+  std::vector<torch::Tensor> calib = Distilled(/*seed=*/6, /*batch=*/8);
+  ASSERT_FALSE(calib.empty());
+  QuantOptions o;
+  o.activation_percentile = 99.0;
+  std::unique_ptr<QuantizedModel> p = Quantize(o, calib);
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(p->sites().front().range, "percentile 99");
+  EXPECT_EQ(ResolvedActivationRange(o), ActivationRange::kPercentile);
+  o = QuantOptions();
+  EXPECT_EQ(ResolvedActivationRange(o), kDefaultActivationRange);
+  std::unique_ptr<QuantizedModel> d = Quantize(o, calib);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(
+      d->sites().front().range,
+      kActivationRangeNames[static_cast<int>(kDefaultActivationRange) - 1]);
+}
+
 TEST_F(QuantizedModelTest, BadOptionsAreInvalidArgument) {
   std::vector<torch::Tensor> calib = {torch::randn({4, 1, 28, 28})};
   auto code = [&](const QuantOptions& o, const std::vector<torch::Tensor>& c) {
@@ -398,6 +450,18 @@ TEST_F(QuantizedModelTest, BadOptionsAreInvalidArgument) {
     o.activation_percentile = p;
     EXPECT_EQ(code(o, calib), absl::StatusCode::kInvalidArgument) << p;
   }
+  // Only the percentile method takes a percentile below 100.
+  for (ActivationRange r : {ActivationRange::kMinMax, ActivationRange::kMse}) {
+    o = QuantOptions();
+    o.activation_range = r;
+    o.activation_percentile = 99.0;
+    absl::Status s = QuantizedModel::Create(*model_, o, calib).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(s.message()), HasSubstr("activation_percentile"));
+  }
+  o = QuantOptions();
+  o.activation_range = static_cast<ActivationRange>(7);
+  EXPECT_EQ(code(o, calib), absl::StatusCode::kInvalidArgument);
   // Activation quantization needs calibration data.
   EXPECT_EQ(code(QuantOptions(), {}), absl::StatusCode::kInvalidArgument);
   // Edge widths are fine.

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace zeroq::core {
 namespace {
@@ -70,6 +71,47 @@ torch::Tensor FakeQuantize(const torch::Tensor& x,
                        half - 1.0) +
           q.zero_point) /
          q.scale;
+}
+
+double QuantizationMse(const torch::Tensor& x,
+                       const ActivationQuantization& q) {
+  torch::NoGradGuard no_grad;
+  return (FakeQuantize(x, q) - x).square().mean().item<double>();
+}
+
+absl::StatusOr<ActivationQuantization> MseActivationParams(
+    const torch::Tensor& values, double lo, double hi, int bits,
+    int candidates) {
+  ZQ_ASSIGN_OR_RETURN(ActivationQuantization best,
+                      ActivationParams(lo, hi, bits));
+  if (!values.defined() || values.numel() == 0 || !values.is_floating_point()) {
+    return absl::InvalidArgumentError(
+        "the range search needs a non-empty float tensor of values");
+  }
+  if (candidates < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "range search candidates = ", candidates, ": must be >= 1"));
+  }
+  torch::NoGradGuard no_grad;
+  const torch::Tensor x = values.detach().to(torch::kFloat).flatten();
+  double best_mse = QuantizationMse(x, best);
+  // From the widest down: a narrower range must be strictly better.
+  for (int i = candidates - 1; i >= 1; --i) {
+    const double a = static_cast<double>(i) / candidates;
+    // Only an end beyond 0 moves (towards 0), so the range keeps 0 inside
+    // when it had it, and a one-signed range keeps its near end.
+    const double clo = lo < 0 ? a * lo : lo;
+    const double chi = hi > 0 ? a * hi : hi;
+    if (chi <= clo) break;
+    ZQ_ASSIGN_OR_RETURN(ActivationQuantization q,
+                        ActivationParams(clo, chi, bits));
+    const double mse = QuantizationMse(x, q);
+    if (mse < best_mse) {
+      best_mse = mse;
+      best = q;
+    }
+  }
+  return best;
 }
 
 }  // namespace zeroq::core

@@ -44,6 +44,21 @@ absl::StatusOr<ActivationQuantization> ActivationParams(double lo, double hi,
 torch::Tensor FakeQuantize(const torch::Tensor& x,
                            const ActivationQuantization& q);
 
+// The clipping range with the least mean squared error ||x - x_hat||^2 over
+// `values` (any shape; a sample of a site's calibration activations) at
+// `bits`, among [a * lo, a * hi] for a = 1/candidates, 2/candidates, ..., 1
+// ([lo, hi]: the full range the site saw, e.g. its min/max; only an end
+// beyond 0 is scaled, so a ReLU output, lo = 0, is clipped at the top only).
+// Ties keep the wider range: min/max unless clipping strictly helps. Costs
+// `candidates` elementwise passes over `values`. INVALID_ARGUMENT for a bad
+// width or range, an empty or non-float `values`, or candidates < 1.
+absl::StatusOr<ActivationQuantization> MseActivationParams(
+    const torch::Tensor& values, double lo, double hi, int bits,
+    int candidates = 100);
+
+// Mean of (x - FakeQuantize(x, q))^2 over x's elements.
+double QuantizationMse(const torch::Tensor& x, const ActivationQuantization& q);
+
 }  // namespace zeroq::core
 
 #endif  // ZEROQ_CORE_QUANTIZER_H_

@@ -331,5 +331,84 @@ TEST_F(QuantizerTest, ActivationParamsBadArguments) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// A heavy-tailed non-negative tensor (as after a ReLU): a few large values
+// stretch min/max so that 4 bits leave the bulk with one or two levels; the
+// search clips below the max, keeps 0 as the bottom, and has no more error
+// than min/max on the same values.
+TEST_F(QuantizerTest, MseRangeClipsAHeavyTailBelowItsMax) {
+  torch::manual_seed(7);
+  torch::Tensor x = torch::randn({20000}).abs();
+  x.index_put_({torch::arange(0, 20000, 7000)}, 40.0);  // 3 outliers
+  const double lo = x.min().item<double>(), hi = x.max().item<double>();
+  absl::StatusOr<ActivationQuantization> minmax = ActivationParams(lo, hi, 4);
+  absl::StatusOr<ActivationQuantization> mse =
+      MseActivationParams(x, lo, hi, 4);
+  ASSERT_TRUE(minmax.ok()) << minmax.status();
+  ASSERT_TRUE(mse.ok()) << mse.status();
+  EXPECT_LT(mse->hi, 0.5 * hi);
+  EXPECT_GT(mse->hi, 0.0);
+  EXPECT_EQ(mse->lo, lo);
+  EXPECT_EQ(mse->bits, 4);
+  const double e_mse = QuantizationMse(x, *mse);
+  const double e_minmax = QuantizationMse(x, *minmax);
+  EXPECT_LE(e_mse, e_minmax);
+  EXPECT_LT(e_mse, 0.5 * e_minmax);
+  // It is the best of its grid: every other candidate is no better.
+  for (int i = 1; i <= 100; ++i) {
+    const double a = i / 100.0;
+    ActivationQuantization q = *ActivationParams(lo, a * hi, 4);
+    EXPECT_GE(QuantizationMse(x, q), e_mse) << a;
+  }
+}
+
+// Signed heavy tails (the input of a layer): both ends move towards 0.
+TEST_F(QuantizerTest, MseRangeClipsBothEndsOfASignedTensor) {
+  torch::manual_seed(8);
+  torch::Tensor x = torch::randn({20000});
+  x[0] = -30.0;
+  x[1] = 30.0;
+  const double lo = x.min().item<double>(), hi = x.max().item<double>();
+  absl::StatusOr<ActivationQuantization> mse =
+      MseActivationParams(x, lo, hi, 4);
+  ASSERT_TRUE(mse.ok()) << mse.status();
+  EXPECT_LT(mse->lo, 0.0);
+  EXPECT_GT(mse->lo, 0.5 * lo);
+  EXPECT_LT(mse->hi, 0.5 * hi);
+  EXPECT_LE(QuantizationMse(x, *mse),
+            QuantizationMse(x, *ActivationParams(lo, hi, 4)));
+}
+
+// Values on min/max's own grid quantize exactly; any clip is worse, and the
+// search keeps min/max.
+TEST_F(QuantizerTest, MseRangeKeepsMinMaxWhenClippingCannotHelp) {
+  torch::Tensor x = torch::arange(0, 16, torch::kFloat).repeat({10});
+  absl::StatusOr<ActivationQuantization> mse = MseActivationParams(x, 0, 15, 4);
+  ASSERT_TRUE(mse.ok()) << mse.status();
+  EXPECT_EQ(mse->lo, 0.0);
+  EXPECT_EQ(mse->hi, 15.0);
+  EXPECT_EQ(QuantizationMse(x, *mse), 0.0);
+}
+
+TEST_F(QuantizerTest, MseRangeBadInputsAreInvalidArgument) {
+  torch::Tensor x = torch::rand({100});
+  EXPECT_EQ(MseActivationParams(torch::Tensor(), 0, 1, 4).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MseActivationParams(torch::zeros({0}), 0, 1, 4).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MseActivationParams(torch::arange(5), 0, 4, 4).status().code(),
+            absl::StatusCode::kInvalidArgument);  // integers
+  EXPECT_EQ(MseActivationParams(x, 0, 1, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MseActivationParams(x, 1, 0, 4).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MseActivationParams(x, 0, 1, 4, /*candidates=*/0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // A constant tensor: a zero-width range, nothing to clip.
+  absl::StatusOr<ActivationQuantization> flat =
+      MseActivationParams(torch::zeros({10}), 0, 0, 4);
+  ASSERT_TRUE(flat.ok()) << flat.status();
+  EXPECT_EQ(flat->hi, 0.0);
+}
+
 }  // namespace
 }  // namespace zeroq::core

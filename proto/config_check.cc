@@ -63,11 +63,28 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
   }
   if (c.has_activation_percentile())
     ZQ_RETURN_IF_ERROR(Check(c.activation_percentile(), kActivationPercentile));
+  if (!v1::ActivationRange_IsValid(c.activation_range())) {
+    return Invalid(
+        absl::StrCat("config.", kActivationRange.name),
+        absl::StrCat(c.activation_range(), " is not an ActivationRange"));
+  }
+  if ((c.activation_range() == v1::ACTIVATION_RANGE_MINMAX ||
+       c.activation_range() == v1::ACTIVATION_RANGE_MSE) &&
+      c.has_activation_percentile() && c.activation_percentile() < 100.0) {
+    return Invalid(
+        absl::StrCat("config.", kActivationPercentile.name),
+        absl::StrCat("only the percentile activation_range uses it (",
+                     v1::ActivationRange_Name(c.activation_range()), ")"));
+  }
   const v1::DistillationConfig& d = c.distillation();
   if (d.has_batch_size()) ZQ_RETURN_IF_ERROR(Check(d.batch_size(), kBatchSize));
   if (d.has_num_batches()) ZQ_RETURN_IF_ERROR(Check(d.num_batches(), kNumBatches));
   if (d.has_iterations()) ZQ_RETURN_IF_ERROR(Check(d.iterations(), kIterations));
   if (d.has_lr()) ZQ_RETURN_IF_ERROR(Check(d.lr(), kLearningRate));
+  if (d.has_early_stop_window())
+    ZQ_RETURN_IF_ERROR(Check(d.early_stop_window(), kEarlyStopWindow));
+  if (d.has_early_stop_tolerance())
+    ZQ_RETURN_IF_ERROR(Check(d.early_stop_tolerance(), kEarlyStopTolerance));
   if (!v1::CalibrationSource_IsValid(c.calibration())) {
     return Invalid(
         "config.calibration",

@@ -93,6 +93,25 @@ assert set(r["stage_seconds"]) == {"INSPECT", "DISTILL", "CALIBRATE", "EXPORT"}
 ' "$tmp/json.out"
 check "--progress=none prints no progress" test ! -s "$tmp/json.err"
 
+# --activation_range names the method each site's range came from (default
+# mse); --early_stop_window ends distillation once the loss has converged.
+check "default activation ranges are mse" "$ZEROQ_PYTHON" -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert [a["range"] for a in r["activations"]] == ["mse"] * 5, r["activations"]
+' "$out/recipe.json"
+run_cli "$tmp/range" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --iterations=60 --batch_size=8 --threads=2 --progress=none --json \
+  --activation_range=percentile --activation_percentile=99.9 \
+  --early_stop_window=5 --early_stop_tolerance=0.5 --out="$tmp/range_out"
+expect_exit "--activation_range and --early_stop_window job succeeds" 0 "$tmp/range"
+check "percentile ranges and an early stop in the report" "$ZEROQ_PYTHON" -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert all(a["range"] == "percentile 99.9" for a in r["activations"]), r["activations"]
+assert 5 < r["distill_iterations"] < 60, r["distill_iterations"]
+' "$tmp/range.out"
+
 # --- Usage errors: exit 2 ---------------------------------------------------
 run_cli "$tmp/nomodel" --input_shape=1,28,28 --out="$tmp/x"
 expect_exit "missing --model" 2 "$tmp/nomodel" "--model is required"
@@ -107,6 +126,16 @@ expect_exit "unreadable model file" 2 "$tmp/nofile" "missing.pt"
 run_cli "$tmp/badprogress" --model="$MODELS/fashion_cnn.pt" \
   --input_shape=1,28,28 --out="$tmp/x" --progress=sometimes
 expect_exit "bad --progress" 2 "$tmp/badprogress" "progress"
+run_cli "$tmp/badrange" --model="$MODELS/fashion_cnn.pt" \
+  --input_shape=1,28,28 --out="$tmp/x" --activation_range=median
+expect_exit "bad --activation_range" 2 "$tmp/badrange" "minmax, percentile or mse"
+run_cli "$tmp/rangepct" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --check_config --activation_range=mse --activation_percentile=99
+expect_exit "--activation_percentile with mse ranges" 2 "$tmp/rangepct" \
+  "activation_percentile"
+run_cli "$tmp/window" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --check_config --early_stop_window=-1
+expect_exit "--early_stop_window=-1" 2 "$tmp/window" "early_stop_window"
 
 # --- Job errors: exit 1 -----------------------------------------------------
 run_cli "$tmp/nobn" --model="$MODELS/no_batchnorm.pt" --input_shape=3,8,8 \

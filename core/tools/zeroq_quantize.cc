@@ -41,6 +41,7 @@ ABSL_FLAG(bool, quantize_layer_inputs, false,
           "also quantize every conv/linear input, not only ReLU outputs");
 ABSL_FLAG(double, activation_percentile, zeroq::kActivationPercentile.def,
           zeroq::kActivationPercentile.help);
+ABSL_FLAG(std::string, activation_range, "", zeroq::kActivationRange.help);
 ABSL_FLAG(std::string, budget, "",
           "mixed precision within a weight budget: MP4 or 4 (average bits), "
           "8x (compression against float), 120KB / 1.5MiB / 30000B");
@@ -56,6 +57,10 @@ ABSL_FLAG(int, batch_size, zeroq::kBatchSize.def, zeroq::kBatchSize.help);
 ABSL_FLAG(int, num_batches, zeroq::kNumBatches.def, zeroq::kNumBatches.help);
 ABSL_FLAG(int, iterations, zeroq::kIterations.def, zeroq::kIterations.help);
 ABSL_FLAG(double, lr, zeroq::kLearningRate.def, zeroq::kLearningRate.help);
+ABSL_FLAG(int, early_stop_window, zeroq::kEarlyStopWindow.def,
+          zeroq::kEarlyStopWindow.help);
+ABSL_FLAG(double, early_stop_tolerance, zeroq::kEarlyStopTolerance.def,
+          zeroq::kEarlyStopTolerance.help);
 ABSL_FLAG(bool, plateau, true, "ReduceLROnPlateau on the distillation loss");
 ABSL_FLAG(std::string, init, "reference",
           "distillation start: reference (tiny uniform noise) or gaussian");
@@ -186,6 +191,15 @@ int main(int argc, char** argv) {
   q.activation_bits = absl::GetFlag(FLAGS_activation_bits);
   q.quantize_layer_inputs = absl::GetFlag(FLAGS_quantize_layer_inputs);
   q.activation_percentile = absl::GetFlag(FLAGS_activation_percentile);
+  if (const std::string range = absl::GetFlag(FLAGS_activation_range);
+      !range.empty()) {
+    const int i = zeroq::kActivationRange.Find(range);
+    if (i < 0) {
+      return Usage(absl::StrCat("--activation_range: \"", range, "\" is not ",
+                                zeroq::kActivationRange.Describe()));
+    }
+    q.activation_range = static_cast<zeroq::core::ActivationRange>(i + 1);
+  }  // else kAuto, as an unset config field
   for (absl::string_view item :
        absl::StrSplit(absl::GetFlag(FLAGS_layer_bits), ',', absl::SkipEmpty())) {
     std::pair<std::string, std::string> kv = absl::StrSplit(item, '=');
@@ -233,6 +247,8 @@ int main(int argc, char** argv) {
   d.num_batches = absl::GetFlag(FLAGS_num_batches);
   d.iterations = absl::GetFlag(FLAGS_iterations);
   d.lr = absl::GetFlag(FLAGS_lr);
+  d.early_stop_window = absl::GetFlag(FLAGS_early_stop_window);
+  d.early_stop_tolerance = absl::GetFlag(FLAGS_early_stop_tolerance);
   d.plateau_scheduler = absl::GetFlag(FLAGS_plateau);
   d.eps = absl::GetFlag(FLAGS_eps);
   d.seed = absl::GetFlag(FLAGS_seed);

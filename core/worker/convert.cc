@@ -72,6 +72,24 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   if (config.has_activation_percentile()) {
     q.activation_percentile = config.activation_percentile();
   }
+  switch (config.activation_range()) {
+    case v1::ACTIVATION_RANGE_UNSPECIFIED:
+      q.activation_range = core::ActivationRange::kAuto;
+      break;
+    case v1::ACTIVATION_RANGE_MINMAX:
+      q.activation_range = core::ActivationRange::kMinMax;
+      break;
+    case v1::ACTIVATION_RANGE_PERCENTILE:
+      q.activation_range = core::ActivationRange::kPercentile;
+      break;
+    case v1::ACTIVATION_RANGE_MSE:
+      q.activation_range = core::ActivationRange::kMse;
+      break;
+    default:
+      return Invalid("config.activation_range",
+                     absl::StrCat(static_cast<int>(config.activation_range()),
+                                  " is not an ActivationRange"));
+  }
   q.quantize_layer_inputs = config.quantize_layer_inputs();
 
   if (!config.budget().empty()) {
@@ -93,6 +111,9 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   if (dc.has_iterations()) d.iterations = dc.iterations();
   if (dc.has_lr()) d.lr = dc.lr();
   if (dc.has_seed()) d.seed = dc.seed();
+  if (dc.has_early_stop_window()) d.early_stop_window = dc.early_stop_window();
+  if (dc.has_early_stop_tolerance())
+    d.early_stop_tolerance = dc.early_stop_tolerance();
 
   switch (config.calibration()) {
     case v1::CALIBRATION_DISTILLED:
@@ -231,6 +252,7 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
     act->set_bits(a.bits);
     act->set_min(Finite(a.min));
     act->set_max(Finite(a.max));
+    act->set_range(a.range);
   }
   out.set_bn_layers(r.bn_layers);
   out.set_quantizable_params(r.quantizable_params);
@@ -238,6 +260,7 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
   out.set_weight_bytes(r.weight_bytes);
   out.set_distill_initial_loss(Finite(r.distill_initial_loss));
   out.set_distill_final_loss(Finite(r.distill_final_loss));
+  out.set_distill_iterations(r.distill_iterations);
   out.set_top1_agreement(Finite(r.top1_agreement));
   out.set_mean_kl(Finite(r.mean_kl));
   out.set_samples(r.samples);

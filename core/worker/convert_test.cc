@@ -1,0 +1,107 @@
+// Tests of the worker's conversion from a RunRequest to the core's JobSpec:
+// fields set in a QuantizationConfig, sent over the wire, arrive in the core's
+// options, and unset fields keep the core's defaults.
+#include "core/worker/convert.h"
+
+#include <string>
+
+#include "core/options.h"
+#include "gtest/gtest.h"
+
+namespace zeroq::worker {
+namespace {
+
+v1::RunRequest Request() {
+  v1::RunRequest r;
+  r.set_model_path("m.pt");
+  r.add_input_shape(1);
+  r.add_input_shape(28);
+  r.add_input_shape(28);
+  r.set_output_dir("/tmp");
+  return r;
+}
+
+// Serialised and parsed again, as between server and worker.
+v1::RunRequest OverTheWire(const v1::RunRequest& r) {
+  v1::RunRequest back;
+  EXPECT_TRUE(back.ParseFromString(r.SerializeAsString()));
+  return back;
+}
+
+TEST(ConvertTest, ActivationRangeRoundTrips) {
+  const struct {
+    v1::ActivationRange proto;
+    core::ActivationRange core;
+  } cases[] = {
+      {v1::ACTIVATION_RANGE_UNSPECIFIED, core::ActivationRange::kAuto},
+      {v1::ACTIVATION_RANGE_MINMAX, core::ActivationRange::kMinMax},
+      {v1::ACTIVATION_RANGE_PERCENTILE, core::ActivationRange::kPercentile},
+      {v1::ACTIVATION_RANGE_MSE, core::ActivationRange::kMse},
+  };
+  for (const auto& c : cases) {
+    v1::RunRequest r = Request();
+    r.mutable_config()->set_activation_range(c.proto);
+    absl::StatusOr<core::JobSpec> spec = JobSpecFromRunRequest(OverTheWire(r));
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->quant.activation_range, c.core)
+        << v1::ActivationRange_Name(c.proto);
+    EXPECT_EQ(spec->quant.activation_percentile, 100.0);
+  }
+  v1::RunRequest r = Request();
+  r.mutable_config()->set_activation_range(v1::ACTIVATION_RANGE_PERCENTILE);
+  r.mutable_config()->set_activation_percentile(99.99);
+  absl::StatusOr<core::JobSpec> spec = JobSpecFromRunRequest(OverTheWire(r));
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->quant.activation_range, core::ActivationRange::kPercentile);
+  EXPECT_EQ(spec->quant.activation_percentile, 99.99);
+}
+
+TEST(ConvertTest, BadActivationRangeIsInvalidArgument) {
+  v1::RunRequest r = Request();
+  r.mutable_config()->set_activation_range(static_cast<v1::ActivationRange>(9));
+  absl::Status s = JobSpecFromRunRequest(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("config.activation_range"), std::string::npos)
+      << s;
+  r = Request();
+  r.mutable_config()->set_activation_range(v1::ACTIVATION_RANGE_MSE);
+  r.mutable_config()->set_activation_percentile(99.0);
+  s = JobSpecFromRunRequest(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("config.activation_percentile"), std::string::npos)
+      << s;
+}
+
+TEST(ConvertTest, EarlyStopRoundTripsAndDefaultsToTheCores) {
+  v1::RunRequest r = Request();
+  absl::StatusOr<core::JobSpec> unset = JobSpecFromRunRequest(OverTheWire(r));
+  ASSERT_TRUE(unset.ok()) << unset.status();
+  const core::DistillOptions defaults;
+  EXPECT_EQ(unset->distill.early_stop_window, defaults.early_stop_window);
+  EXPECT_EQ(unset->distill.early_stop_tolerance, defaults.early_stop_tolerance);
+
+  r.mutable_config()->mutable_distillation()->set_early_stop_window(150);
+  r.mutable_config()->mutable_distillation()->set_early_stop_tolerance(0.02);
+  absl::StatusOr<core::JobSpec> set = JobSpecFromRunRequest(OverTheWire(r));
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->distill.early_stop_window, 150);
+  EXPECT_EQ(set->distill.early_stop_tolerance, 0.02);
+
+  r.mutable_config()->mutable_distillation()->set_early_stop_window(0);  // off
+  set = JobSpecFromRunRequest(OverTheWire(r));
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->distill.early_stop_window, 0);
+}
+
+TEST(ConvertTest, ResultCarriesIterationsRunAndRangeMethods) {
+  core::JobResult result;
+  result.distill_iterations = 253;
+  result.activations.push_back({"stem/relu", 4, 0.0, 2.5, "mse"});
+  v1::JobResult proto = ResultToProto(result);
+  EXPECT_EQ(proto.distill_iterations(), 253);
+  ASSERT_EQ(proto.activations_size(), 1);
+  EXPECT_EQ(proto.activations(0).range(), "mse");
+}
+
+}  // namespace
+}  // namespace zeroq::worker
