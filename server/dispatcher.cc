@@ -730,12 +730,9 @@ void Dispatcher::Finish(const std::shared_ptr<Run>& run) {
     LogInfo(IdsOf(job), logged);
   }
   if (options_.metrics != nullptr) {
-    if (job.state() == v1::JOB_QUEUED) {
-      if (outcome->kind == WorkerOutcome::Kind::kCrashed)
-        options_.metrics->WorkerCrashed();
-    } else {
-      if (outcome->kind == WorkerOutcome::Kind::kCrashed)
-        options_.metrics->WorkerCrashed();
+    if (outcome->kind == WorkerOutcome::Kind::kCrashed)
+      options_.metrics->WorkerCrashed();
+    if (job.state() != v1::JOB_QUEUED) {
       options_.metrics->JobFinished(
           state, job.has_start_time()
                      ? SecondsBetween(job.start_time(), job.end_time())

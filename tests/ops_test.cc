@@ -3,7 +3,6 @@
 // client certificates, health, reflection, metrics while jobs run, graceful
 // shutdown, JSON logs, the job store on PostgreSQL (--store; on the server
 // ctest starts, ZEROQ_TEST_PG_URI).
-#include <libpq-fe.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -33,6 +32,7 @@
 #include "nlohmann/json.hpp"
 #include "server/sha256.h"
 #include "tests/e2e_util.h"
+#include "tests/pg_util.h"
 #include "tests/server_process.h"
 
 namespace zeroq {
@@ -45,8 +45,10 @@ using ::testing::HasSubstr;
 using testing::ModelPath;
 using ::testing::Not;
 using testing::QuickJob;
+using testing::PgExec;
 using testing::ServerProcess;
 using testing::WaitFor;
+using testing::WithDatabase;
 
 int FreePort() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -436,23 +438,6 @@ TEST_F(OpsTest, RetentionRemovesOldJobsAndUnusedBlobs) {
   EXPECT_TRUE(c->GetModel(model.id()).ok());  // models are kept
 }
 
-// Runs one statement on the PostgreSQL server `uri` names; "" or the error.
-std::string PgExec(const std::string& uri, const std::string& sql) {
-  PGconn* conn = PQconnectdb(uri.c_str());
-  std::string error;
-  if (PQstatus(conn) != CONNECTION_OK) {
-    error = PQerrorMessage(conn);
-  } else {
-    PGresult* result = PQexec(conn, sql.c_str());
-    if (PQresultStatus(result) != PGRES_COMMAND_OK) {
-      error = PQresultErrorMessage(result);
-    }
-    PQclear(result);
-  }
-  PQfinish(conn);
-  return error;
-}
-
 TEST_F(OpsTest, PostgresStoreKeepsEverythingAcrossACrash) {
   const char* server_uri = getenv("ZEROQ_TEST_PG_URI");
   ASSERT_TRUE(server_uri != nullptr && server_uri[0] != '\0')
@@ -461,9 +446,7 @@ TEST_F(OpsTest, PostgresStoreKeepsEverythingAcrossACrash) {
   // A database of its own; the URI keeps the server's socket and user.
   const std::string db = absl::StrCat("zq_ops_", getpid());
   const std::string base = server_uri;
-  const size_t query = base.find('?');
-  ASSERT_NE(query, std::string::npos) << base;
-  const size_t path = base.rfind('/', query);
+  ASSERT_NE(WithDatabase(base, db), "") << base;
   ASSERT_EQ(PgExec(base, "CREATE DATABASE " + db), "");
   struct DropDatabase {
     ~DropDatabase() {
@@ -472,8 +455,7 @@ TEST_F(OpsTest, PostgresStoreKeepsEverythingAcrossACrash) {
     std::string uri, db;
   } drop{base, db};
   // A password the server (trust) never asks for, and the log never shows.
-  const std::string uri = absl::StrCat(base.substr(0, path + 1), db,
-                                       base.substr(query), "&password=hunter2");
+  const std::string uri = WithDatabase(base, db) + "&password=hunter2";
 
   Start({"--devices=cpu:1", "--store=" + uri});
   EXPECT_THAT(server_->Log(), HasSubstr("store PostgreSQL postgresql://"));

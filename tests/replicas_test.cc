@@ -12,7 +12,6 @@
 // server of its own (scripts/pg_test_server.sh) so as not to disturb the
 // tests running beside it.
 #include <fcntl.h>
-#include <libpq-fe.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/types.h>
@@ -45,6 +44,7 @@
 #include "gtest/gtest.h"
 #include "server/sha256.h"
 #include "tests/e2e_util.h"
+#include "tests/pg_util.h"
 #include "tests/server_process.h"
 
 namespace zeroq {
@@ -55,34 +55,11 @@ namespace v1 = ::zeroq::v1;
 using ::grpc::health::v1::HealthCheckResponse;
 using testing::Finished;
 using testing::QuickJob;
+using testing::PgExec;
 using testing::ServerProcess;
+using testing::WithDatabase;
 
 // ------------------------------------------------------------ PostgreSQL
-
-// Runs one statement on the PostgreSQL server `uri` names; "" or the error.
-std::string PgExec(const std::string& uri, const std::string& sql) {
-  PGconn* conn = PQconnectdb(uri.c_str());
-  std::string error;
-  if (PQstatus(conn) != CONNECTION_OK) {
-    error = PQerrorMessage(conn);
-  } else {
-    PGresult* result = PQexec(conn, sql.c_str());
-    if (PQresultStatus(result) != PGRES_COMMAND_OK) {
-      error = PQresultErrorMessage(result);
-    }
-    PQclear(result);
-  }
-  PQfinish(conn);
-  return error;
-}
-
-// The URI `base` (postgresql:///DB?host=...) with another database.
-std::string WithDatabase(const std::string& base, const std::string& db) {
-  const size_t query = base.find('?');
-  if (query == std::string::npos) return "";
-  const size_t path = base.rfind('/', query);
-  return absl::StrCat(base.substr(0, path + 1), db, base.substr(query));
-}
 
 // Runs a command through the shell; its exit status, and its standard
 // output in *out.
