@@ -190,6 +190,7 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
     info.name = layer.name;
     info.bits = bits;
     info.params = layer.params;
+    q->layer_nodes_.push_back(nodes.at(layer.node_index));
     if (bits > 0) {
       Node* n = nodes.at(layer.node_index);
       const at::Tensor w = torch::jit::toIValue(n->input(1))->toTensor();
@@ -203,6 +204,7 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
           absl::StatusCode::kInternal));
       info.scale = wq.scale.cpu();
       info.zero_point = wq.zero_point.cpu();
+      info.rounding = "nearest";
     }
     q->layers_.push_back(std::move(info));
   }
@@ -283,6 +285,7 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
 
 absl::StatusOr<std::vector<torch::Tensor>> QuantizedModel::Forward(
     const torch::Tensor& input) {
+  ran_ = true;
   return CallTorch("quantized forward", [&] {
     torch::NoGradGuard no_grad;
     return OutputTensors(module_.forward({input.to(device_)}));
@@ -301,6 +304,44 @@ absl::Status QuantizedModel::Save(const std::string& path) const {
         std::stringstream archive;
         module_.save(archive);
         torch::jit::load(archive, torch::kCPU).save(path);
+      },
+      absl::StatusCode::kInternal);
+}
+
+torch::jit::Graph& QuantizedModel::graph() const {
+  return *torch::jit::toGraphFunction(module_.get_method("forward").function())
+              .graph();
+}
+
+absl::Status QuantizedModel::SetLearnedWeight(size_t i,
+                                              const torch::Tensor& dequantized,
+                                              const torch::Tensor& q,
+                                              const std::string& rounding) {
+  if (ran_) {
+    return absl::FailedPreconditionError(
+        "weights can only be replaced before the first quantized forward");
+  }
+  if (i >= layers_.size() || layers_[i].bits == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", i, " has no quantized weights"));
+  }
+  Node* n = layer_nodes_[i];
+  const at::Tensor old = torch::jit::toIValue(n->input(1))->toTensor();
+  if (old.sizes() != dequantized.sizes() || old.sizes() != q.sizes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "new weights for ", layers_[i].name, " have the wrong shape"));
+  }
+  return CallTorch(
+      absl::StrCat("replacing the weights of ", layers_[i].name),
+      [&] {
+        torch::jit::Graph& g = *n->owningGraph();
+        torch::jit::WithInsertPoint guard(n);
+        Value* before = n->input(1);
+        n->replaceInput(1, g.insertConstant(dequantized.detach().to(
+                               old.device(), old.scalar_type())));
+        if (!before->hasUses()) before->node()->destroy();
+        layers_[i].learned_q = q.detach().to(torch::kCPU, torch::kInt);
+        layers_[i].rounding = rounding;
       },
       absl::StatusCode::kInternal);
 }

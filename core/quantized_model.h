@@ -42,6 +42,12 @@ struct LayerQuantInfo {
   int64_t params = 0;
   torch::Tensor scale;        // per output channel; undefined when float
   torch::Tensor zero_point;
+  // How the weights were rounded: "nearest", or the reconstruction method
+  // that learned them ("adaround"); "" when float.
+  std::string rounding;
+  // The integer weights q (quantizer.h) when learned; undefined for
+  // round-to-nearest, whose q follows from the float weights.
+  torch::Tensor learned_q;
 };
 
 struct ActivationSiteInfo {
@@ -80,6 +86,19 @@ class QuantizedModel {
   double weight_bytes() const;
   const torch::jit::Module& module() const { return module_; }
 
+  // For reconstruction (reconstruct.h): the forward graph being built, the
+  // module's self, and layer i's conv/linear node in it (layers() order).
+  torch::jit::Graph& graph() const;
+  c10::IValue self() const { return module_._ivalue(); }
+  torch::jit::Node* layer_node(size_t i) const { return layer_nodes_.at(i); }
+  // Replaces layer i's weight constant by `dequantized` = (q + zp) / scale,
+  // with q the integer weights it came from, and records `rounding`.
+  // FAILED_PRECONDITION once Forward() has run (its executor has the old
+  // graph); INVALID_ARGUMENT for a float layer or a shape mismatch.
+  absl::Status SetLearnedWeight(size_t i, const torch::Tensor& dequantized,
+                                const torch::Tensor& q,
+                                const std::string& rounding);
+
  private:
   QuantizedModel(torch::jit::Module module, torch::Device device)
       : module_(std::move(module)), device_(device) {}
@@ -87,7 +106,9 @@ class QuantizedModel {
   torch::jit::Module module_;
   torch::Device device_;
   std::vector<LayerQuantInfo> layers_;
+  std::vector<torch::jit::Node*> layer_nodes_;  // in module_'s graph
   std::vector<ActivationSiteInfo> sites_;
+  bool ran_ = false;
 };
 
 // Checks a QuantOptions against a model (widths, layer names).
