@@ -6,13 +6,16 @@
 //   spec.input_shape = {3, 224, 224};           // one sample, no batch
 //   spec.output_dir = "/tmp/out";
 //   ZQ_ASSIGN_OR_RETURN(JobResult r, RunJob(spec, on_progress, &cancel));
-//   std::cout << FormatSummary(r);
+//   std::cout << FormatSummary(r);              // report.h
 //
-// Stages: INSPECT (load, analyse, one forward), DISTILL (BN-statistics
-// data), with a budget SENSITIVITY (per-layer sweep) and PARETO (frontier
-// and the chosen widths), CALIBRATE (quantize weights, calibrate activation ranges), EXPORT
-// (quantized TorchScript model, JSON recipe, the calibration data, a JSON
-// report). Progress callbacks run on the calling thread.
+// A job is a list of stages (stages/stage.h; one file each under
+// core/stages/, run in order by core/stages/driver.cc): INSPECT (load,
+// analyse, one forward), DISTILL (BN-statistics data), with a budget
+// SENSITIVITY (per-layer sweep) and PARETO (frontier and the chosen
+// widths), CALIBRATE (quantize weights, calibrate activation ranges), EXPORT
+// (agreement with the float model; quantized TorchScript model, JSON
+// recipe, the calibration data, a JSON report). Progress callbacks run on
+// the calling thread.
 //
 // RunJob sets LibTorch's process-wide intra-op thread count to
 // spec.threads: run one job per process (the worker does) or accept that.
@@ -20,9 +23,6 @@
 #define ZEROQ_CORE_PIPELINE_H_
 
 #include <cstdint>
-#include <functional>
-#include <limits>
-#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -32,30 +32,12 @@
 #include "core/cancellation.h"
 #include "core/options.h"
 #include "core/pareto.h"
+#include "core/report.h"
+#include "core/stages/stage.h"
 
 namespace zeroq::core {
 
 class Model;
-
-enum class Stage { kInspect, kDistill, kSensitivity, kPareto, kCalibrate, kExport };
-const char* StageName(Stage stage);
-
-struct ProgressEvent {
-  Stage stage = Stage::kInspect;
-  int64_t step = 0;      // progress within the stage, of `total`
-  int64_t total = 0;     // 0 when unknown
-  double loss = std::numeric_limits<double>::quiet_NaN();  // distillation
-  double lr = std::numeric_limits<double>::quiet_NaN();
-  std::string message;   // human-readable, may be empty
-  // SENSITIVITY: the layer and width just measured and its Omega.
-  // PARETO: one frontier point per event (size_bits, omega = its total
-  // sensitivity, bits = 1 when it is the chosen point), then the choice.
-  std::string layer;
-  int bits = 0;
-  double omega = std::numeric_limits<double>::quiet_NaN();
-  int64_t size_bits = 0;
-};
-using ProgressFn = std::function<void(const ProgressEvent&)>;
 
 enum class CalibrationSource {
   kDistilled,  // ZeroQ: BN-statistics distilled data (default)
@@ -88,50 +70,6 @@ struct JobSpec {
   std::string device = "cpu";        // "cpu", "cuda", "cuda:N"
 };
 
-struct LayerReport {
-  std::string name, op, bn;
-  int64_t params = 0;
-  int bits = 0;                      // 0: float
-};
-
-struct ActivationReport {
-  std::string name;
-  int bits = 0;
-  double min = 0, max = 0;
-  std::string range;  // how min/max were set: "minmax", "percentile P", "mse"
-};
-
-struct JobResult {
-  std::vector<LayerReport> layers;
-  std::vector<ActivationReport> activations;
-  int bn_layers = 0;
-  int64_t quantizable_params = 0;
-  double float_weight_bytes = 0;     // conv/linear weights at 32 bits
-  double weight_bytes = 0;           // at their chosen widths
-  double distill_initial_loss = std::numeric_limits<double>::quiet_NaN();
-  double distill_final_loss = std::numeric_limits<double>::quiet_NaN();
-  // Adam steps run over all distilled batches: iterations x num_batches, or
-  // fewer after an early stop; 0 without distillation.
-  int64_t distill_iterations = 0;
-  // Quantized vs float on the calibration data: share of samples with the
-  // same top-1 class, and mean KL(softmax float || softmax quantized).
-  double top1_agreement = 0;
-  double mean_kl = 0;
-  int64_t samples = 0;
-  // Mixed precision only.
-  std::vector<LayerSensitivity> sensitivity;
-  std::vector<ParetoPoint> frontier;
-  std::optional<ParetoPoint> chosen;
-  int64_t budget_bits = 0;
-  int64_t bound_bits = 0;            // Plan::bound_bits
-  std::vector<std::pair<std::string, double>> stage_seconds;
-  int threads = 0;
-  std::string device;
-  std::string calibration;           // "distilled", "gaussian", file path
-  // Artifact paths inside output_dir.
-  std::string model_artifact, recipe_artifact, data_artifact, report_artifact;
-};
-
 // Process-wide set-up for running jobs: LibTorch's intra-op thread count,
 // and glibc malloc kept from returning large blocks to the kernel. LibTorch's
 // CPU allocator does not cache: every tensor over 128 KiB would otherwise be
@@ -139,26 +77,20 @@ struct JobResult {
 // the time of a distillation iteration on the example model). RunJob calls it.
 void SetUpProcess(int threads);
 
-// INVALID_ARGUMENT / FAILED_PRECONDITION for bad models, shapes and options
-// (Model, Distill, QuantizedModel say which); CANCELLED via the token.
 // Every option of the spec against its range (common/config_schema.h) and
 // the model's layers: quantization, distillation, candidate widths (with a
 // budget; no repeats), threads. INVALID_ARGUMENT naming the option. RunJob
 // runs it first; zeroq-quantize --check_config runs only this.
 absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec);
 
+// Runs the stages that apply to `spec` (SENSITIVITY and PARETO only with a
+// budget, DISTILL only for distilled data), each timed in
+// JobResult::stage_seconds, and checks the token between them.
+// INVALID_ARGUMENT / FAILED_PRECONDITION for bad models, shapes and options
+// (Model, Distill, QuantizedModel say which); CANCELLED via the token.
 absl::StatusOr<JobResult> RunJob(const JobSpec& spec,
                                  const ProgressFn& progress = {},
                                  const CancellationToken* cancel = nullptr);
-
-// A readable multi-line report (layer table, sizes, agreement, timings).
-std::string FormatSummary(const JobResult& result);
-// The same as JSON (also written to output_dir/report.json).
-std::string ResultJson(const JobResult& result);
-
-// The sensitivity table of a report written by ResultJson (for re-planning).
-absl::StatusOr<std::vector<LayerSensitivity>> SensitivityFromReportJson(
-    const std::string& json);
 
 // What the service shows of an uploaded model, without LibTorch types.
 struct ModelInfo {
@@ -190,7 +122,6 @@ struct ModelInfo {
 absl::StatusOr<ModelInfo> InspectModel(const std::string& path,
                                        const std::vector<int64_t>& input_shape,
                                        const std::string& device = "cpu");
-
 
 }  // namespace zeroq::core
 

@@ -114,12 +114,13 @@ TEST_F(PipelineTest, FashionEndToEnd) {
   EXPECT_EQ(r->threads, 1);
   EXPECT_EQ(r->device, TestDevice());
   EXPECT_EQ(r->calibration, "distilled");
-  std::vector<std::string> stages;
-  for (const auto& [name, seconds] : r->stage_seconds) {
-    stages.push_back(name);
-    EXPECT_GE(seconds, 0.0) << name;
+  std::vector<Stage> stages;
+  for (const auto& [stage, seconds] : r->stage_seconds) {
+    stages.push_back(stage);
+    EXPECT_GE(seconds, 0.0) << StageName(stage);
   }
-  EXPECT_THAT(stages, ElementsAre("INSPECT", "DISTILL", "CALIBRATE", "EXPORT"));
+  EXPECT_THAT(stages, ElementsAre(Stage::kInspect, Stage::kDistill,
+                                  Stage::kCalibrate, Stage::kExport));
 
   // Progress: stages in order, distillation step by step.
   ASSERT_FALSE(events.empty());
@@ -314,8 +315,8 @@ TEST_F(PipelineTest, GaussianCalibration) {
   ASSERT_TRUE(data.ok()) << data.status();
   EXPECT_THAT(data->sizes().vec(), ElementsAre(32, 1, 28, 28));
   EXPECT_NEAR(data->std().item<double>(), 1.0, 0.05);
-  for (const auto& [name, seconds] : r->stage_seconds) {
-    EXPECT_NE(name, "DISTILL");
+  for (const auto& [stage, seconds] : r->stage_seconds) {
+    EXPECT_NE(stage, Stage::kDistill);
   }
   // report.json has null for the missing distillation losses.
   nlohmann::json report =

@@ -34,12 +34,6 @@ bool IsActivationOp(const Node& n) {
 
 std::string ShortOp(const Node& n) { return n.kind().toUnqualString(); }
 
-struct Site {
-  Value* value = nullptr;
-  bool all_uses = true;  // false: only uses by conv/linear layers
-  ActivationSiteInfo info;
-};
-
 // Inserts x_hat = (clamp(round(x * s - z), -2^(k-1), 2^(k-1)-1) + z) / s
 // right after `v` is defined and routes v's selected uses through it.
 void InsertFakeQuant(torch::jit::Graph& g, Value* v, bool all_uses,
@@ -119,168 +113,203 @@ absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::Create(
     const Model& model, const QuantOptions& options,
     const std::vector<torch::Tensor>& calibration,
     const CalibrationProgressFn& progress, const CancellationToken* cancel) {
+  // Both checks before the copy, so that bad input costs nothing.
   ZQ_RETURN_IF_ERROR(ValidateQuantOptions(model, options));
   if (options.activation_bits > 0 && calibration.empty()) {
     return absl::InvalidArgumentError(
         "activation quantization needs calibration batches");
   }
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<QuantizedModel> q,
+                      QuantizeWeights(model, options));
+  ZQ_RETURN_IF_ERROR(q->CalibrateActivations(calibration, progress, cancel));
+  return q;
+}
+
+absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizedModel::QuantizeWeights(
+    const Model& model, const QuantOptions& options) {
+  ZQ_RETURN_IF_ERROR(ValidateQuantOptions(model, options));
   ZQ_ASSIGN_OR_RETURN(
       torch::jit::Module clone,
       CallTorch("copying the model", [&] { return model.frozen().clone(); }));
   std::unique_ptr<QuantizedModel> q(
-      new QuantizedModel(std::move(clone), model.device()));
-  std::shared_ptr<torch::jit::Graph> g =
-      torch::jit::toGraphFunction(q->module_.get_method("forward").function())
-          .graph();
-  std::vector<Node*> nodes = Model::Nodes(*g);
+      new QuantizedModel(std::move(clone), model.device(), options));
+  torch::jit::Graph& g = q->graph();
+  // Taken before any rewrite, so that the model's node indices point into
+  // it; sites are found before the weight constants join the graph.
+  const std::vector<Node*> nodes = Model::Nodes(g);
+  q->FindSites(model, g, nodes);
+  ZQ_RETURN_IF_ERROR(q->QuantizeLayerWeights(model, g, nodes));
+  return q;
+}
 
-  // Sites first, while node indices still match the model's graph.
-  std::vector<Site> sites;
-  if (options.activation_bits > 0) {
-    absl::flat_hash_set<Value*> taken;
-    absl::flat_hash_map<std::string, int> seen;
-    for (Node* n : nodes) {
-      if (IsActivationOp(*n) && n->owningBlock() == g->block()) {
-        Site s;
-        s.value = n->output();
-        std::string base = ScopeName(*n);
-        s.info.name = absl::StrCat(base.empty() ? "" : base + "/", ShortOp(*n));
-        if (int c = ++seen[s.info.name]; c > 1)
-          absl::StrAppend(&s.info.name, "#", c);
-        s.info.after = n->kind().toQualString();
-        taken.insert(s.value);
-        sites.push_back(std::move(s));
-      }
-    }
-    if (options.quantize_layer_inputs) {
-      for (const QuantLayer& layer : model.summary().layers) {
-        Node* n = nodes.at(layer.node_index);
-        Value* in = n->input(0);
-        bool top = in->node()->kind() == c10::prim::Param ||
-                   in->node()->owningBlock() == g->block();
-        if (!top || taken.count(in)) continue;
-        taken.insert(in);
-        Site s;
-        s.value = in;
-        s.all_uses = false;
-        s.info.name = absl::StrCat(layer.name, ":input");
-        s.info.after = absl::StrCat("input of ", layer.name);
-        sites.push_back(std::move(s));
-      }
-      // Graph order, so upstream sites are calibrated first.
-      absl::flat_hash_map<const Node*, int> position;
-      for (int i = 0; i < static_cast<int>(nodes.size()); ++i)
-        position[nodes[i]] = i;
-      auto pos = [&](const Site& s) {
-        auto it = position.find(s.value->node());
-        return it == position.end() ? -1 : it->second;
-      };
-      std::stable_sort(
-          sites.begin(), sites.end(),
-          [&](const Site& a, const Site& b) { return pos(a) < pos(b); });
+void QuantizedModel::FindSites(const Model& model, torch::jit::Graph& g,
+                               const std::vector<Node*>& nodes) {
+  if (options_.activation_bits <= 0) return;
+  std::vector<PendingSite>& sites = pending_sites_;
+  absl::flat_hash_set<Value*> taken;
+  absl::flat_hash_map<std::string, int> seen;
+  for (Node* n : nodes) {
+    if (IsActivationOp(*n) && n->owningBlock() == g.block()) {
+      PendingSite s;
+      s.value = n->output();
+      std::string base = ScopeName(*n);
+      s.info.name = absl::StrCat(base.empty() ? "" : base + "/", ShortOp(*n));
+      if (int c = ++seen[s.info.name]; c > 1)
+        absl::StrAppend(&s.info.name, "#", c);
+      s.info.after = n->kind().toQualString();
+      taken.insert(s.value);
+      sites.push_back(std::move(s));
     }
   }
-
-  // Weights: quantized once, stored as constants.
+  if (!options_.quantize_layer_inputs) return;
   for (const QuantLayer& layer : model.summary().layers) {
-    auto it = options.layer_bits.find(layer.name);
+    Node* n = nodes.at(layer.node_index);
+    Value* in = n->input(0);
+    bool top = in->node()->kind() == c10::prim::Param ||
+               in->node()->owningBlock() == g.block();
+    if (!top || taken.count(in)) continue;
+    taken.insert(in);
+    PendingSite s;
+    s.value = in;
+    s.all_uses = false;
+    s.info.name = absl::StrCat(layer.name, ":input");
+    s.info.after = absl::StrCat("input of ", layer.name);
+    sites.push_back(std::move(s));
+  }
+  // Graph order, so upstream sites are calibrated first.
+  absl::flat_hash_map<const Node*, int> position;
+  for (int i = 0; i < static_cast<int>(nodes.size()); ++i)
+    position[nodes[i]] = i;
+  auto pos = [&](const PendingSite& s) {
+    auto it = position.find(s.value->node());
+    return it == position.end() ? -1 : it->second;
+  };
+  std::stable_sort(sites.begin(), sites.end(),
+                   [&](const PendingSite& a, const PendingSite& b) {
+                     return pos(a) < pos(b);
+                   });
+}
+
+absl::Status QuantizedModel::QuantizeLayerWeights(
+    const Model& model, torch::jit::Graph& g, const std::vector<Node*>& nodes) {
+  for (const QuantLayer& layer : model.summary().layers) {
+    auto it = options_.layer_bits.find(layer.name);
     const int bits =
-        it != options.layer_bits.end() ? it->second : options.weight_bits;
+        it != options_.layer_bits.end() ? it->second : options_.weight_bits;
     LayerQuantInfo info;
     info.name = layer.name;
     info.bits = bits;
     info.params = layer.params;
-    q->layer_nodes_.push_back(nodes.at(layer.node_index));
+    Node* n = nodes.at(layer.node_index);
+    layer_nodes_.push_back(n);
     if (bits > 0) {
-      Node* n = nodes.at(layer.node_index);
       const at::Tensor w = torch::jit::toIValue(n->input(1))->toTensor();
       ZQ_ASSIGN_OR_RETURN(WeightQuantization wq, QuantizeWeight(w, bits));
       ZQ_RETURN_IF_ERROR(CallTorch(
           "inserting quantized weights",
           [&] {
             torch::jit::WithInsertPoint guard(n);
-            n->replaceInput(1, g->insertConstant(wq.dequantized));
+            n->replaceInput(1, g.insertConstant(wq.dequantized));
           },
           absl::StatusCode::kInternal));
       info.scale = wq.scale.cpu();
       info.zero_point = wq.zero_point.cpu();
       info.rounding = "nearest";
     }
-    q->layers_.push_back(std::move(info));
+    layers_.push_back(std::move(info));
   }
+  return absl::OkStatus();
+}
 
-  // Activations: calibrate in graph order with upstream quantizers active.
-  c10::IValue self = q->module_._ivalue();
-  const ActivationRange method = ResolvedActivationRange(options);
-  const double pct = options.activation_percentile;
-  for (size_t i = 0; i < sites.size(); ++i) {
+absl::Status QuantizedModel::CalibrateActivations(
+    const std::vector<torch::Tensor>& calibration,
+    const CalibrationProgressFn& progress, const CancellationToken* cancel) {
+  if (calibrated_) {
+    return absl::FailedPreconditionError(
+        "the activations are already calibrated");
+  }
+  if (options_.activation_bits > 0 && calibration.empty()) {
+    return absl::InvalidArgumentError(
+        "activation quantization needs calibration batches");
+  }
+  // Once: a second pass would quantize the sites done so far twice.
+  calibrated_ = true;
+  for (size_t i = 0; i < pending_sites_.size(); ++i) {
     ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "calibration"));
-    Site& site = sites[i];
-    absl::Status status = CallTorch(
-        absl::StrCat("calibrating ", site.info.name),
-        [&] {
-          torch::NoGradGuard no_grad;
-          GraphProgram probe(ProbeGraph(*g, std::vector<Value*>{site.value}),
-                             self);
-          double lo = std::numeric_limits<double>::infinity();
-          double hi = -lo;
-          // Percentile: every value. MSE: a seeded sample of each batch's
-          // values, at most kMseSample in all (the search costs 100 passes).
-          std::vector<torch::Tensor> kept;
-          const int64_t per_batch = std::max<int64_t>(
-              1, kMseSample / static_cast<int64_t>(calibration.size()));
-          auto gen = at::make_generator<at::CPUGeneratorImpl>(i);
-          for (const torch::Tensor& batch : calibration) {
-            torch::Tensor a = probe.Run(batch.to(q->device_))[0].detach();
-            lo = std::min(lo, a.min().item<double>());
-            hi = std::max(hi, a.max().item<double>());
-            if (method == ActivationRange::kPercentile && pct < 100.0) {
-              kept.push_back(a.flatten().to(torch::kFloat));
-            } else if (method == ActivationRange::kMse) {
-              torch::Tensor flat = a.flatten().to(torch::kFloat);
-              if (flat.numel() > per_batch) {
-                torch::Tensor pick = torch::randint(flat.numel(), {per_batch},
-                                                    gen, torch::kLong);
-                flat = flat.index_select(0, pick.to(flat.device()));
-              }
-              kept.push_back(flat);
-            }
-          }
-          absl::StatusOr<ActivationQuantization> params;
-          if (method == ActivationRange::kMse) {
-            params = MseActivationParams(torch::cat(kept), lo, hi,
-                                         options.activation_bits);
-            site.info.range = "mse";
-          } else if (!kept.empty()) {
-            torch::Tensor v = torch::cat(kept);
-            const int64_t n = v.numel();
-            auto kth = [&](double p) {
-              int64_t k = std::clamp<int64_t>(
-                  static_cast<int64_t>(std::llround(p / 100.0 * (n - 1))) + 1,
-                  1, n);
-              return std::get<0>(v.kthvalue(k)).item<double>();
-            };
-            params = ActivationParams(kth(100.0 - pct), kth(pct),
-                                      options.activation_bits);
-            site.info.range = absl::StrCat("percentile ", pct);
-          } else {
-            params = ActivationParams(lo, hi, options.activation_bits);
-            site.info.range = "minmax";
-          }
-          if (!params.ok())
-            throw std::runtime_error(std::string(params.status().message()));
-          site.info.quant = *params;
-          InsertFakeQuant(*g, site.value, site.all_uses, site.info.quant);
-        },
-        absl::StatusCode::kInternal);
-    ZQ_RETURN_IF_ERROR(status);
-    q->sites_.push_back(site.info);
+    PendingSite& site = pending_sites_[i];
+    ZQ_RETURN_IF_ERROR(CalibrateSite(i, site, calibration));
+    sites_.push_back(site.info);
     if (progress) {
-      progress({static_cast<int>(i + 1), static_cast<int>(sites.size()),
-                site.info.name});
+      progress({static_cast<int>(i + 1),
+                static_cast<int>(pending_sites_.size()), site.info.name});
     }
   }
-  return q;
+  pending_sites_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status QuantizedModel::CalibrateSite(
+    size_t i, PendingSite& site,
+    const std::vector<torch::Tensor>& calibration) {
+  torch::jit::Graph& g = graph();
+  const ActivationRange method = ResolvedActivationRange(options_);
+  const double pct = options_.activation_percentile;
+  const int bits = options_.activation_bits;
+  return CallTorch(
+      absl::StrCat("calibrating ", site.info.name),
+      [&] {
+        torch::NoGradGuard no_grad;
+        GraphProgram probe(ProbeGraph(g, std::vector<Value*>{site.value}),
+                           self());
+        double lo = std::numeric_limits<double>::infinity();
+        double hi = -lo;
+        // Percentile: every value. MSE: a seeded sample of each batch's
+        // values, at most kMseSample in all (the search costs 100 passes).
+        std::vector<torch::Tensor> kept;
+        const int64_t per_batch = std::max<int64_t>(
+            1, kMseSample / static_cast<int64_t>(calibration.size()));
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(i);
+        for (const torch::Tensor& batch : calibration) {
+          torch::Tensor a = probe.Run(batch.to(device_))[0].detach();
+          lo = std::min(lo, a.min().item<double>());
+          hi = std::max(hi, a.max().item<double>());
+          if (method == ActivationRange::kPercentile && pct < 100.0) {
+            kept.push_back(a.flatten().to(torch::kFloat));
+          } else if (method == ActivationRange::kMse) {
+            torch::Tensor flat = a.flatten().to(torch::kFloat);
+            if (flat.numel() > per_batch) {
+              torch::Tensor pick = torch::randint(flat.numel(), {per_batch},
+                                                  gen, torch::kLong);
+              flat = flat.index_select(0, pick.to(flat.device()));
+            }
+            kept.push_back(flat);
+          }
+        }
+        absl::StatusOr<ActivationQuantization> params;
+        if (method == ActivationRange::kMse) {
+          params = MseActivationParams(torch::cat(kept), lo, hi, bits);
+          site.info.range = "mse";
+        } else if (!kept.empty()) {
+          torch::Tensor v = torch::cat(kept);
+          const int64_t n = v.numel();
+          auto kth = [&](double p) {
+            int64_t k = std::clamp<int64_t>(
+                static_cast<int64_t>(std::llround(p / 100.0 * (n - 1))) + 1, 1,
+                n);
+            return std::get<0>(v.kthvalue(k)).item<double>();
+          };
+          params = ActivationParams(kth(100.0 - pct), kth(pct), bits);
+          site.info.range = absl::StrCat("percentile ", pct);
+        } else {
+          params = ActivationParams(lo, hi, bits);
+          site.info.range = "minmax";
+        }
+        if (!params.ok())
+          throw std::runtime_error(std::string(params.status().message()));
+        site.info.quant = *params;
+        InsertFakeQuant(g, site.value, site.all_uses, site.info.quant);
+      },
+      absl::StatusCode::kInternal);
 }
 
 absl::StatusOr<std::vector<torch::Tensor>> QuantizedModel::Forward(

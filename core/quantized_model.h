@@ -6,16 +6,23 @@
 //   ZQ_ASSIGN_OR_RETURN(std::vector<torch::Tensor> out, qmodel->Forward(x));
 //   ZQ_RETURN_IF_ERROR(qmodel->Save("model.zeroq.pt"));
 //
-// Built from a copy of the frozen float graph: each conv/linear weight
-// constant is replaced, once, by its per-channel quantized-dequantized value
-// (quantizer.h), and per-tensor activation quantizers (mul, sub, round,
-// clamp, add, div) are inserted after every ReLU/ReLU6 (and, optionally, on
-// every conv/linear input). Activation ranges are calibrated site by site in
-// graph order, each on the calibration batches with every upstream
-// quantizer already active, by QuantOptions::activation_range (min/max,
-// percentiles, or the clip with the least quantization error). The result
-// is an ordinary TorchScript module with the input model's call signature:
-// Save() writes exactly what Forward() runs.
+// Built from a copy of the frozen float graph in two steps, which Create()
+// runs one after the other (the pipeline's CALIBRATE stage calls them
+// itself):
+//  1. QuantizeWeights(): each conv/linear weight constant is replaced, once,
+//     by its per-channel quantized-dequantized value (quantizer.h, round to
+//     nearest), and the activation sites are found: every ReLU/ReLU6 output
+//     (and, optionally, every conv/linear input).
+//  2. CalibrateActivations(): per-tensor activation quantizers (mul, sub,
+//     round, clamp, add, div) are calibrated site by site in graph order,
+//     each on the calibration batches with every upstream quantizer already
+//     in the graph, by QuantOptions::activation_range (min/max,
+//     percentiles, or the clip with the least quantization error), and
+//     inserted.
+// Learned weights (reconstruct.h) may replace the rounded ones through
+// SetLearnedWeight() any time before the first Forward(). The result is an
+// ordinary TorchScript module with the input model's call signature: Save()
+// writes exactly what Forward() runs.
 //
 // Not thread-safe: one Forward() at a time.
 #ifndef ZEROQ_CORE_QUANTIZED_MODEL_H_
@@ -66,10 +73,33 @@ using CalibrationProgressFn = std::function<void(const CalibrationProgress&)>;
 
 class QuantizedModel {
  public:
-  // INVALID_ARGUMENT for bad options (unknown layer names, widths outside
-  // 2..8 for weights or 2..16 for activations); CANCELLED via the token.
+  // QuantizeWeights() then CalibrateActivations(). INVALID_ARGUMENT for bad
+  // options (unknown layer names, widths outside 2..8 for weights or 2..16
+  // for activations) and for activation quantization without calibration
+  // batches; CANCELLED via the token.
   static absl::StatusOr<std::unique_ptr<QuantizedModel>> Create(
       const Model& model, const QuantOptions& options,
+      const std::vector<torch::Tensor>& calibration,
+      const CalibrationProgressFn& progress = {},
+      const CancellationToken* cancel = nullptr);
+
+  // Step 1: the weights rounded to nearest at their widths and stored as
+  // graph constants; the activation sites found but not yet calibrated
+  // (sites() is empty until CalibrateActivations). INVALID_ARGUMENT for bad
+  // options, as Create.
+  static absl::StatusOr<std::unique_ptr<QuantizedModel>> QuantizeWeights(
+      const Model& model, const QuantOptions& options);
+
+  // Step 2: calibrates every site found by QuantizeWeights in graph order,
+  // each with the quantizers upstream of it active, and inserts its
+  // quantizer; `progress` once per site. Runs probe graphs, never the
+  // module's forward, so SetLearnedWeight() still works afterwards.
+  // INVALID_ARGUMENT without calibration batches when activations are
+  // quantized (nothing changed: call again); CANCELLED via the token
+  // (checked before each site). Past those checks it runs once: any later
+  // call is FAILED_PRECONDITION, and after an error midway the model is
+  // only partly calibrated and should be dropped.
+  absl::Status CalibrateActivations(
       const std::vector<torch::Tensor>& calibration,
       const CalibrationProgressFn& progress = {},
       const CancellationToken* cancel = nullptr);
@@ -100,14 +130,40 @@ class QuantizedModel {
                                 const std::string& rounding);
 
  private:
-  QuantizedModel(torch::jit::Module module, torch::Device device)
-      : module_(std::move(module)), device_(device) {}
+  // An activation site found by QuantizeWeights, waiting for calibration.
+  struct PendingSite {
+    torch::jit::Value* value = nullptr;
+    bool all_uses = true;  // false: only uses by conv/linear layers
+    ActivationSiteInfo info;
+  };
+
+  QuantizedModel(torch::jit::Module module, torch::Device device,
+                 const QuantOptions& options)
+      : module_(std::move(module)), device_(device), options_(options) {}
+
+  // The activation sites of the copied graph, in graph order. `nodes` is
+  // Model::Nodes() of that graph before any rewrite: the model's node
+  // indices point into it.
+  void FindSites(const Model& model, torch::jit::Graph& g,
+                 const std::vector<torch::jit::Node*>& nodes);
+  // Each layer's weights at its width, as graph constants; layer_nodes_.
+  absl::Status QuantizeLayerWeights(
+      const Model& model, torch::jit::Graph& g,
+      const std::vector<torch::jit::Node*>& nodes);
+  // Calibrates `site` (the i-th) and inserts its quantizer.
+  absl::Status CalibrateSite(size_t i, PendingSite& site,
+                             const std::vector<torch::Tensor>& calibration);
 
   torch::jit::Module module_;
   torch::Device device_;
+  QuantOptions options_;
   std::vector<LayerQuantInfo> layers_;
-  std::vector<torch::jit::Node*> layer_nodes_;  // in module_'s graph
+  // In module_'s graph. Node pointers stay valid while quantizers are
+  // inserted, so these remain usable after calibration.
+  std::vector<torch::jit::Node*> layer_nodes_;
+  std::vector<PendingSite> pending_sites_;  // until CalibrateActivations
   std::vector<ActivationSiteInfo> sites_;
+  bool calibrated_ = false;
   bool ran_ = false;
 };
 

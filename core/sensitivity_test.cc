@@ -186,7 +186,7 @@ TEST(Sensitivity, ReplanFromReportMatchesFullRun) {
     ASSERT_TRUE(full->chosen && fast->chosen);
     EXPECT_EQ(fast->chosen->bits, full->chosen->bits) << "budget " << budget;
     for (const auto& [stage, seconds] : fast->stage_seconds) {
-      if (stage == "SENSITIVITY") EXPECT_LT(seconds, 0.1);
+      if (stage == Stage::kSensitivity) EXPECT_LT(seconds, 0.1);
     }
   }
 }

@@ -168,31 +168,18 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   return spec;
 }
 
-v1::Stage StageToProto(core::Stage stage) {
-  switch (stage) {
-    case core::Stage::kInspect:
-      return v1::STAGE_INSPECT;
-    case core::Stage::kDistill:
-      return v1::STAGE_DISTILL;
-    case core::Stage::kSensitivity:
-      return v1::STAGE_SENSITIVITY;
-    case core::Stage::kPareto:
-      return v1::STAGE_PARETO;
-    case core::Stage::kCalibrate:
-      return v1::STAGE_CALIBRATE;
-    case core::Stage::kExport:
-      return v1::STAGE_EXPORT;
-  }
-  return v1::STAGE_UNSPECIFIED;
-}
+// The core's stages are numbered as the protocol's, so a stage converts by
+// a cast (core/stages/stage.h). The enums are contiguous on both sides, so
+// equal ends mean equal values; the core's tests check the names too.
+static_assert(static_cast<int>(core::kFirstStage) == v1::STAGE_INSPECT &&
+                  static_cast<int>(core::kLastStage) == v1::Stage_MAX,
+              "core::Stage and zeroq.v1.Stage must have the same values");
 
-v1::Stage StageFromName(const std::string& name) {
-  for (core::Stage s :
-       {core::Stage::kInspect, core::Stage::kDistill, core::Stage::kSensitivity,
-        core::Stage::kPareto, core::Stage::kCalibrate, core::Stage::kExport}) {
-    if (name == core::StageName(s)) return StageToProto(s);
-  }
-  return v1::STAGE_UNSPECIFIED;
+v1::Stage StageToProto(core::Stage stage) {
+  const int value = static_cast<int>(stage);
+  return value != v1::STAGE_UNSPECIFIED && v1::Stage_IsValid(value)
+             ? static_cast<v1::Stage>(value)
+             : v1::STAGE_UNSPECIFIED;
 }
 
 v1::JobEvent EventFromProgress(const core::ProgressEvent& e) {
@@ -273,9 +260,9 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
   if (r.chosen.has_value()) point(*r.chosen, out.mutable_chosen());
   out.set_budget_bits(r.budget_bits);
   out.set_bound_bits(r.bound_bits);
-  for (const auto& [name, seconds] : r.stage_seconds) {
+  for (const auto& [stage, seconds] : r.stage_seconds) {
     v1::StageTime* t = out.add_stage_seconds();
-    t->set_stage(StageFromName(name));
+    t->set_stage(StageToProto(stage));
     t->set_seconds(seconds);
   }
   out.set_threads(r.threads);

@@ -46,11 +46,11 @@ v1::JobEvent EventFromProgress(const core::ProgressEvent& event);
 
 // The result as the protocol's JobResult. Layers carry their candidate widths
 // and Omega from result.sensitivity, matched by name (mixed precision only);
-// NaN losses become 0; stage_seconds map stage names to v1::Stage. Artifacts:
-// the files RunJob wrote that exist, named by their basenames, with their
-// sizes; sha256 is left empty (the server computes it). `calibration` is
-// "distilled", "gaussian" or, for a calibration file, the file's basename:
-// the server's paths are not shown to clients.
+// NaN losses become 0; stage_seconds keep their order, as v1::Stage.
+// Artifacts: the files RunJob wrote that exist, named by their basenames,
+// with their sizes; sha256 is left empty (the server computes it).
+// `calibration` is "distilled", "gaussian" or, for a calibration file, the
+// file's basename: the server's paths are not shown to clients.
 v1::JobResult ResultToProto(const core::JobResult& result);
 
 // The google.rpc.Code of a status: absl's codes equal gRPC's numerically.
@@ -59,10 +59,9 @@ int RpcCode(const absl::Status& status);
 // JobError{code, message} of a non-OK status.
 v1::JobError ErrorFromStatus(const absl::Status& status);
 
-// v1::Stage of a core stage, and of a core stage name ("DISTILL"):
-// STAGE_UNSPECIFIED for an unknown name.
+// v1::Stage of a core stage: the same value (convert.cc asserts that the
+// enums agree); STAGE_UNSPECIFIED for a value outside the protocol's.
 v1::Stage StageToProto(core::Stage stage);
-v1::Stage StageFromName(const std::string& name);
 
 }  // namespace zeroq::worker
 

@@ -1,0 +1,244 @@
+// driver.cc: the stage list of a job and RunJob, which runs it.
+//
+// Each stage is one row of kStages: its enum value, its name, what it was
+// doing (for the cancellation message), whether it runs for a spec, and a
+// step that hands the stage function (core/stages/<stage>.h) what it reads
+// from the job's state and stores what it returns. Adding a stage: its
+// enum value (stage.h, equal to the proto's), its file and a row here.
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <iterator>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/model.h"
+#include "core/pipeline.h"
+#include "core/quantized_model.h"
+#include "core/stages/calibrate.h"
+#include "core/stages/distill.h"
+#include "core/stages/export.h"
+#include "core/stages/inspect.h"
+#include "core/stages/plan.h"
+#include "core/stages/sensitivity.h"
+#include "core/stages/stage.h"
+
+namespace zeroq::core {
+namespace {
+
+// What the stages of one job hand on to each other. Each field is written
+// by one stage (named) and read by later ones.
+struct JobState {
+  explicit JobState(const JobSpec& spec) : spec(spec), quant(spec.quant) {}
+
+  const JobSpec& spec;
+  std::unique_ptr<Model> model;            // INSPECT
+  CalibrationData data;                    // DISTILL, or INSPECT (ablations)
+  QuantOptions quant;                      // spec.quant; PARETO's widths
+  std::unique_ptr<QuantizedModel> qmodel;  // CALIBRATE
+  JobResult result;                        // every stage adds to it
+};
+
+using StageStep = absl::Status (*)(JobState&, const StageProgress&,
+                                   const CancellationToken*);
+
+struct StageEntry {
+  Stage stage;
+  const char* name;      // StageName()
+  const char* activity;  // "cancelled during <activity>"
+  bool (*runs)(const JobSpec&);
+  StageStep step;
+};
+
+bool Always(const JobSpec&) { return true; }
+bool Distills(const JobSpec& spec) {
+  return spec.calibration == CalibrationSource::kDistilled;
+}
+bool HasBudget(const JobSpec& spec) { return spec.budget.has_value(); }
+
+void RecordData(const CalibrationData& data, JobResult* result) {
+  result->calibration = data.source;
+  result->samples = data.samples;
+  result->distill_initial_loss = data.initial_loss;
+  result->distill_final_loss = data.final_loss;
+  result->distill_iterations = data.iterations;
+}
+
+absl::Status RunInspect(JobState& s, const StageProgress& progress,
+                        const CancellationToken*) {
+  ZQ_ASSIGN_OR_RETURN(s.model, InspectStage(s.spec, progress));
+  const ModelSummary& summary = s.model->summary();
+  s.result.bn_layers = static_cast<int>(summary.bn_layers.size());
+  s.result.quantizable_params = summary.quantizable_params;
+  s.result.float_weight_bytes = summary.quantizable_params * 4.0;
+  // Noise or a file replaces DISTILL, which then does not run: reading
+  // them is part of INSPECT, as their time always was.
+  if (!Distills(s.spec)) {
+    ZQ_ASSIGN_OR_RETURN(s.data, GivenCalibrationData(s.spec));
+    RecordData(s.data, &s.result);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunDistill(JobState& s, const StageProgress& progress,
+                        const CancellationToken* cancel) {
+  ZQ_ASSIGN_OR_RETURN(s.data, DistillStage(*s.model, s.spec, progress, cancel));
+  RecordData(s.data, &s.result);
+  return absl::OkStatus();
+}
+
+absl::Status RunSensitivity(JobState& s, const StageProgress& progress,
+                            const CancellationToken* cancel) {
+  ZQ_ASSIGN_OR_RETURN(
+      s.result.sensitivity,
+      SensitivityStage(*s.model, s.data.batches, s.spec, progress, cancel));
+  return absl::OkStatus();
+}
+
+absl::Status RunPareto(JobState& s, const StageProgress& progress,
+                       const CancellationToken*) {
+  ZQ_ASSIGN_OR_RETURN(
+      PlannedWidths planned,
+      PlanStage(s.result.sensitivity, s.model->summary().quantizable_params,
+                s.spec, progress));
+  s.quant = std::move(planned.quant);
+  s.result.frontier = std::move(planned.plan.frontier);
+  s.result.chosen = std::move(planned.plan.chosen);
+  s.result.budget_bits = planned.plan.budget_bits;
+  s.result.bound_bits = planned.plan.bound_bits;
+  return absl::OkStatus();
+}
+
+absl::Status RunCalibrate(JobState& s, const StageProgress& progress,
+                          const CancellationToken* cancel) {
+  ZQ_ASSIGN_OR_RETURN(
+      s.qmodel,
+      CalibrateStage(*s.model, s.quant, s.data.batches, progress, cancel));
+  return absl::OkStatus();
+}
+
+absl::Status RunExport(JobState& s, const StageProgress& progress,
+                       const CancellationToken* cancel) {
+  ZQ_ASSIGN_OR_RETURN(ExportOutput out, ExportStage(s.spec, *s.model, *s.qmodel,
+                                                    s.data, progress, cancel));
+  JobResult& r = s.result;
+  r.top1_agreement = out.agreement.top1;
+  r.mean_kl = out.agreement.mean_kl;
+  r.layers = std::move(out.layers);
+  r.activations = std::move(out.activations);
+  r.weight_bytes = out.weight_bytes;
+  r.model_artifact = std::move(out.model_artifact);
+  r.recipe_artifact = std::move(out.recipe_artifact);
+  r.data_artifact = std::move(out.data_artifact);
+  r.report_artifact = std::move(out.report_artifact);
+  return absl::OkStatus();
+}
+
+// The stage list, in the order a job runs it.
+constexpr StageEntry kStages[] = {
+    {Stage::kInspect, "INSPECT", "inspection", Always, RunInspect},
+    {Stage::kDistill, "DISTILL", "distillation", Distills, RunDistill},
+    {Stage::kSensitivity, "SENSITIVITY", "the sensitivity sweep", HasBudget,
+     RunSensitivity},
+    {Stage::kPareto, "PARETO", "planning", HasBudget, RunPareto},
+    {Stage::kCalibrate, "CALIBRATE", "calibration", Always, RunCalibrate},
+    {Stage::kExport, "EXPORT", "export", Always, RunExport},
+};
+
+// Row i is the stage with value kFirstStage + i: StageName() indexes.
+constexpr bool RowsFollowTheEnum() {
+  int value = static_cast<int>(kFirstStage);
+  for (const StageEntry& entry : kStages) {
+    if (static_cast<int>(entry.stage) != value++) return false;
+  }
+  return value == static_cast<int>(kLastStage) + 1;
+}
+static_assert(RowsFollowTheEnum(),
+              "kStages must list every Stage once, in the enum's order");
+
+const StageEntry* Find(Stage stage) {
+  const int i = static_cast<int>(stage) - static_cast<int>(kFirstStage);
+  if (i < 0 || i >= static_cast<int>(std::size(kStages))) return nullptr;
+  return &kStages[i];
+}
+
+// RunJob's checks and set-up before any stage: result.threads and device.
+absl::Status Prepare(const JobSpec& spec, JobResult* result) {
+  result->threads =
+      spec.threads > 0
+          ? spec.threads
+          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  SetUpProcess(result->threads);
+  result->device = spec.device;
+  if (spec.output_dir.empty()) {
+    return absl::InvalidArgumentError("output_dir is required");
+  }
+  struct stat st;
+  if (::stat(spec.output_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("output folder ", spec.output_dir, " does not exist"));
+  }
+  if (spec.input_shape.empty()) {
+    return absl::InvalidArgumentError(
+        "input_shape is required: one sample without the batch dimension, "
+        "e.g. 3,224,224");
+  }
+  return absl::OkStatus();
+}
+
+// Runs the stages that apply to the spec, in order, each timed; between two
+// stages a cancelled token ends the job, naming what the earlier one did.
+absl::Status RunStages(JobState& state, const ProgressFn& progress,
+                       const CancellationToken* cancel) {
+  const StageEntry* previous = nullptr;
+  for (const StageEntry& entry : kStages) {
+    if (!entry.runs(state.spec)) continue;
+    if (previous != nullptr) {
+      ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, previous->activity));
+    }
+    const auto start = std::chrono::steady_clock::now();
+    ZQ_RETURN_IF_ERROR(
+        entry.step(state, StageProgress(entry.stage, progress), cancel));
+    state.result.stage_seconds.emplace_back(
+        entry.stage,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count());
+    previous = &entry;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const std::vector<Stage>& AllStages() {
+  static const std::vector<Stage>* const stages = [] {
+    auto* out = new std::vector<Stage>;
+    for (const StageEntry& entry : kStages) out->push_back(entry.stage);
+    return out;
+  }();
+  return *stages;
+}
+
+const char* StageName(Stage stage) {
+  const StageEntry* entry = Find(stage);
+  return entry != nullptr ? entry->name : "UNKNOWN";
+}
+
+absl::StatusOr<JobResult> RunJob(const JobSpec& spec,
+                                 const ProgressFn& progress,
+                                 const CancellationToken* cancel) {
+  JobState state(spec);
+  ZQ_RETURN_IF_ERROR(Prepare(spec, &state.result));
+  ZQ_RETURN_IF_ERROR(RunStages(state, progress, cancel));
+  ZQ_RETURN_IF_ERROR(
+      WriteReport(state.result, StageProgress(Stage::kExport, progress)));
+  return std::move(state.result);
+}
+
+}  // namespace zeroq::core

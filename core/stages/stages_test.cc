@@ -1,0 +1,276 @@
+// Tests of the stage list and its driver: names and values against the
+// protocol's enum, which stages run for which spec, and QuantizedModel's two
+// steps that the CALIBRATE stage runs against Create().
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/model.h"
+#include "core/options.h"
+#include "core/pipeline.h"
+#include "core/quantized_model.h"
+#include "core/stages/stage.h"
+#include "core/test_util.h"
+#include "core/worker/convert.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "zeroq/v1/zeroq.pb.h"
+
+namespace zeroq::core {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::ElementsAreArray;
+
+TEST(StageList, ValuesAndNamesAreTheProtocols) {
+  const std::vector<Stage>& stages = AllStages();
+  ASSERT_EQ(stages.size(), static_cast<size_t>(v1::Stage_MAX));
+  int value = v1::STAGE_INSPECT;
+  for (Stage stage : stages) {
+    EXPECT_EQ(static_cast<int>(stage), value++) << StageName(stage);
+    const v1::Stage proto = worker::StageToProto(stage);
+    EXPECT_EQ(static_cast<int>(proto), static_cast<int>(stage));
+    EXPECT_EQ(absl::StrCat("STAGE_", StageName(stage)), v1::Stage_Name(proto));
+  }
+  EXPECT_EQ(stages.front(), kFirstStage);
+  EXPECT_EQ(stages.back(), kLastStage);
+}
+
+TEST(StageList, ValuesOutsideTheListAreUnknown) {
+  for (int value : {0, static_cast<int>(kLastStage) + 1, -1}) {
+    const Stage stage = static_cast<Stage>(value);
+    EXPECT_STREQ(StageName(stage), "UNKNOWN") << value;
+    EXPECT_EQ(worker::StageToProto(stage), v1::STAGE_UNSPECIFIED) << value;
+  }
+}
+
+TEST(StageProgress, StampsItsStageOnEveryEvent) {
+  std::vector<ProgressEvent> events;
+  const ProgressFn fn = [&](const ProgressEvent& e) { events.push_back(e); };
+  StageProgress progress(Stage::kPareto, fn);
+  ProgressEvent e;
+  e.stage = Stage::kInspect;
+  e.size_bits = 42;
+  progress(e);
+  progress.Step(2, 3, "two");
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].stage, Stage::kPareto);
+  EXPECT_EQ(events[0].size_bits, 42);
+  EXPECT_EQ(events[1].stage, Stage::kPareto);
+  EXPECT_EQ(events[1].step, 2);
+  EXPECT_EQ(events[1].total, 3);
+  EXPECT_EQ(events[1].message, "two");
+  EXPECT_TRUE(std::isnan(events[1].loss));
+
+  const ProgressFn nobody;
+  StageProgress silent(Stage::kExport, nobody);
+  silent.Step(1, 1, "unheard");  // no callback: nothing happens
+}
+
+// The stages a RunJob timed, in order; the events' stages follow the same
+// order, and the report and the protocol show the same list.
+class DriverTest : public ::testing::Test {
+ protected:
+  void SetUp() override { at::set_num_threads(1); }
+
+  // pipeline_test's fashion_cnn job, smaller still.
+  JobSpec SmallSpec() const {
+    JobSpec spec;
+    spec.model_path = ModelPath("fashion_cnn.pt");
+    spec.input_shape = {1, 28, 28};
+    spec.distill.iterations = 10;
+    spec.distill.batch_size = 8;
+    spec.output_dir = dir_.path();
+    spec.threads = 1;
+    spec.device = TestDevice();
+    return spec;
+  }
+
+  std::vector<Stage> TimedStages(const JobSpec& spec) {
+    std::vector<Stage> seen;  // each event's stage, once per change
+    absl::StatusOr<JobResult> r = RunJob(spec, [&](const ProgressEvent& e) {
+      if (seen.empty() || seen.back() != e.stage) seen.push_back(e.stage);
+    });
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return {};
+    std::vector<Stage> timed;
+    std::vector<std::string> names;
+    for (const auto& [stage, seconds] : r->stage_seconds) {
+      timed.push_back(stage);
+      names.push_back(StageName(stage));
+    }
+    EXPECT_EQ(seen, timed);
+    nlohmann::json report = nlohmann::json::parse(ResultJson(*r));
+    std::vector<std::string> keys;
+    for (const auto& item : report["stage_seconds"].items()) {
+      keys.push_back(item.key());
+    }
+    EXPECT_THAT(keys, ::testing::UnorderedElementsAreArray(names));
+    const v1::JobResult proto = worker::ResultToProto(*r);
+    std::vector<Stage> proto_stages;
+    for (const v1::StageTime& t : proto.stage_seconds()) {
+      proto_stages.push_back(static_cast<Stage>(t.stage()));
+    }
+    EXPECT_EQ(proto_stages, timed);
+    return timed;
+  }
+
+  TempDir dir_;
+};
+
+TEST_F(DriverTest, SensitivityAndParetoRunOnlyWithABudget) {
+  EXPECT_THAT(TimedStages(SmallSpec()),
+              ElementsAre(Stage::kInspect, Stage::kDistill, Stage::kCalibrate,
+                          Stage::kExport));
+  JobSpec spec = SmallSpec();
+  spec.budget = Budget{Budget::kAverageBits, 4};
+  EXPECT_THAT(TimedStages(spec),
+              ElementsAre(Stage::kInspect, Stage::kDistill, Stage::kSensitivity,
+                          Stage::kPareto, Stage::kCalibrate, Stage::kExport));
+}
+
+TEST_F(DriverTest, DistillRunsOnlyForDistilledData) {
+  JobSpec spec = SmallSpec();
+  spec.calibration = CalibrationSource::kGaussian;
+  EXPECT_THAT(TimedStages(spec),
+              ElementsAre(Stage::kInspect, Stage::kCalibrate, Stage::kExport));
+}
+
+// QuantizedModel::QuantizeWeights then CalibrateActivations, as the
+// CALIBRATE stage runs them, against Create(), which does both.
+class TwoStepQuantizationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    at::set_num_threads(1);
+    model_ = LoadTestModel("fashion_cnn.pt");
+    ASSERT_NE(model_, nullptr);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+    for (int b = 0; b < 2; ++b) {
+      calibration_.push_back(
+          torch::randn({8, 1, 28, 28}, gen).to(model_->device()));
+    }
+    input_ = torch::randn({5, 1, 28, 28}, gen).to(model_->device());
+  }
+
+  std::unique_ptr<Model> model_;
+  std::vector<torch::Tensor> calibration_;
+  torch::Tensor input_;
+};
+
+TEST_F(TwoStepQuantizationTest, GivesExactlyWhatCreateGives) {
+  QuantOptions w8a8;
+  QuantOptions w4a4;
+  w4a4.weight_bits = 4;
+  w4a4.activation_bits = 4;
+  w4a4.layer_bits = {{"fc", 8}, {"stem.0", 0}};
+  w4a4.quantize_layer_inputs = true;
+  w4a4.activation_range = ActivationRange::kMinMax;
+  QuantOptions percentile = w4a4;
+  percentile.activation_range = ActivationRange::kPercentile;
+  percentile.activation_percentile = 99.9;
+  for (const QuantOptions& options : {w8a8, w4a4, percentile}) {
+    std::vector<std::string> created_sites, stepped_sites;
+    absl::StatusOr<std::unique_ptr<QuantizedModel>> created =
+        QuantizedModel::Create(*model_, options, calibration_,
+                               [&](const CalibrationProgress& p) {
+                                 created_sites.push_back(p.name);
+                               });
+    ASSERT_TRUE(created.ok()) << created.status();
+
+    absl::StatusOr<std::unique_ptr<QuantizedModel>> stepped =
+        QuantizedModel::QuantizeWeights(*model_, options);
+    ASSERT_TRUE(stepped.ok()) << stepped.status();
+    EXPECT_TRUE((*stepped)->sites().empty());
+    ASSERT_EQ((*stepped)->layers().size(), (*created)->layers().size());
+    ASSERT_TRUE((*stepped)
+                    ->CalibrateActivations(calibration_,
+                                           [&](const CalibrationProgress& p) {
+                                             stepped_sites.push_back(p.name);
+                                           })
+                    .ok());
+
+    EXPECT_EQ(stepped_sites, created_sites);
+    ASSERT_EQ((*stepped)->sites().size(), (*created)->sites().size());
+    for (size_t i = 0; i < (*created)->sites().size(); ++i) {
+      const ActivationSiteInfo& a = (*created)->sites()[i];
+      const ActivationSiteInfo& b = (*stepped)->sites()[i];
+      EXPECT_EQ(b.name, a.name);
+      EXPECT_EQ(b.range, a.range);
+      EXPECT_EQ(b.quant.lo, a.quant.lo) << a.name;
+      EXPECT_EQ(b.quant.hi, a.quant.hi) << a.name;
+    }
+    for (size_t i = 0; i < (*created)->layers().size(); ++i) {
+      EXPECT_EQ((*stepped)->layers()[i].bits, (*created)->layers()[i].bits);
+    }
+    EXPECT_EQ((*stepped)->weight_bytes(), (*created)->weight_bytes());
+    absl::StatusOr<std::vector<torch::Tensor>> want =
+        (*created)->Forward(input_);
+    absl::StatusOr<std::vector<torch::Tensor>> got =
+        (*stepped)->Forward(input_);
+    ASSERT_TRUE(want.ok() && got.ok());
+    ASSERT_EQ(got->size(), want->size());
+    for (size_t i = 0; i < want->size(); ++i) {
+      EXPECT_TRUE(torch::equal((*got)[i], (*want)[i])) << "output " << i;
+    }
+  }
+}
+
+// Reconstruction runs between the two: after calibration each layer's node
+// is still its conv/linear node, and its weights can still be replaced.
+TEST_F(TwoStepQuantizationTest, LayerNodesStayUsableAfterCalibration) {
+  absl::StatusOr<std::unique_ptr<QuantizedModel>> q =
+      QuantizedModel::QuantizeWeights(*model_, QuantOptions());
+  ASSERT_TRUE(q.ok()) << q.status();
+  std::vector<torch::jit::Node*> before;
+  for (size_t i = 0; i < (*q)->layers().size(); ++i) {
+    before.push_back((*q)->layer_node(i));
+  }
+  ASSERT_TRUE((*q)->CalibrateActivations(calibration_).ok());
+  EXPECT_FALSE((*q)->sites().empty());
+  std::vector<torch::jit::Node*> in_graph;
+  for (torch::jit::Node* n : Model::Nodes((*q)->graph())) {
+    if (IsQuantizableOp(*n)) in_graph.push_back(n);
+  }
+  EXPECT_EQ(in_graph, before);
+  torch::jit::Node* n = (*q)->layer_node(0);
+  const torch::Tensor w = torch::jit::toIValue(n->input(1))->toTensor();
+  EXPECT_TRUE(
+      (*q)->SetLearnedWeight(0, w, torch::zeros_like(w, torch::kInt), "test")
+          .ok());
+  EXPECT_EQ((*q)->layers()[0].rounding, "test");
+}
+
+TEST_F(TwoStepQuantizationTest, CalibrationChecksItsInputs) {
+  absl::StatusOr<std::unique_ptr<QuantizedModel>> q =
+      QuantizedModel::QuantizeWeights(*model_, QuantOptions());
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_EQ((*q)->CalibrateActivations({}).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE((*q)->CalibrateActivations(calibration_).ok());
+  EXPECT_EQ((*q)->CalibrateActivations(calibration_).code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  // Float activations need no calibration data.
+  QuantOptions weights_only;
+  weights_only.activation_bits = 0;
+  q = QuantizedModel::QuantizeWeights(*model_, weights_only);
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE((*q)->CalibrateActivations({}).ok());
+  EXPECT_TRUE((*q)->sites().empty());
+
+  QuantOptions bad;
+  bad.weight_bits = 9;
+  EXPECT_EQ(QuantizedModel::QuantizeWeights(*model_, bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace zeroq::core
