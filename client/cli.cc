@@ -344,6 +344,16 @@ absl::StatusOr<int64_t> ParseInt(absl::string_view flag, absl::string_view text,
   return v;
 }
 
+absl::StatusOr<double> ParseReal(absl::string_view flag,
+                                 absl::string_view text) {
+  double v = 0;
+  if (!absl::SimpleAtod(text, &v) || !std::isfinite(v)) {
+    return UsageError(
+        absl::StrCat("--", flag, ": \"", text, "\" is not a number"));
+  }
+  return v;
+}
+
 absl::StatusOr<std::vector<int>> ParseIntList(absl::string_view flag,
                                               absl::string_view text, int lo,
                                               int hi) {
@@ -403,6 +413,27 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
   auto field_flag = [&](const char* name, const IntField& field, auto set) {
     return int_flag(name, field.zero != nullptr ? 0 : field.lo, field.hi, set);
   };
+  // Any finite number: the range is checked with the whole config below.
+  auto real_flag = [&](const char* name, auto set) -> absl::Status {
+    if (!p.Has(name)) return absl::OkStatus();
+    absl::StatusOr<double> v = ParseReal(name, p.Get(name));
+    if (!v.ok()) return v.status();
+    set(*v);
+    return absl::OkStatus();
+  };
+  // A method's word: its index from 1 is the proto enum's value.
+  auto choice_flag = [&](const char* name, const ChoiceField& field,
+                         auto set) -> absl::Status {
+    if (!p.Has(name)) return absl::OkStatus();
+    const std::string word = absl::AsciiStrToLower(p.Get(name));
+    const int i = field.Find(word);
+    if (i < 0) {
+      return UsageError(absl::StrCat("--", name, ": \"", p.Get(name),
+                                     "\" is not ", field.Describe()));
+    }
+    set(i + 1);
+    return absl::OkStatus();
+  };
   absl::Status s;
   if (!(s = field_flag("weight_bits", kWeightBits,
                        [&](int64_t v) { c->set_weight_bits(v); }))
@@ -424,6 +455,36 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
            .ok() ||
       !(s = field_flag("threads", kThreads,
                        [&](int64_t v) { c->set_threads(v); }))
+           .ok() ||
+      !(s = choice_flag("activation_range", kActivationRange,
+                        [&](int v) {
+                          c->set_activation_range(
+                              static_cast<v1::ActivationRange>(v));
+                        }))
+           .ok() ||
+      !(s = real_flag("activation_percentile",
+                      [&](double v) { c->set_activation_percentile(v); }))
+           .ok() ||
+      !(s = field_flag("early_stop_window", kEarlyStopWindow,
+                       [&](int64_t v) {
+                         c->mutable_distillation()->set_early_stop_window(v);
+                       }))
+           .ok() ||
+      !(s = real_flag("early_stop_tolerance",
+                      [&](double v) {
+                        c->mutable_distillation()->set_early_stop_tolerance(v);
+                      }))
+           .ok() ||
+      !(s = choice_flag("reconstruct", kReconstruct,
+                        [&](int v) {
+                          c->set_reconstruct(
+                              static_cast<v1::ReconstructMethod>(v));
+                        }))
+           .ok() ||
+      !(s = field_flag("reconstruct_iterations", kReconstructIterations,
+                       [&](int64_t v) {
+                         c->mutable_reconstruction()->set_iterations(v);
+                       }))
            .ok() ||
       !(s = int_flag("priority", -100, 100, [&](int64_t v) {
           r.set_priority(v);

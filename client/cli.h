@@ -99,6 +99,9 @@ absl::StatusOr<std::vector<int64_t>> ParseShape(absl::string_view flag,
 // An integer in [lo, hi]; the error names the flag.
 absl::StatusOr<int64_t> ParseInt(absl::string_view flag, absl::string_view text,
                                  int64_t lo, int64_t hi);
+// A finite real number; the error names the flag. Its range is the
+// config check's (BuildSubmitRequest).
+absl::StatusOr<double> ParseReal(absl::string_view flag, absl::string_view text);
 // "2,4,8" -> {2, 4, 8}, each in [lo, hi].
 absl::StatusOr<std::vector<int>> ParseIntList(absl::string_view flag,
                                               absl::string_view text, int lo,
@@ -110,7 +113,10 @@ absl::StatusOr<v1::JobState> ParseJobState(absl::string_view text);
 
 // The SubmitJobRequest that `submit`/`quantize` flags describe (usage errors
 // for bad values, or --budget with --weight_bits). request_id is copied from
-// --request_id; the caller fills a random one when it is empty.
+// --request_id; the caller fills a random one when it is empty. A method flag
+// (--activation_range, --reconstruct) takes the schema's words
+// (common/config_schema.h), in any case; a flag not given leaves its field
+// unset (the server's default).
 absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
     const ParsedArgs& parsed, const std::string& model_id);
 

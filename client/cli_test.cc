@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -47,7 +48,13 @@ CommandSpec Submit() {
            {"priority", "N", ""},
            {"device", "KIND", ""},
            {"sensitivity_from", "JOB", ""},
-           {"request_id", "ID", ""}},
+           {"request_id", "ID", ""},
+           {"activation_range", "METHOD", ""},
+           {"activation_percentile", "P", ""},
+           {"early_stop_window", "N", ""},
+           {"early_stop_tolerance", "T", ""},
+           {"reconstruct", "METHOD", ""},
+           {"reconstruct_iterations", "N", ""}},
           1,
           1};
 }
@@ -139,6 +146,11 @@ TEST(ValuesTest, IntsDevicesStates) {
   EXPECT_THAT(*ParseIntList("candidate_bits", "2,4,8", 0, 8),
               ElementsAre(2, 4, 8));
   EXPECT_FALSE(ParseIntList("candidate_bits", "2,4,", 0, 8).ok());
+  EXPECT_EQ(*ParseReal("t", "0.02"), 0.02);
+  EXPECT_EQ(*ParseReal("t", "-1"), -1.0);  // ranges: the config check's
+  EXPECT_THAT(ParseReal("t", "tiny").status().message(),
+              HasSubstr("--t: \"tiny\" is not a number"));
+  EXPECT_FALSE(ParseReal("t", "inf").ok());
   EXPECT_EQ(*ParseDevice("CPU"), v1::DEVICE_CPU);
   EXPECT_EQ(*ParseDevice("cuda"), v1::DEVICE_CUDA);
   EXPECT_EQ(*ParseDevice("any"), v1::DEVICE_ANY);
@@ -176,6 +188,51 @@ TEST(BuildSubmitRequestTest, EveryFlag) {
   EXPECT_EQ(r->request_id(), "r-1");
 }
 
+TEST(BuildSubmitRequestTest, MethodsEarlyStopAndReconstruction) {
+  absl::StatusOr<ParsedArgs> p = ParseArgs(
+      Submit(), Globals(),
+      {"m-1", "--activation_range", "percentile", "--activation_percentile",
+       "99.9", "--early_stop_window", "150", "--early_stop_tolerance", "0.02",
+       "--reconstruct", "ADAROUND", "--reconstruct_iterations", "200"});
+  ASSERT_TRUE(p.ok()) << p.status();
+  absl::StatusOr<v1::SubmitJobRequest> r = BuildSubmitRequest(*p, "m-1");
+  ASSERT_TRUE(r.ok()) << r.status();
+  const v1::QuantizationConfig& c = r->config();
+  EXPECT_EQ(c.activation_range(), v1::ACTIVATION_RANGE_PERCENTILE);
+  EXPECT_EQ(c.activation_percentile(), 99.9);
+  EXPECT_EQ(c.distillation().early_stop_window(), 150);
+  EXPECT_EQ(c.distillation().early_stop_tolerance(), 0.02);
+  EXPECT_EQ(c.reconstruct(), v1::RECONSTRUCT_ADAROUND);
+  EXPECT_TRUE(c.reconstruction().has_iterations());
+  EXPECT_EQ(c.reconstruction().iterations(), 200);
+
+  // Every word of the schema is the enum value of its name.
+  for (const char* word : {"minmax", "percentile", "mse"}) {
+    p = ParseArgs(Submit(), Globals(), {"m-1", "--activation_range", word});
+    ASSERT_TRUE(p.ok()) << p.status();
+    r = BuildSubmitRequest(*p, "m-1");
+    ASSERT_TRUE(r.ok()) << word << ": " << r.status();
+    EXPECT_EQ(v1::ActivationRange_Name(r->config().activation_range()),
+              "ACTIVATION_RANGE_" + absl::AsciiStrToUpper(word));
+  }
+  for (const char* word : {"none", "adaround", "block", "auto"}) {
+    p = ParseArgs(Submit(), Globals(), {"m-1", "--reconstruct", word});
+    ASSERT_TRUE(p.ok()) << p.status();
+    r = BuildSubmitRequest(*p, "m-1");
+    ASSERT_TRUE(r.ok()) << word << ": " << r.status();
+    EXPECT_EQ(v1::ReconstructMethod_Name(r->config().reconstruct()),
+              "RECONSTRUCT_" + absl::AsciiStrToUpper(word));
+  }
+  // 0: the defaults (off, 500 steps), sent as set.
+  p = ParseArgs(Submit(), Globals(),
+                {"m-1", "--early_stop_window=0", "--reconstruct_iterations=0"});
+  ASSERT_TRUE(p.ok()) << p.status();
+  r = BuildSubmitRequest(*p, "m-1");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->config().distillation().has_early_stop_window());
+  EXPECT_TRUE(r->config().reconstruction().has_iterations());
+}
+
 TEST(BuildSubmitRequestTest, DefaultsStayUnset) {
   absl::StatusOr<ParsedArgs> p = ParseArgs(Submit(), Globals(), {"m-1"});
   ASSERT_TRUE(p.ok());
@@ -184,6 +241,10 @@ TEST(BuildSubmitRequestTest, DefaultsStayUnset) {
   EXPECT_FALSE(r->config().has_weight_bits());
   EXPECT_FALSE(r->config().has_activation_bits());
   EXPECT_FALSE(r->config().has_distillation());
+  EXPECT_FALSE(r->config().has_activation_percentile());
+  EXPECT_EQ(r->config().activation_range(), v1::ACTIVATION_RANGE_UNSPECIFIED);
+  EXPECT_EQ(r->config().reconstruct(), v1::RECONSTRUCT_UNSPECIFIED);
+  EXPECT_FALSE(r->config().has_reconstruction());
   EXPECT_EQ(r->device(), v1::DEVICE_ANY);
   EXPECT_TRUE(r->request_id().empty());
 }
@@ -197,7 +258,22 @@ TEST(BuildSubmitRequestTest, BadValuesAreUsageErrors) {
            {"m-1", "--threads", "257"},
            {"m-1", "--device", "tpu"},
            {"m-1", "--candidate_bits", "2,16"},
-           {"m-1", "--budget="}}) {
+           {"m-1", "--budget="},
+           {"m-1", "--activation_range", "median"},
+           {"m-1", "--activation_range", "mse", "--activation_percentile",
+            "99"},
+           {"m-1", "--activation_percentile", "50"},
+           {"m-1", "--activation_percentile", "x"},
+           {"m-1", "--early_stop_window", "-1"},
+           {"m-1", "--early_stop_window", "100001"},
+           {"m-1", "--early_stop_tolerance", "0"},
+           {"m-1", "--early_stop_tolerance", "1.5"},
+           {"m-1", "--early_stop_tolerance", "nan"},
+           {"m-1", "--reconstruct", "brecq"},
+           {"m-1", "--reconstruct="},
+           {"m-1", "--reconstruct_iterations", "-1"},
+           {"m-1", "--reconstruct_iterations", "100001"},
+           {"m-1", "--reconstruct_iterations", "many"}}) {
     absl::StatusOr<ParsedArgs> p = ParseArgs(Submit(), Globals(), argv);
     ASSERT_TRUE(p.ok()) << p.status();
     absl::StatusOr<v1::SubmitJobRequest> r = BuildSubmitRequest(*p, "m-1");
@@ -234,6 +310,7 @@ TEST(ErrorsTest, ExitCodesAndMessages) {
 TEST(TextTest, Names) {
   EXPECT_EQ(JobStateName(v1::JOB_SUCCEEDED), "SUCCEEDED");
   EXPECT_EQ(StageName(v1::STAGE_DISTILL), "DISTILL");
+  EXPECT_EQ(StageName(v1::STAGE_RECONSTRUCT), "RECONSTRUCT");
   EXPECT_EQ(ModelStateName(v1::MODEL_READY), "READY");
   EXPECT_EQ(CodeName(5), "NOT_FOUND");
   EXPECT_EQ(FormatClock(75), "1:15");

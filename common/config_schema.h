@@ -86,7 +86,8 @@ inline constexpr IntField kThreads{
 // Every integer field, for tables that walk them.
 inline constexpr const IntField* kIntFields[] = {
     &kWeightBits, &kLayerBits,  &kCandidateBits, &kActivationBits,
-    &kBatchSize,  &kNumBatches, &kIterations,    &kThreads};
+    &kBatchSize,  &kNumBatches, &kIterations,    &kEarlyStopWindow,
+    &kThreads};
 
 // A real field on a half-open range (lo, hi].
 struct RealField {
@@ -122,11 +123,12 @@ inline constexpr RealField kEarlyStopTolerance{
     "relative loss improvement over the early-stop window below which "
     "distillation stops, in (0, 1] (default 0.01)"};
 
-inline constexpr const RealField* kRealFields[] = {&kActivationPercentile,
-                                                   &kLearningRate};
-// kEarlyStopWindow and kEarlyStopTolerance are not in kIntFields/kRealFields:
-// tests/config_schema_test.cc, which walks those tables through a server,
-// has no route for them yet. core's LimitsTest checks their edges.
+inline constexpr const RealField* kRealFields[] = {
+    &kActivationPercentile, &kLearningRate, &kEarlyStopTolerance};
+// kReconstructIterations is not in kIntFields: the core's ValidateJobSpec
+// (zeroq-quantize --check_config) does not check it, and its help does not
+// say "default 500". tests/config_schema_test.cc and core's LimitsTest walk
+// its edges, and kActivationRange's and kReconstruct's words, separately.
 
 // A field that names one of a few methods (a proto enum, a flag's word).
 struct ChoiceField {
@@ -164,6 +166,21 @@ inline constexpr ChoiceField kActivationRange{
     "how each activation range is set: minmax, percentile "
     "(activation_percentile) or mse (the clip with the least quantization "
     "error) (default mse; percentile when activation_percentile < 100)"};
+
+// QuantizationConfig.reconstruct: RECONSTRUCT_NONE = 1, _ADAROUND = 2,
+// _BLOCK = 3, _AUTO = 4; unset (0) is the default.
+inline constexpr const char* kReconstructNames[] = {"none", "adaround", "block",
+                                                    "auto"};
+inline constexpr ChoiceField kReconstruct{
+    "reconstruct", kReconstructNames, 4, 3,
+    "learned weight rounding after calibration: none (round to nearest), "
+    "adaround (layer by layer), block (block by block) or auto (block where a "
+    "weight or activation width is under 5 bits, else none) (default auto)"};
+
+inline constexpr IntField kReconstructIterations{
+    "reconstruction.iterations", 1, 100000, "the default", 500,
+    "Adam steps per layer or block of the reconstruction, 1..100000 (default "
+    "500)"};
 
 }  // namespace zeroq
 

@@ -33,7 +33,9 @@ std::string RecipeJson(const Model& model, const QuantizedModel& qmodel,
   j["weight_scheme"] =
       "per-output-channel asymmetric: scale=(2^k-1)/max(max-min,1e-8), "
       "zp=round(scale*min)+2^(k-1), q=clamp(round(scale*w-zp),-2^(k-1),"
-      "2^(k-1)-1), w_hat=(q+zp)/scale";
+      "2^(k-1)-1), w_hat=(q+zp)/scale; min/max of the channel, or with "
+      "learned rounding (rounding not \"nearest\") a clip of them, and q is "
+      "then given";
   j["activation_scheme"] = "per-tensor asymmetric, same formula";
   nlohmann::json layers = nlohmann::json::array();
   const auto& summary = model.summary().layers;
@@ -50,6 +52,13 @@ std::string RecipeJson(const Model& model, const QuantizedModel& qmodel,
     if (l.bits > 0) {
       e["scale"] = ToVector(l.scale);
       e["zero_point"] = ToVector(l.zero_point);
+      e["rounding"] = l.rounding;
+      // Learned rounding: q is not round(scale * w - zp) of the float
+      // weights, so the recipe carries it (row-major, weight_shape).
+      if (l.learned_q.defined()) {
+        torch::Tensor q = l.learned_q.to(torch::kCPU, torch::kInt).contiguous();
+        e["q"] = std::vector<int>(q.data_ptr<int>(), q.data_ptr<int>() + q.numel());
+      }
     }
     layers.push_back(std::move(e));
   }

@@ -29,7 +29,9 @@ struct RecipeMeta {
 };
 
 // The JSON quantization recipe: per layer bits, per-channel scale and zero
-// point; per activation site bits, range, scale and zero point.
+// point, how its weights were rounded ("nearest", "adaround", "block") and,
+// when learned, its integer weights q; per activation site bits, range,
+// scale and zero point.
 std::string RecipeJson(const Model& model, const QuantizedModel& qmodel,
                        const RecipeMeta& meta);
 

@@ -8,12 +8,14 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/config_schema.h"
 #include "core/distill.h"
 #include "core/pipeline.h"
 #include "core/quantized_model.h"
+#include "core/reconstruct.h"
 #include "core/test_util.h"
 #include "gtest/gtest.h"
 #include "proto/config_check.h"
@@ -57,6 +59,11 @@ std::map<std::string, Setter> Setters() {
       {"distillation.iterations",
        {[](auto& c, int64_t v) { c.mutable_distillation()->set_iterations(v); },
         [](JobSpec& s, int64_t v) { s.distill.iterations = v; }}},
+      {"distillation.early_stop_window",
+       {[](auto& c, int64_t v) {
+          c.mutable_distillation()->set_early_stop_window(v);
+        },
+        [](JobSpec& s, int64_t v) { s.distill.early_stop_window = v; }}},
       {"threads",
        {[](auto& c, int64_t v) { c.set_threads(v); },
         [](JobSpec& s, int64_t v) { s.threads = v; }}},
@@ -157,8 +164,8 @@ TEST(LimitsTest, ServerAndCoreAgreeOnPercentileAndLearningRate) {
   }
 }
 
-// The early-stop fields and activation_range are not in the schema's
-// walked tables (kIntFields, kRealFields): their edges are checked here.
+// The early-stop fields are in the walked tables too; their edges once more
+// against the distillation's own check.
 TEST(LimitsTest, ServerAndCoreAgreeOnEarlyStop) {
   for (int64_t w : {-1, 0, 1, 150, 100000, 100001}) {
     v1::QuantizationConfig config;
@@ -242,6 +249,107 @@ TEST(LimitsTest, ServerAndCoreAgreeOnActivationRange) {
   EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(server.message().find("config.activation_range"), std::string::npos)
       << server;
+}
+
+// reconstruct and reconstruction.iterations are not in the walked tables
+// (config_schema.h says why): their edges are checked here. The core's check
+// sees what the worker passes it: 0 (or unset) becomes the default.
+TEST(LimitsTest, ServerAndCoreAgreeOnReconstruction) {
+  const ReconstructOptions defaults;
+  for (int64_t v : {kReconstructIterations.lo - 1, kReconstructIterations.lo,
+                    kReconstructIterations.def, kReconstructIterations.hi,
+                    kReconstructIterations.hi + 1, int64_t{-1}}) {
+    v1::QuantizationConfig config;
+    config.mutable_reconstruction()->set_iterations(v);
+    ReconstructOptions o;
+    o.method = ReconstructMethod::kBlock;
+    o.iterations = v == 0 ? defaults.iterations : static_cast<int>(v);
+    const bool want = kReconstructIterations.Contains(v);
+    absl::Status server = ValidateQuantizationConfig(config);
+    EXPECT_EQ(server.ok(), want) << v << ": " << server;
+    EXPECT_EQ(ValidateReconstructOptions(o).ok(), want) << v;
+    if (!want) {
+      EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(server.message().find("config.reconstruction.iterations"),
+                std::string::npos)
+          << server;
+    }
+  }
+  EXPECT_EQ(defaults.iterations, kReconstructIterations.def);
+
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  const struct {
+    v1::ReconstructMethod proto;
+    ReconstructMethod core;
+  } cases[] = {
+      {v1::RECONSTRUCT_UNSPECIFIED, kDefaultReconstruct},
+      {v1::RECONSTRUCT_NONE, ReconstructMethod::kNone},
+      {v1::RECONSTRUCT_ADAROUND, ReconstructMethod::kAdaRound},
+      {v1::RECONSTRUCT_BLOCK, ReconstructMethod::kBlock},
+      {v1::RECONSTRUCT_AUTO, ReconstructMethod::kAuto},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(v1::ReconstructMethod_Name(c.proto));
+    v1::QuantizationConfig config;
+    config.set_reconstruct(c.proto);
+    JobSpec spec;
+    spec.reconstruct.method = c.core;
+    absl::Status server = ValidateQuantizationConfig(config);
+    EXPECT_TRUE(server.ok()) << server;
+    absl::Status core = ValidateJobSpec(*model, spec);
+    EXPECT_TRUE(core.ok()) << core;
+    // The word of each value is the schema's.
+    if (c.proto != v1::RECONSTRUCT_UNSPECIFIED) {
+      EXPECT_EQ(v1::ReconstructMethod_Name(c.proto),
+                absl::StrCat("RECONSTRUCT_",
+                             absl::AsciiStrToUpper(
+                                 kReconstruct.choices[c.proto - 1])));
+    }
+  }
+  // The methods the learning runs are valid to the core; an unknown one is
+  // refused on both sides.
+  for (ReconstructMethod m : {ReconstructMethod::kNone,
+                              ReconstructMethod::kAdaRound,
+                              ReconstructMethod::kBlock}) {
+    ReconstructOptions o;
+    o.method = m;
+    EXPECT_TRUE(ValidateReconstructOptions(o).ok()) << static_cast<int>(m);
+  }
+  ReconstructOptions unknown;
+  unknown.method = static_cast<ReconstructMethod>(kReconstruct.count + 1);
+  EXPECT_FALSE(ValidateReconstructOptions(unknown).ok());
+  v1::QuantizationConfig config;
+  config.set_reconstruct(
+      static_cast<v1::ReconstructMethod>(kReconstruct.count + 1));
+  absl::Status server = ValidateQuantizationConfig(config);
+  EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(server.message().find("config.reconstruct"), std::string::npos)
+      << server;
+}
+
+TEST(LimitsTest, ReconstructionHelpAndDefaults) {
+  const std::string method = kReconstruct.help;
+  for (int i = 0; i < kReconstruct.count; ++i) {
+    EXPECT_NE(method.find(kReconstruct.choices[i]), std::string::npos)
+        << kReconstruct.choices[i];
+  }
+  EXPECT_NE(method.find(absl::StrCat(
+                "default ", kReconstruct.choices[kReconstruct.def])),
+            std::string::npos)
+      << method;
+  EXPECT_EQ(kReconstruct.Describe(), "none, adaround, block or auto");
+  EXPECT_EQ(static_cast<int>(kDefaultReconstruct) - 1, kReconstruct.def);
+  EXPECT_EQ(ReconstructOptions().method, kDefaultReconstruct);
+  const std::string iterations = kReconstructIterations.help;
+  EXPECT_NE(iterations.find(absl::StrCat(kReconstructIterations.lo, "..",
+                                         kReconstructIterations.hi)),
+            std::string::npos)
+      << iterations;
+  EXPECT_NE(iterations.find("(0: "), std::string::npos) << iterations;
+  EXPECT_NE(iterations.find(absl::StrCat(kReconstructIterations.def)),
+            std::string::npos)
+      << iterations;
 }
 
 TEST(LimitsTest, EarlyStopAndActivationRangeHelpAndDefaults) {

@@ -113,6 +113,43 @@ inline ActivationRange ResolvedActivationRange(const QuantOptions& o) {
                                          : kDefaultActivationRange;
 }
 
+// How the reconstruction stage (reconstruct.h) learns weight rounding. The
+// values are QuantizationConfig.reconstruct's (kReconstruct's words from 1).
+enum class ReconstructMethod {
+  kNone = 1,      // round to nearest (plain ZeroQ)
+  kAdaRound = 2,  // learned rounding, layer by layer (AdaRound)
+  kBlock = 3,     // learned rounding, block by block (BRECQ, QDrop)
+  // kBlock where it pays (a weight or activation width under 5 bits), else
+  // kNone: the measured choice (README).
+  kAuto = 4,
+};
+static_assert(kReconstruct.Find("none") + 1 == static_cast<int>(ReconstructMethod::kNone) &&
+              kReconstruct.Find("adaround") + 1 == static_cast<int>(ReconstructMethod::kAdaRound) &&
+              kReconstruct.Find("block") + 1 == static_cast<int>(ReconstructMethod::kBlock) &&
+              kReconstruct.Find("auto") + 1 == static_cast<int>(ReconstructMethod::kAuto));
+inline constexpr ReconstructMethod kDefaultReconstruct =
+    static_cast<ReconstructMethod>(kReconstruct.def + 1);
+
+struct ReconstructOptions {
+  ReconstructMethod method = kDefaultReconstruct;
+  // Adam steps per layer (adaround) or block (block).
+  int iterations = static_cast<int>(kReconstructIterations.def);
+  int batch_size = 32;            // calibration samples per step (fewer: all)
+  double lr = 1e-2;               // Adam on the rounding variables
+  double reg_weight = 0.01;       // lambda of the rounding regulariser
+  double warmup = 0.2;            // share of steps without the regulariser
+  double beta_start = 20, beta_end = 2;  // its annealed exponent
+  // Per step and input element: the float model's input instead of the
+  // quantized model's, with this probability (0: always the quantized one).
+  double drop_probability = 0;
+  // Weight ranges per channel by least squared error instead of min/max.
+  bool weight_range_mse = true;
+  // Also learn a per-channel output shift, folded into the BatchNorm's (or
+  // the layer's) bias: the mean error the rounding cannot remove.
+  bool learn_shift = true;
+  uint64_t seed = 0;
+};
+
 struct SensitivityOptions {
   // Candidate widths, each 2..8.
   std::vector<int> bits = {std::begin(kDefaultCandidateBits),

@@ -18,6 +18,7 @@
 #include "core/model.h"
 #include "core/outputs.h"
 #include "core/quantized_model.h"
+#include "core/reconstruct.h"
 #include "core/torch_status.h"
 
 namespace zeroq::core {
@@ -32,6 +33,7 @@ void SetUpProcess(int threads) {
 absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec) {
   ZQ_RETURN_IF_ERROR(ValidateQuantOptions(model, spec.quant));
   ZQ_RETURN_IF_ERROR(ValidateDistillOptions(spec.distill));
+  ZQ_RETURN_IF_ERROR(ValidateReconstructOptions(spec.reconstruct));
   if (!kThreads.Contains(spec.threads)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "threads = ", spec.threads, ": must be ", kThreads.Describe()));

@@ -65,6 +65,8 @@ struct JobSpec {
   // width the table has.
   std::vector<int> replan_widths;
   PlanOptions plan;
+  // Learned weight rounding after calibration (the RECONSTRUCT stage).
+  ReconstructOptions reconstruct;
   std::string output_dir;            // must exist; artifacts go here
   int threads = 0;                   // intra-op threads; 0 = all cores
   std::string device = "cpu";        // "cpu", "cuda", "cuda:N"

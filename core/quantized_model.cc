@@ -345,6 +345,8 @@ torch::jit::Graph& QuantizedModel::graph() const {
 absl::Status QuantizedModel::SetLearnedWeight(size_t i,
                                               const torch::Tensor& dequantized,
                                               const torch::Tensor& q,
+                                              const torch::Tensor& scale,
+                                              const torch::Tensor& zero_point,
                                               const std::string& rounding) {
   if (ran_) {
     return absl::FailedPreconditionError(
@@ -370,7 +372,32 @@ absl::Status QuantizedModel::SetLearnedWeight(size_t i,
                                old.device(), old.scalar_type())));
         if (!before->hasUses()) before->node()->destroy();
         layers_[i].learned_q = q.detach().to(torch::kCPU, torch::kInt);
+        layers_[i].scale = scale.detach().to(torch::kCPU, torch::kFloat).flatten();
+        layers_[i].zero_point =
+            zero_point.detach().to(torch::kCPU, torch::kFloat).flatten();
         layers_[i].rounding = rounding;
+      },
+      absl::StatusCode::kInternal);
+}
+
+absl::Status QuantizedModel::SetConstantInput(Node* node, size_t input,
+                                              const torch::Tensor& value) {
+  if (ran_) {
+    return absl::FailedPreconditionError(
+        "constants can only be replaced before the first quantized forward");
+  }
+  if (node == nullptr || input >= node->inputs().size()) {
+    return absl::InvalidArgumentError("no such node input");
+  }
+  return CallTorch(
+      "replacing a constant",
+      [&] {
+        torch::jit::WithInsertPoint guard(node);
+        Value* before = node->input(input);
+        node->replaceInput(input,
+                           node->owningGraph()->insertConstant(value.detach()));
+        if (!before->hasUses() && before->node()->kind() == c10::prim::Constant)
+          before->node()->destroy();
       },
       absl::StatusCode::kInternal);
 }

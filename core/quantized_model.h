@@ -121,13 +121,20 @@ class QuantizedModel {
   torch::jit::Graph& graph() const;
   c10::IValue self() const { return module_._ivalue(); }
   torch::jit::Node* layer_node(size_t i) const { return layer_nodes_.at(i); }
-  // Replaces layer i's weight constant by `dequantized` = (q + zp) / scale,
-  // with q the integer weights it came from, and records `rounding`.
-  // FAILED_PRECONDITION once Forward() has run (its executor has the old
-  // graph); INVALID_ARGUMENT for a float layer or a shape mismatch.
+  // Replaces layer i's weight constant by `dequantized` = (q + zp) / scale
+  // (per output channel), with q the integer weights it came from, and
+  // records `rounding`. FAILED_PRECONDITION once Forward() has run (its
+  // executor has the old graph); INVALID_ARGUMENT for a float layer or a
+  // shape mismatch.
   absl::Status SetLearnedWeight(size_t i, const torch::Tensor& dequantized,
                                 const torch::Tensor& q,
+                                const torch::Tensor& scale,
+                                const torch::Tensor& zero_point,
                                 const std::string& rounding);
+  // Replaces input `input` of `node` (a node of graph(), e.g. a layer's
+  // bias or its BatchNorm's shift) by a constant. Same preconditions.
+  absl::Status SetConstantInput(torch::jit::Node* node, size_t input,
+                                const torch::Tensor& value);
 
  private:
   // An activation site found by QuantizeWeights, waiting for calibration.

@@ -75,6 +75,18 @@ std::string FormatSummary(const JobResult& r) {
       &out,
       "quantized vs float on %d %s samples: top-1 agreement %.2f%%, mean KL %.4g\n",
       r.samples, r.calibration, 100.0 * r.top1_agreement, r.mean_kl);
+  if (!r.reconstructed.empty()) {
+    double before = 0, after = 0;
+    for (const ReconstructedUnit& u : r.reconstructed) {
+      before += u.error_before;
+      after += u.error_after;
+    }
+    absl::StrAppendFormat(
+        &out, "reconstruction: %s, %d %s x %d steps, output error %.4g -> %.4g\n",
+        r.reconstruction, r.reconstructed.size(),
+        r.reconstruction == "block" ? "blocks" : "layers",
+        r.reconstruction_iterations, before, after);
+  }
   std::vector<std::string> stages;
   for (const auto& [stage, s] : r.stage_seconds) {
     stages.push_back(absl::StrFormat("%s %.2fs", StageName(stage), s));
@@ -114,6 +126,16 @@ std::string ResultJson(const JobResult& r) {
                           {"total_sensitivity", p.total_sensitivity},
                           {"bits", p.bits}};
   };
+  nlohmann::json units = nlohmann::json::array();
+  for (const ReconstructedUnit& u : r.reconstructed) {
+    units.push_back({{"name", u.name},
+                     {"error_before", u.error_before},
+                     {"error_after", u.error_after},
+                     {"flipped", u.flipped}});
+  }
+  nlohmann::json reconstruction = {{"method", r.reconstruction},
+                                   {"iterations", r.reconstruction_iterations},
+                                   {"units", units}};
   nlohmann::json frontier = nlohmann::json::array();
   for (const ParetoPoint& p : r.frontier) frontier.push_back(point(p));
   j = {{"layers", layers},
@@ -128,6 +150,7 @@ std::string ResultJson(const JobResult& r) {
        {"top1_agreement", r.top1_agreement},
        {"mean_kl", r.mean_kl},
        {"samples", r.samples},
+       {"reconstruction", reconstruction},
        {"stage_seconds", stages},
        {"sensitivity", sens},
        {"frontier", frontier},

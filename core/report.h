@@ -37,6 +37,15 @@ struct ActivationReport {
   std::string range;  // how min/max were set: "minmax", "percentile P", "mse"
 };
 
+// One layer (adaround) or block (block) of the reconstruction: its output
+// error on the calibration data with round-to-nearest and with the learned
+// rounding (the same when learning did not help: then nearest is kept).
+struct ReconstructedUnit {
+  std::string name;      // a layer, or "first .. last" layer of a block
+  double error_before = 0, error_after = 0;
+  double flipped = 0;    // share of its weights rounded the other way
+};
+
 struct JobResult {
   std::vector<LayerReport> layers;
   std::vector<ActivationReport> activations;
@@ -54,6 +63,11 @@ struct JobResult {
   double top1_agreement = 0;
   double mean_kl = 0;
   int64_t samples = 0;
+  // RECONSTRUCT: the method used ("adaround", "block"; "none" when the stage
+  // did not run), its steps per unit, and each layer or block.
+  std::string reconstruction = "none";
+  int reconstruction_iterations = 0;
+  std::vector<ReconstructedUnit> reconstructed;
   // Mixed precision only.
   std::vector<LayerSensitivity> sensitivity;
   std::vector<ParetoPoint> frontier;

@@ -76,6 +76,15 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
         absl::StrCat("only the percentile activation_range uses it (",
                      v1::ActivationRange_Name(c.activation_range()), ")"));
   }
+  if (!v1::ReconstructMethod_IsValid(c.reconstruct())) {
+    return Invalid(
+        absl::StrCat("config.", kReconstruct.name),
+        absl::StrCat(c.reconstruct(), " is not a ReconstructMethod"));
+  }
+  if (c.reconstruction().has_iterations()) {
+    ZQ_RETURN_IF_ERROR(
+        Check(c.reconstruction().iterations(), kReconstructIterations));
+  }
   const v1::DistillationConfig& d = c.distillation();
   if (d.has_batch_size()) ZQ_RETURN_IF_ERROR(Check(d.batch_size(), kBatchSize));
   if (d.has_num_batches()) ZQ_RETURN_IF_ERROR(Check(d.num_batches(), kNumBatches));

@@ -68,8 +68,9 @@ const prometheus::Histogram::BucketBoundaries& RpcBuckets() {
 // missing series before the first event.
 constexpr std::array<const char*, 3> kJobResults = {"succeeded", "failed",
                                                     "cancelled"};
-constexpr std::array<const char*, 6> kStages = {
-    "inspect", "distill", "sensitivity", "pareto", "calibrate", "export"};
+constexpr std::array<const char*, 7> kStages = {
+    "inspect",   "distill",     "sensitivity", "pareto",
+    "calibrate", "reconstruct", "export"};
 
 // grpc::StatusCode spans 0 (OK) .. 16 (UNAUTHENTICATED).
 constexpr int kNumCodes = 17;

@@ -20,7 +20,8 @@
 //   zeroq_job_duration_seconds{result}     histogram RUNNING -> finished
 //   zeroq_stage_duration_seconds{stage}    histogram inspect|distill|
 //                                                    sensitivity|pareto|
-//                                                    calibrate|export
+//                                                    calibrate|reconstruct|
+//                                                    export
 //   zeroq_running_jobs{device}             gauge     device: cpu, cuda:0, ...
 //   zeroq_busy_slots{device}, zeroq_slots{device}    gauges
 //   zeroq_worker_crashes_total             counter   workers ended by a signal

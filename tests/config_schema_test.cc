@@ -7,12 +7,15 @@
 #include <stdio.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/config_schema.h"
@@ -40,6 +43,14 @@ std::map<std::string, Route> Routes() {
   auto flag = [](const char* name) {
     return [name](const std::string& v) {
       return std::vector<std::string>{absl::StrCat("--", name, "=", v)};
+    };
+  };
+  auto choice_flag = [](const char* name, const ChoiceField& field) {
+    return [name, &field](const std::string& v) {
+      const int64_t i = ToInt(v);
+      const std::string word =
+          i >= 1 && i <= field.count ? field.choices[i - 1] : "bogus";
+      return std::vector<std::string>{absl::StrCat("--", name, "=", word)};
     };
   };
   return {
@@ -94,8 +105,42 @@ std::map<std::string, Route> Routes() {
           c.mutable_distillation()->set_lr(std::stod(v));
         },
         flag("lr")}},
+      {"distillation.early_stop_window",
+       {[](auto& c, const std::string& v) {
+          c.mutable_distillation()->set_early_stop_window(ToInt(v));
+        },
+        flag("early_stop_window")}},
+      {"distillation.early_stop_tolerance",
+       {[](auto& c, const std::string& v) {
+          c.mutable_distillation()->set_early_stop_tolerance(std::stod(v));
+        },
+        flag("early_stop_tolerance")}},
+      {"reconstruction.iterations",
+       {[](auto& c, const std::string& v) {
+          c.mutable_reconstruction()->set_iterations(ToInt(v));
+        },
+        flag("reconstruct_iterations")}},
+      // A method field: the value is the index of its word from 1 (the
+      // proto enum's value), the flag takes the word ("bogus" past the end).
+      {"activation_range",
+       {[](auto& c, const std::string& v) {
+          c.set_activation_range(static_cast<v1::ActivationRange>(ToInt(v)));
+        },
+        choice_flag("activation_range", kActivationRange)}},
+      {"reconstruct",
+       {[](auto& c, const std::string& v) {
+          c.set_reconstruct(static_cast<v1::ReconstructMethod>(ToInt(v)));
+        },
+        choice_flag("reconstruct", kReconstruct)}},
   };
 }
+
+// Integer fields outside kIntFields (config_schema.h says why), walked the
+// same way.
+constexpr const IntField* kOtherIntFields[] = {&kReconstructIterations};
+// Method fields: every word, and one past the last.
+constexpr const ChoiceField* kChoiceFields[] = {&kActivationRange,
+                                                &kReconstruct};
 
 struct Verdict {
   int exit_code = -1;
@@ -133,11 +178,22 @@ TEST(ConfigSchemaTest, SubmitJobAndZeroqQuantizeGiveTheSchemasVerdict) {
     bool want;
   };
   std::vector<Case> cases;
-  for (const IntField* f : kIntFields) {
+  std::vector<const IntField*> int_fields(std::begin(kIntFields),
+                                          std::end(kIntFields));
+  int_fields.insert(int_fields.end(), std::begin(kOtherIntFields),
+                    std::end(kOtherIntFields));
+  for (const IntField* f : int_fields) {
     std::vector<int64_t> edges = {f->lo - 1, f->lo, f->hi, f->hi + 1, -1, 0, 1};
     std::sort(edges.begin(), edges.end());
     edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
     for (int64_t v : edges) cases.push_back({f->name, absl::StrCat(v), f->Contains(v)});
+  }
+  // Unset (0) is each method field's default; a value past the last word is
+  // refused.
+  for (const ChoiceField* f : kChoiceFields) {
+    for (int i = 1; i <= f->count + 1; ++i) {
+      cases.push_back({f->name, absl::StrCat(i), i <= f->count});
+    }
   }
   for (const RealField* f : kRealFields) {
     for (double v : {f->lo - 1, f->lo, f->lo + 1e-3, f->def, f->hi, f->hi + 1e-3}) {
@@ -169,10 +225,17 @@ TEST(ConfigSchemaTest, SubmitJobAndZeroqQuantizeGiveTheSchemasVerdict) {
           << job.status();
     }
 
-    const Verdict offline = CheckOffline(route->second.flags(c.value));
+    const std::vector<std::string> flags = route->second.flags(c.value);
+    const Verdict offline = CheckOffline(flags);
     EXPECT_EQ(offline.exit_code, c.want ? 0 : 2) << offline.output;
     if (c.want) {
       EXPECT_NE(offline.output.find("config ok"), std::string::npos)
+          << offline.output;
+    } else if (absl::EndsWith(flags.back(), "=bogus")) {
+      // A word the flag does not know: a usage error naming the flag.
+      EXPECT_NE(offline.output.find(flags.back().substr(
+                    0, flags.back().find('='))),
+                std::string::npos)
           << offline.output;
     } else {
       EXPECT_NE(offline.output.find("INVALID_ARGUMENT"), std::string::npos)

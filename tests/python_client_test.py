@@ -77,6 +77,30 @@ with tempfile.TemporaryDirectory() as tmp:
         except grpc.RpcError as err:
             check(err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"code {err.code()}")
             check("config.weight_bits" in err.details(), err.details())
+        # The methods by their words, the early stop and the reconstruction's
+        # steps reach the stored config; an out-of-range step count is refused.
+        words = c.submit_job(model.id, weight_bits=4, activation_range="percentile",
+                             activation_percentile=99.9, reconstruct="none",
+                             reconstruction=pb.ReconstructionConfig(iterations=20),
+                             distillation=pb.DistillationConfig(
+                                 iterations=5, batch_size=2, early_stop_window=150,
+                                 early_stop_tolerance=0.02), threads=1)
+        check(words.config.activation_range == pb.ACTIVATION_RANGE_PERCENTILE, str(words.config))
+        check(words.config.reconstruct == pb.RECONSTRUCT_NONE, str(words.config))
+        check(words.config.reconstruction.iterations == 20, str(words.config))
+        check(words.config.distillation.early_stop_window == 150, str(words.config))
+        c.cancel_job(words.id)
+        for bad, field in [({"reconstruction": pb.ReconstructionConfig(iterations=100001)},
+                            "config.reconstruction.iterations"),
+                           ({"reconstruct": 9}, "config.reconstruct"),
+                           ({"distillation": pb.DistillationConfig(early_stop_tolerance=2)},
+                            "config.distillation.early_stop_tolerance")]:
+            try:
+                c.submit_job(model.id, **bad)
+                check(False, f"{bad} accepted")
+            except grpc.RpcError as err:
+                check(err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"code {err.code()}")
+                check(field in err.details(), err.details())
         try:
             c.get_job("j-missing")
             check(False, "unknown job found")

@@ -79,9 +79,10 @@ assert torch.isfinite(y).all()
 ' "$out"
 
 # --json prints the report instead of the table; --progress=none is quiet.
+# At 4 bits the default (auto) reconstructs, here with few steps.
 run_cli "$tmp/json" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
   --iterations=10 --batch_size=8 --threads=2 --progress=none --json \
-  --weight_bits=4 --out="$tmp/json_out"
+  --weight_bits=4 --reconstruct_iterations=20 --out="$tmp/json_out"
 expect_exit "--json job succeeds" 0 "$tmp/json"
 check "--json output parses" "$ZEROQ_PYTHON" -c '
 import json, sys
@@ -89,7 +90,8 @@ r = json.load(open(sys.argv[1]))
 assert len(r["layers"]) == 6
 assert all(l["bits"] == 4 for l in r["layers"]), r["layers"]
 assert r["samples"] == 8
-assert set(r["stage_seconds"]) == {"INSPECT", "DISTILL", "CALIBRATE", "EXPORT"}
+assert set(r["stage_seconds"]) == {"INSPECT", "DISTILL", "CALIBRATE", "RECONSTRUCT", "EXPORT"}, r["stage_seconds"]
+assert r["reconstruction"]["iterations"] == 20, r["reconstruction"]
 ' "$tmp/json.out"
 check "--progress=none prints no progress" test ! -s "$tmp/json.err"
 
@@ -136,6 +138,18 @@ expect_exit "--activation_percentile with mse ranges" 2 "$tmp/rangepct" \
 run_cli "$tmp/window" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
   --check_config --early_stop_window=-1
 expect_exit "--early_stop_window=-1" 2 "$tmp/window" "early_stop_window"
+run_cli "$tmp/recon" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --check_config --reconstruct=adaround --reconstruct_iterations=0
+expect_exit "--reconstruct=adaround --reconstruct_iterations=0 (the default)" 0 \
+  "$tmp/recon"
+check "... prints config ok" grep -q "config ok" "$tmp/recon.out"
+run_cli "$tmp/badrecon" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --check_config --reconstruct=brecq
+expect_exit "bad --reconstruct" 2 "$tmp/badrecon" "none, adaround, block or auto"
+run_cli "$tmp/reconiter" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --check_config --reconstruct_iterations=100001
+expect_exit "--reconstruct_iterations=100001" 2 "$tmp/reconiter" \
+  "reconstruction.iterations"
 
 # --- Job errors: exit 1 -----------------------------------------------------
 run_cli "$tmp/nobn" --model="$MODELS/no_batchnorm.pt" --input_shape=3,8,8 \

@@ -10,6 +10,15 @@ at build time (into build/python); put that folder on PYTHONPATH:
     for event in c.watch_job(job.id):
         print(event.seq, event.message)
     c.download_artifact(job.id, "model.zeroq.pt", "net.zeroq.pt")
+
+submit_job's keywords are QuantizationConfig's fields; the two methods also
+take the words of the zeroq command line (common/config_schema.h):
+
+    c.submit_job(model.id, weight_bits=4, activation_range="percentile",
+                 activation_percentile=99.99, reconstruct="block",
+                 reconstruction=pb.ReconstructionConfig(iterations=200),
+                 distillation=pb.DistillationConfig(early_stop_window=150,
+                                                    early_stop_tolerance=0.01))
 """
 import hashlib
 import os
@@ -21,6 +30,9 @@ from zeroq.v1 import zeroq_pb2 as pb
 from zeroq.v1 import zeroq_pb2_grpc as pb_grpc
 
 CHUNK = 1 << 20
+# Enum fields of QuantizationConfig that also take a method's word
+# ("percentile", "block"): the enum value's name without this prefix.
+METHOD_FIELDS = {"activation_range": "ACTIVATION_RANGE_", "reconstruct": "RECONSTRUCT_"}
 
 
 class ZeroQClient:
@@ -56,6 +68,9 @@ class ZeroQClient:
             time.sleep(0.05)
 
     def submit_job(self, model_id, config=None, request_id="", priority=0, **fields):
+        for field, prefix in METHOD_FIELDS.items():
+            if isinstance(fields.get(field), str) and not fields[field].startswith(prefix):
+                fields[field] = prefix + fields[field].upper()
         config = config or pb.QuantizationConfig(**fields)
         return self.stub.SubmitJob(pb.SubmitJobRequest(model_id=model_id, config=config,
                                                        request_id=request_id, priority=priority),

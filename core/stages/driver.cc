@@ -26,6 +26,7 @@
 #include "core/stages/export.h"
 #include "core/stages/inspect.h"
 #include "core/stages/plan.h"
+#include "core/stages/reconstruct.h"
 #include "core/stages/sensitivity.h"
 #include "core/stages/stage.h"
 
@@ -52,15 +53,22 @@ struct StageEntry {
   Stage stage;
   const char* name;      // StageName()
   const char* activity;  // "cancelled during <activity>"
-  bool (*runs)(const JobSpec&);
+  // Asked just before the stage would start, so it may look at what the
+  // stages before it produced.
+  bool (*runs)(const JobState&);
   StageStep step;
 };
 
-bool Always(const JobSpec&) { return true; }
-bool Distills(const JobSpec& spec) {
-  return spec.calibration == CalibrationSource::kDistilled;
+bool Always(const JobState&) { return true; }
+bool Distills(const JobState& s) {
+  return s.spec.calibration == CalibrationSource::kDistilled;
 }
-bool HasBudget(const JobSpec& spec) { return spec.budget.has_value(); }
+bool HasBudget(const JobState& s) { return s.spec.budget.has_value(); }
+bool Reconstructs(const JobState& s) {
+  return s.qmodel != nullptr &&
+         ResolvedReconstructMethod(s.spec.reconstruct, *s.qmodel) !=
+             ReconstructMethod::kNone;
+}
 
 void RecordData(const CalibrationData& data, JobResult* result) {
   result->calibration = data.source;
@@ -79,7 +87,7 @@ absl::Status RunInspect(JobState& s, const StageProgress& progress,
   s.result.float_weight_bytes = summary.quantizable_params * 4.0;
   // Noise or a file replaces DISTILL, which then does not run: reading
   // them is part of INSPECT, as their time always was.
-  if (!Distills(s.spec)) {
+  if (!Distills(s)) {
     ZQ_ASSIGN_OR_RETURN(s.data, GivenCalibrationData(s.spec));
     RecordData(s.data, &s.result);
   }
@@ -123,6 +131,17 @@ absl::Status RunCalibrate(JobState& s, const StageProgress& progress,
   return absl::OkStatus();
 }
 
+absl::Status RunReconstruct(JobState& s, const StageProgress& progress,
+                            const CancellationToken* cancel) {
+  ZQ_ASSIGN_OR_RETURN(Reconstruction r,
+                      ReconstructStage(*s.model, s.qmodel.get(), s.data.batches,
+                                       s.spec.reconstruct, progress, cancel));
+  s.result.reconstruction = std::move(r.method);
+  s.result.reconstruction_iterations = s.spec.reconstruct.iterations;
+  s.result.reconstructed = std::move(r.units);
+  return absl::OkStatus();
+}
+
 absl::Status RunExport(JobState& s, const StageProgress& progress,
                        const CancellationToken* cancel) {
   ZQ_ASSIGN_OR_RETURN(ExportOutput out, ExportStage(s.spec, *s.model, *s.qmodel,
@@ -148,24 +167,31 @@ constexpr StageEntry kStages[] = {
      RunSensitivity},
     {Stage::kPareto, "PARETO", "planning", HasBudget, RunPareto},
     {Stage::kCalibrate, "CALIBRATE", "calibration", Always, RunCalibrate},
+    {Stage::kReconstruct, "RECONSTRUCT", "reconstruction", Reconstructs,
+     RunReconstruct},
     {Stage::kExport, "EXPORT", "export", Always, RunExport},
 };
 
-// Row i is the stage with value kFirstStage + i: StageName() indexes.
-constexpr bool RowsFollowTheEnum() {
-  int value = static_cast<int>(kFirstStage);
-  for (const StageEntry& entry : kStages) {
-    if (static_cast<int>(entry.stage) != value++) return false;
+// Every value from kFirstStage to kLastStage has exactly one row (the rows
+// are in run order, which is not the enum's: values are never renumbered).
+constexpr bool EveryStageOnce() {
+  constexpr int n = static_cast<int>(kLastStage) - static_cast<int>(kFirstStage) + 1;
+  if (std::size(kStages) != n) return false;
+  for (int value = static_cast<int>(kFirstStage); value <= static_cast<int>(kLastStage);
+       ++value) {
+    int rows = 0;
+    for (const StageEntry& entry : kStages) rows += static_cast<int>(entry.stage) == value;
+    if (rows != 1) return false;
   }
-  return value == static_cast<int>(kLastStage) + 1;
+  return true;
 }
-static_assert(RowsFollowTheEnum(),
-              "kStages must list every Stage once, in the enum's order");
+static_assert(EveryStageOnce(), "kStages must list every Stage exactly once");
 
 const StageEntry* Find(Stage stage) {
-  const int i = static_cast<int>(stage) - static_cast<int>(kFirstStage);
-  if (i < 0 || i >= static_cast<int>(std::size(kStages))) return nullptr;
-  return &kStages[i];
+  for (const StageEntry& entry : kStages) {
+    if (entry.stage == stage) return &entry;
+  }
+  return nullptr;
 }
 
 // RunJob's checks and set-up before any stage: result.threads and device.
@@ -198,7 +224,7 @@ absl::Status RunStages(JobState& state, const ProgressFn& progress,
                        const CancellationToken* cancel) {
   const StageEntry* previous = nullptr;
   for (const StageEntry& entry : kStages) {
-    if (!entry.runs(state.spec)) continue;
+    if (!entry.runs(state)) continue;
     if (previous != nullptr) {
       ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, previous->activity));
     }

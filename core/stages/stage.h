@@ -29,9 +29,10 @@ enum class Stage {
   kPareto,
   kCalibrate,
   kExport,
+  kReconstruct,  // runs between kCalibrate and kExport
 };
 inline constexpr Stage kFirstStage = Stage::kInspect;
-inline constexpr Stage kLastStage = Stage::kExport;
+inline constexpr Stage kLastStage = Stage::kReconstruct;
 
 // Every stage in the order a job runs them (whether or not they apply).
 const std::vector<Stage>& AllStages();

@@ -61,6 +61,11 @@ ABSL_FLAG(int, early_stop_window, zeroq::kEarlyStopWindow.def,
           zeroq::kEarlyStopWindow.help);
 ABSL_FLAG(double, early_stop_tolerance, zeroq::kEarlyStopTolerance.def,
           zeroq::kEarlyStopTolerance.help);
+ABSL_FLAG(std::string, reconstruct,
+          zeroq::kReconstruct.choices[zeroq::kReconstruct.def],
+          zeroq::kReconstruct.help);
+ABSL_FLAG(int, reconstruct_iterations, zeroq::kReconstructIterations.def,
+          zeroq::kReconstructIterations.help);
 ABSL_FLAG(bool, plateau, true, "ReduceLROnPlateau on the distillation loss");
 ABSL_FLAG(std::string, init, "reference",
           "distillation start: reference (tiny uniform noise) or gaussian");
@@ -267,6 +272,27 @@ int main(int argc, char** argv) {
     d.stats = zeroq::core::DistillStats::kPerBatch;
   } else {
     return Usage(absl::StrCat("--stats: \"", stats, "\" is not per-sample or per-batch"));
+  }
+  zeroq::core::ReconstructOptions& r = spec.reconstruct;
+  if (const std::string method = absl::GetFlag(FLAGS_reconstruct);
+      !method.empty()) {
+    const int i = zeroq::kReconstruct.Find(method);
+    if (i < 0) {
+      return Usage(absl::StrCat("--reconstruct: \"", method, "\" is not ",
+                                zeroq::kReconstruct.Describe()));
+    }
+    r.method = static_cast<zeroq::core::ReconstructMethod>(i + 1);
+  }  // else the default, as an unset config field
+  // 0: the default, as in a QuantizationConfig; the range is the schema's,
+  // checked here so that --check_config refuses what SubmitJob refuses.
+  if (const int iterations = absl::GetFlag(FLAGS_reconstruct_iterations);
+      !zeroq::kReconstructIterations.Contains(iterations)) {
+    return Usage(absl::StrCat("INVALID_ARGUMENT: ",
+                              zeroq::kReconstructIterations.name, " = ",
+                              iterations, " (--reconstruct_iterations): must be ",
+                              zeroq::kReconstructIterations.Describe()));
+  } else if (iterations != 0) {
+    r.iterations = iterations;
   }
   const std::string calibration = absl::GetFlag(FLAGS_calibration);
   if (calibration == "distilled") {

@@ -115,6 +115,33 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   if (dc.has_early_stop_tolerance())
     d.early_stop_tolerance = dc.early_stop_tolerance();
 
+  core::ReconstructOptions& rc = spec.reconstruct;
+  switch (config.reconstruct()) {
+    case v1::RECONSTRUCT_UNSPECIFIED:
+      rc.method = core::kDefaultReconstruct;
+      break;
+    case v1::RECONSTRUCT_NONE:
+      rc.method = core::ReconstructMethod::kNone;
+      break;
+    case v1::RECONSTRUCT_ADAROUND:
+      rc.method = core::ReconstructMethod::kAdaRound;
+      break;
+    case v1::RECONSTRUCT_BLOCK:
+      rc.method = core::ReconstructMethod::kBlock;
+      break;
+    case v1::RECONSTRUCT_AUTO:
+      rc.method = core::ReconstructMethod::kAuto;
+      break;
+    default:
+      return Invalid("config.reconstruct",
+                     absl::StrCat(static_cast<int>(config.reconstruct()),
+                                  " is not a ReconstructMethod"));
+  }
+  // Unset or 0: the core's default.
+  if (config.reconstruction().iterations() != 0) {
+    rc.iterations = config.reconstruction().iterations();
+  }
+
   switch (config.calibration()) {
     case v1::CALIBRATION_DISTILLED:
       spec.calibration = core::CalibrationSource::kDistilled;

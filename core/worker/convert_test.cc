@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "common/config_schema.h"
 #include "core/options.h"
 #include "gtest/gtest.h"
 
@@ -91,6 +92,62 @@ TEST(ConvertTest, EarlyStopRoundTripsAndDefaultsToTheCores) {
   set = JobSpecFromRunRequest(OverTheWire(r));
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(set->distill.early_stop_window, 0);
+}
+
+TEST(ConvertTest, ReconstructRoundTripsAndDefaultsToTheCores) {
+  const struct {
+    v1::ReconstructMethod proto;
+    core::ReconstructMethod core;
+  } cases[] = {
+      {v1::RECONSTRUCT_UNSPECIFIED, core::kDefaultReconstruct},
+      {v1::RECONSTRUCT_NONE, core::ReconstructMethod::kNone},
+      {v1::RECONSTRUCT_ADAROUND, core::ReconstructMethod::kAdaRound},
+      {v1::RECONSTRUCT_BLOCK, core::ReconstructMethod::kBlock},
+      {v1::RECONSTRUCT_AUTO, core::ReconstructMethod::kAuto},
+  };
+  const core::ReconstructOptions defaults;
+  for (const auto& c : cases) {
+    v1::RunRequest r = Request();
+    r.mutable_config()->set_reconstruct(c.proto);
+    absl::StatusOr<core::JobSpec> spec = JobSpecFromRunRequest(OverTheWire(r));
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->reconstruct.method, c.core)
+        << v1::ReconstructMethod_Name(c.proto);
+    EXPECT_EQ(spec->reconstruct.iterations, defaults.iterations);
+  }
+  // Unset means auto; the core's default and the schema's agree.
+  EXPECT_EQ(core::kDefaultReconstruct, core::ReconstructMethod::kAuto);
+
+  v1::RunRequest r = Request();
+  r.mutable_config()->mutable_reconstruction()->set_iterations(200);
+  absl::StatusOr<core::JobSpec> set = JobSpecFromRunRequest(OverTheWire(r));
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->reconstruct.iterations, 200);
+  EXPECT_EQ(set->reconstruct.method, core::kDefaultReconstruct);
+
+  // 0 means the default, as an unset field.
+  r.mutable_config()->mutable_reconstruction()->set_iterations(0);
+  set = JobSpecFromRunRequest(OverTheWire(r));
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->reconstruct.iterations, defaults.iterations);
+  EXPECT_EQ(defaults.iterations, kReconstructIterations.def);
+}
+
+TEST(ConvertTest, BadReconstructIsInvalidArgument) {
+  v1::RunRequest r = Request();
+  r.mutable_config()->set_reconstruct(static_cast<v1::ReconstructMethod>(9));
+  absl::Status s = JobSpecFromRunRequest(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("config.reconstruct"), std::string::npos) << s;
+  for (int iterations : {-1, 100001}) {
+    r = Request();
+    r.mutable_config()->mutable_reconstruction()->set_iterations(iterations);
+    s = JobSpecFromRunRequest(r).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << iterations;
+    EXPECT_NE(s.message().find("config.reconstruction.iterations"),
+              std::string::npos)
+        << s;
+  }
 }
 
 TEST(ConvertTest, ResultCarriesIterationsRunAndRangeMethods) {

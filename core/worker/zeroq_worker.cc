@@ -135,7 +135,8 @@ class MessageWriter {
 // total), distillation's last step of every batch, and otherwise an event
 // only when it reaches the next 1% of the stage (of the batch, when
 // distilling) and 50 ms have passed since the last one sent. Other event
-// types always pass.
+// types always pass. RECONSTRUCT, whatever its unit (a layer, a block, an
+// Adam step), is thinned like any stage but DISTILL: by 1% of its total.
 class ProgressThrottle {
  public:
   explicit ProgressThrottle(int64_t distill_steps_per_batch)
@@ -247,11 +248,14 @@ int Run(const v1::RunRequest& request, MessageWriter& out) {
     }
     if (!throttle.ShouldSend(e, Clock::now())) return;
     // Calibration names every activation site: too chatty for the log.
+    // The learning stages log their last step's loss.
     if (!e.message().empty() && e.stage() != v1::STAGE_CALIBRATE) {
       Log("%s: %s", core::StageName(progress.stage), e.message());
-    } else if (e.stage() == v1::STAGE_DISTILL && e.total() > 0 &&
-               e.step() == e.total()) {
-      Log("DISTILL %d/%d loss %.4g", e.step(), e.total(), e.loss());
+    } else if ((e.stage() == v1::STAGE_DISTILL ||
+                e.stage() == v1::STAGE_RECONSTRUCT) &&
+               e.total() > 0 && e.step() == e.total()) {
+      Log("%s %d/%d loss %.4g", core::StageName(progress.stage), e.step(),
+          e.total(), e.loss());
     }
     v1::WorkerMessage m;
     *m.mutable_event() = std::move(e);

@@ -1,0 +1,267 @@
+// Tests of learned weight rounding (reconstruct.h) and the RECONSTRUCT stage:
+// the output error it reconstructs falls, the learned weights are what the
+// model runs, saves and the recipe states, and the stage runs where the
+// widths ask for it.
+#include "core/reconstruct.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/export.h"
+#include "core/model.h"
+#include "core/pipeline.h"
+#include "core/quantized_model.h"
+#include "core/stages/reconstruct.h"
+#include "core/test_util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace zeroq::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+class ReconstructTest : public ::testing::Test {
+ protected:
+  void SetUp() override { at::set_num_threads(1); }
+
+  // `file`'s model quantized at `wbits`/`abits`, calibrated on N(0, 1).
+  std::unique_ptr<QuantizedModel> Quantized(const Model& model,
+                                            std::vector<int64_t> shape, int wbits,
+                                            int abits) {
+    torch::manual_seed(0);
+    calibration_ = {torch::randn(shape)};
+    QuantOptions q;
+    q.weight_bits = wbits;
+    q.activation_bits = abits;
+    absl::StatusOr<std::unique_ptr<QuantizedModel>> out =
+        QuantizedModel::Create(model, q, calibration_);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? std::move(*out) : nullptr;
+  }
+
+  static ReconstructOptions Options(ReconstructMethod method, int iterations) {
+    ReconstructOptions r;
+    r.method = method;
+    r.iterations = iterations;
+    return r;
+  }
+
+  std::vector<torch::Tensor> calibration_;
+};
+
+double Sum(const ReconstructResult& r, bool after) {
+  double s = 0;
+  for (const ReconstructProgress& p : r.layers) s += after ? p.loss_after : p.loss_before;
+  return s;
+}
+
+TEST_F(ReconstructTest, BlocksFollowTheResidualBlocksAndLowerTheirError) {
+  std::unique_ptr<Model> model = LoadTestModel("mini_resnet.pt");
+  std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 3, 32, 32}, 3, 4);
+  ASSERT_NE(q, nullptr);
+  std::vector<ReconstructProgress> events;
+  absl::StatusOr<ReconstructResult> r =
+      Reconstruct(*model, q.get(), calibration_, Options(ReconstructMethod::kBlock, 150),
+                  [&](const ReconstructProgress& p) { events.push_back(p); });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->method, "block");
+  ASSERT_EQ(events.size(), r->layers.size());
+  // Fewer blocks than layers: residual blocks (conv, conv, shortcut) learn
+  // together, named by their first and last layer.
+  EXPECT_LT(r->layers.size(), q->layers().size());
+  int multi = 0;
+  for (size_t k = 0; k < events.size(); ++k) {
+    EXPECT_EQ(events[k].layer, static_cast<int>(k + 1));
+    EXPECT_EQ(events[k].layers, static_cast<int>(events.size()));
+    EXPECT_LE(events[k].loss_after, events[k].loss_before) << events[k].name;
+    multi += events[k].name.find(" .. ") != std::string::npos;
+  }
+  EXPECT_GE(multi, 1);
+  EXPECT_LT(Sum(*r, true), 0.9 * Sum(*r, false));
+  int learned = 0;
+  for (const LayerQuantInfo& l : q->layers()) {
+    if (!l.learned_q.defined()) continue;
+    ++learned;
+    EXPECT_EQ(l.rounding, "block");
+    EXPECT_GE(l.learned_q.min().item<int>(), -4);
+    EXPECT_LE(l.learned_q.max().item<int>(), 3);
+  }
+  EXPECT_GT(learned, 0);
+}
+
+TEST_F(ReconstructTest, AdaRoundLowersEachLayersError) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 1, 28, 28}, 3, 8);
+  ASSERT_NE(q, nullptr);
+  absl::StatusOr<ReconstructResult> r = Reconstruct(
+      *model, q.get(), calibration_, Options(ReconstructMethod::kAdaRound, 150));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->method, "adaround");
+  ASSERT_EQ(r->layers.size(), q->layers().size());
+  for (size_t i = 0; i < r->layers.size(); ++i) {
+    EXPECT_EQ(r->layers[i].name, q->layers()[i].name);
+    EXPECT_LE(r->layers[i].loss_after, r->layers[i].loss_before) << r->layers[i].name;
+  }
+  EXPECT_LT(Sum(*r, true), 0.9 * Sum(*r, false));
+}
+
+// The learned integer weights, the recipe's q and the weights the saved
+// model runs with are one and the same.
+TEST_F(ReconstructTest, SavedModelAndRecipeHoldTheLearnedWeights) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 1, 28, 28}, 3, 8);
+  ASSERT_NE(q, nullptr);
+  ASSERT_TRUE(Reconstruct(*model, q.get(), calibration_,
+                          Options(ReconstructMethod::kBlock, 100))
+                  .ok());
+  TempDir dir;
+  const std::string path = dir.path() + "/model.pt";
+  ASSERT_TRUE(q->Save(path).ok());
+  const nlohmann::json recipe = nlohmann::json::parse(RecipeJson(*model, *q, {{1, 28, 28}, "test"}));
+  int checked = 0;
+  for (size_t i = 0; i < q->layers().size(); ++i) {
+    const LayerQuantInfo& l = q->layers()[i];
+    const nlohmann::json& e = recipe["layers"][i];
+    EXPECT_EQ(e["rounding"], l.rounding);
+    if (!l.learned_q.defined()) {
+      EXPECT_FALSE(e.contains("q"));
+      continue;
+    }
+    ++checked;
+    std::vector<float> qv = e["q"].get<std::vector<float>>();
+    const torch::Tensor rq = torch::tensor(qv).reshape(l.learned_q.sizes());
+    std::vector<int64_t> view(rq.dim(), 1);
+    view[0] = -1;
+    const torch::Tensor scale = torch::tensor(e["scale"].get<std::vector<float>>()).view(view);
+    const torch::Tensor zp = torch::tensor(e["zero_point"].get<std::vector<float>>()).view(view);
+    const torch::Tensor w = torch::jit::toIValue(q->layer_node(i)->input(1))->toTensor();
+    EXPECT_TRUE(torch::allclose((rq + zp) / scale, w, 1e-5, 1e-6)) << l.name;
+  }
+  EXPECT_GT(checked, 0);
+  torch::jit::Module loaded = torch::jit::load(path);
+  const torch::Tensor x = torch::randn({4, 1, 28, 28});
+  absl::StatusOr<std::vector<torch::Tensor>> ours = q->Forward(x);
+  ASSERT_TRUE(ours.ok());
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::allclose(loaded.forward({x}).toTensor(), (*ours)[0], 1e-5, 1e-5));
+  // Weights are settled once the model has run.
+  const torch::Tensor w = torch::jit::toIValue(q->layer_node(0)->input(1))->toTensor();
+  EXPECT_EQ(q->SetLearnedWeight(0, w, q->layers()[0].learned_q.defined()
+                                          ? q->layers()[0].learned_q
+                                          : torch::zeros_like(w, torch::kInt),
+                                q->layers()[0].scale, q->layers()[0].zero_point, "x")
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(ReconstructTest, ChecksOptionsAndCancels) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  std::unique_ptr<QuantizedModel> q = Quantized(*model, {8, 1, 28, 28}, 4, 8);
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(Reconstruct(*model, q.get(), calibration_, Options(ReconstructMethod::kBlock, 0))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Reconstruct(*model, q.get(), calibration_,
+                        Options(static_cast<ReconstructMethod>(9), 10))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Reconstruct(*model, q.get(), {}, Options(ReconstructMethod::kBlock, 10))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  CancellationToken cancel;
+  cancel.Cancel();
+  absl::StatusOr<ReconstructResult> r = Reconstruct(
+      *model, q.get(), calibration_, Options(ReconstructMethod::kBlock, 10), {}, &cancel);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled);
+  // kNone leaves the model as it was.
+  absl::StatusOr<ReconstructResult> none =
+      Reconstruct(*model, q.get(), calibration_, Options(ReconstructMethod::kNone, 10));
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->layers.empty());
+  for (const LayerQuantInfo& l : q->layers()) EXPECT_EQ(l.rounding, "nearest");
+}
+
+TEST_F(ReconstructTest, AutoLearnsWhereAWidthIsUnderFiveBits) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  ReconstructOptions automatic;
+  automatic.method = ReconstructMethod::kAuto;
+  struct Case {
+    int wbits, abits;
+    ReconstructMethod want;
+  };
+  for (const Case& c : {Case{8, 8, ReconstructMethod::kNone}, Case{6, 5, ReconstructMethod::kNone},
+                        Case{4, 8, ReconstructMethod::kBlock}, Case{8, 4, ReconstructMethod::kBlock},
+                        Case{8, 0, ReconstructMethod::kNone}}) {
+    std::unique_ptr<QuantizedModel> q = Quantized(*model, {4, 1, 28, 28}, c.wbits, c.abits);
+    ASSERT_NE(q, nullptr);
+    EXPECT_EQ(ResolvedReconstructMethod(automatic, *q), c.want) << c.wbits << "/" << c.abits;
+    ReconstructOptions fixed;
+    fixed.method = ReconstructMethod::kAdaRound;
+    EXPECT_EQ(ResolvedReconstructMethod(fixed, *q), ReconstructMethod::kAdaRound);
+  }
+}
+
+// The whole job: RECONSTRUCT runs between CALIBRATE and EXPORT at 4 bits
+// (default: auto), reports each block, and is left out at 8 bits.
+TEST_F(ReconstructTest, JobRunsTheStageWhereItApplies) {
+  for (int bits : {4, 8}) {
+    TempDir dir;
+    JobSpec spec;
+    spec.model_path = ModelPath("fashion_cnn.pt");
+    spec.input_shape = {1, 28, 28};
+    spec.output_dir = dir.path();
+    spec.threads = 1;
+    spec.distill.iterations = 20;
+    spec.distill.batch_size = 8;
+    spec.quant.weight_bits = bits;
+    spec.quant.activation_bits = bits;
+    spec.reconstruct.iterations = 30;
+    std::vector<ProgressEvent> events;
+    absl::StatusOr<JobResult> r =
+        RunJob(spec, [&](const ProgressEvent& e) { events.push_back(e); });
+    ASSERT_TRUE(r.ok()) << r.status();
+    std::vector<Stage> stages;
+    for (const auto& [stage, s] : r->stage_seconds) stages.push_back(stage);
+    std::ifstream in(r->report_artifact);
+    std::stringstream text;
+    text << in.rdbuf();
+    const nlohmann::json report = nlohmann::json::parse(text.str());
+    if (bits == 8) {
+      EXPECT_THAT(stages, ::testing::Not(::testing::Contains(Stage::kReconstruct)));
+      EXPECT_EQ(report["reconstruction"]["method"], "none");
+      continue;
+    }
+    EXPECT_THAT(stages, ::testing::ElementsAre(Stage::kInspect, Stage::kDistill,
+                                               Stage::kCalibrate, Stage::kReconstruct,
+                                               Stage::kExport));
+    EXPECT_EQ(r->reconstruction, "block");
+    EXPECT_EQ(r->reconstruction_iterations, 30);
+    ASSERT_FALSE(r->reconstructed.empty());
+    int steps = 0;
+    for (const ProgressEvent& e : events) {
+      if (e.stage != Stage::kReconstruct || e.step == 0) continue;
+      ++steps;
+      EXPECT_EQ(e.total, static_cast<int64_t>(r->reconstructed.size()));
+      EXPECT_THAT(e.message, HasSubstr("output error"));
+    }
+    EXPECT_EQ(steps, static_cast<int>(r->reconstructed.size()));
+    EXPECT_EQ(report["reconstruction"]["method"], "block");
+    EXPECT_EQ(report["reconstruction"]["units"].size(), r->reconstructed.size());
+    EXPECT_THAT(FormatSummary(*r), HasSubstr("reconstruction: block"));
+  }
+}
+
+}  // namespace
+}  // namespace zeroq::core
