@@ -179,8 +179,8 @@ inline constexpr ChoiceField kReconstruct{
 
 inline constexpr IntField kReconstructIterations{
     "reconstruction.iterations", 1, 100000, "the default", 500,
-    "Adam steps per layer or block of the reconstruction, 1..100000 (default "
-    "500)"};
+    "Adam steps per layer or block of the reconstruction, 1..100000 (0: the "
+    "default, 500)"};
 
 }  // namespace zeroq
 

@@ -299,6 +299,9 @@ def check_artifact(entry, model_path, artifact, row, errors, bounded=True):
 
 def quantize_options(args, budget=None):
     bits = (["--budget", budget] if budget else ["--weight_bits", str(args.weight_bits)])
+    # Under 5 bits RECONSTRUCT runs by default; a few steps take every
+    # graph through it without the cost of learning.
+    bits += ["--reconstruct_iterations", "2"]
     return bits + ["--activation_bits", str(args.activation_bits), "--iterations",
                    str(args.iterations), "--batch_size", str(args.batch_size),
                    "--threads", str(args.threads), "--seed", "1"]

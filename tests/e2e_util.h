@@ -27,7 +27,8 @@ inline std::string ModelPath(const std::string& name) {
 }
 
 // A quick job on the example model: W4A8, few distillation steps, a small
-// batch, one thread, a fixed seed.
+// batch, a few reconstruction steps (W4 runs RECONSTRUCT by default), one
+// thread, a fixed seed.
 inline v1::SubmitJobRequest QuickJob(const std::string& model_id,
                                      int iterations = 20) {
   v1::SubmitJobRequest r;
@@ -37,6 +38,7 @@ inline v1::SubmitJobRequest QuickJob(const std::string& model_id,
   c->mutable_distillation()->set_batch_size(8);
   c->mutable_distillation()->set_iterations(iterations);
   c->mutable_distillation()->set_seed(7);
+  c->mutable_reconstruction()->set_iterations(5);
   c->set_threads(1);
   return r;
 }

@@ -126,6 +126,7 @@ TEST_F(ServiceTest, UploadInspectSubmitWatchDownloadMatchesOfflineRun) {
       ZEROQ_QUANTIZE, " --model=", ModelPath("fashion_cnn.pt"),
       " --input_shape=1,28,28 --out=", offline.string(),
       " --weight_bits=4 --batch_size=8 --iterations=20 --seed=7 --threads=1",
+      " --reconstruct_iterations=5",
       " --progress=none > ", offline.string(), ".log 2>&1");
   ASSERT_EQ(std::system(cmd.c_str()), 0) << ReadFile(offline.string() + ".log");
   EXPECT_EQ(ReadFile((out / "recipe.json").string()),

@@ -1,5 +1,6 @@
 #include "core/stages/reconstruct.h"
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "core/reconstruct.h"
@@ -29,8 +30,7 @@ absl::StatusOr<Reconstruction> ReconstructStage(
                                     ? "block by block"
                                     : "layer by layer",
                                 resolved.iterations));
-  ZQ_ASSIGN_OR_RETURN(
-      ReconstructResult result,
+  absl::StatusOr<ReconstructResult> learned =
       Reconstruct(
           model, qmodel, data, resolved,
           [&](const ReconstructProgress& p) {
@@ -40,7 +40,20 @@ absl::StatusOr<Reconstruction> ReconstructStage(
                                           p.name, p.loss_before, p.loss_after,
                                           100.0 * p.flipped));
           },
-          cancel));
+          cancel);
+  // Learned rounding is an improvement on a model that is already whole:
+  // an op it cannot run leaves the remaining layers rounded to nearest
+  // (each finished block kept its learned rounding only where it helped)
+  // rather than failing the job. Cancellation and lack of memory still end it.
+  if (!learned.ok() && learned.status().code() == absl::StatusCode::kInternal) {
+    progress.Step(0, 0, absl::StrCat("reconstruction stopped, the rest keeps "
+                                     "round-to-nearest: ",
+                                     learned.status().message()));
+    out.method += " (stopped)";
+    return out;
+  }
+  ZQ_RETURN_IF_ERROR(learned.status());
+  const ReconstructResult& result = *learned;
   out.method = result.method;
   for (const ReconstructProgress& p : result.layers) {
     out.units.push_back({p.name, p.loss_before, p.loss_after, p.flipped});

@@ -139,9 +139,12 @@ TEST_F(DriverTest, SensitivityAndParetoRunOnlyWithABudget) {
                           Stage::kExport));
   JobSpec spec = SmallSpec();
   spec.budget = Budget{Budget::kAverageBits, 4};
+  // Widths under 5 bits: RECONSTRUCT (auto) runs too, after CALIBRATE.
+  spec.reconstruct.iterations = 2;
   EXPECT_THAT(TimedStages(spec),
               ElementsAre(Stage::kInspect, Stage::kDistill, Stage::kSensitivity,
-                          Stage::kPareto, Stage::kCalibrate, Stage::kExport));
+                          Stage::kPareto, Stage::kCalibrate, Stage::kReconstruct,
+                          Stage::kExport));
 }
 
 TEST_F(DriverTest, DistillRunsOnlyForDistilledData) {
