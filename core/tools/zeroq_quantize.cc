@@ -96,6 +96,17 @@ int Usage(const std::string& message) {
   return 2;
 }
 
+// A method flag's word as its proto value (1..): 0 for an empty flag (the
+// config's unset). False for a word the schema does not know.
+bool ParseChoice(const zeroq::ChoiceField& field, const std::string& word, int* value) {
+  *value = 0;
+  if (word.empty()) return true;
+  const int i = field.Find(word);
+  if (i < 0) return false;
+  *value = i + 1;
+  return true;
+}
+
 class ProgressPrinter {
  public:
   explicit ProgressPrinter(bool bar) : bar_(bar) {}
@@ -196,15 +207,14 @@ int main(int argc, char** argv) {
   q.activation_bits = absl::GetFlag(FLAGS_activation_bits);
   q.quantize_layer_inputs = absl::GetFlag(FLAGS_quantize_layer_inputs);
   q.activation_percentile = absl::GetFlag(FLAGS_activation_percentile);
-  if (const std::string range = absl::GetFlag(FLAGS_activation_range);
-      !range.empty()) {
-    const int i = zeroq::kActivationRange.Find(range);
-    if (i < 0) {
-      return Usage(absl::StrCat("--activation_range: \"", range, "\" is not ",
-                                zeroq::kActivationRange.Describe()));
-    }
-    q.activation_range = static_cast<zeroq::core::ActivationRange>(i + 1);
-  }  // else kAuto, as an unset config field
+  int range = 0;  // 0: kAuto, as an unset config field
+  if (!ParseChoice(zeroq::kActivationRange, absl::GetFlag(FLAGS_activation_range),
+                   &range)) {
+    return Usage(absl::StrCat("--activation_range: \"",
+                              absl::GetFlag(FLAGS_activation_range), "\" is not ",
+                              zeroq::kActivationRange.Describe()));
+  }
+  if (range > 0) q.activation_range = static_cast<zeroq::core::ActivationRange>(range);
   for (absl::string_view item :
        absl::StrSplit(absl::GetFlag(FLAGS_layer_bits), ',', absl::SkipEmpty())) {
     std::pair<std::string, std::string> kv = absl::StrSplit(item, '=');
@@ -274,15 +284,12 @@ int main(int argc, char** argv) {
     return Usage(absl::StrCat("--stats: \"", stats, "\" is not per-sample or per-batch"));
   }
   zeroq::core::ReconstructOptions& r = spec.reconstruct;
-  if (const std::string method = absl::GetFlag(FLAGS_reconstruct);
-      !method.empty()) {
-    const int i = zeroq::kReconstruct.Find(method);
-    if (i < 0) {
-      return Usage(absl::StrCat("--reconstruct: \"", method, "\" is not ",
-                                zeroq::kReconstruct.Describe()));
-    }
-    r.method = static_cast<zeroq::core::ReconstructMethod>(i + 1);
-  }  // else the default, as an unset config field
+  int method = 0;  // 0: the default, as an unset config field
+  if (!ParseChoice(zeroq::kReconstruct, absl::GetFlag(FLAGS_reconstruct), &method)) {
+    return Usage(absl::StrCat("--reconstruct: \"", absl::GetFlag(FLAGS_reconstruct),
+                              "\" is not ", zeroq::kReconstruct.Describe()));
+  }
+  if (method > 0) r.method = static_cast<zeroq::core::ReconstructMethod>(method);
   // 0: the default, as in a QuantizationConfig; the range is the schema's,
   // checked here so that --check_config refuses what SubmitJob refuses.
   if (const int iterations = absl::GetFlag(FLAGS_reconstruct_iterations);
