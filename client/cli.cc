@@ -768,12 +768,22 @@ std::string FrontierTable(const v1::JobResult& r) {
   std::string out =
       absl::StrFormat("%4s  %10s  %8s  %14s  %-6s  %s\n", "#", "size KiB",
                       "avg bits", "sensitivity", "chosen", "bits per layer");
+  bool marked = false;
   for (int i = 0; i < r.frontier_size(); ++i) {
     const v1::ParetoPoint& p = r.frontier(i);
+    marked = marked || IsChosen(r, p);
     absl::StrAppendFormat(&out, "%4d  %10.2f  %8.3f  %14.6g  %-6s  %s\n", i,
                           p.size_bits() / 8.0 / 1024, p.size_bits() / params,
                           p.sensitivity(), IsChosen(r, p) ? "*" : "",
                           absl::StrJoin(p.bits(), ","));
+  }
+  // The job measures the points nearest the budget and the uniform width
+  // end to end; a uniform choice need not lie on the frontier.
+  if (!marked && r.chosen().size_bits() > 0) {
+    const v1::ParetoPoint& c = r.chosen();
+    absl::StrAppendFormat(&out, "%4s  %10.2f  %8.3f  %14.6g  %-6s  %s\n", "-",
+                          c.size_bits() / 8.0 / 1024, c.size_bits() / params,
+                          c.sensitivity(), "*", absl::StrJoin(c.bits(), ","));
   }
   absl::StrAppendFormat(&out, "%d points; * marks the chosen one (budget %s)\n",
                         r.frontier_size(),

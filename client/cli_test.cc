@@ -374,6 +374,18 @@ TEST(TextTest, ReportAndFrontier) {
   EXPECT_THAT(table,
               HasSubstr("   1        0.98     4.000             0.5  *"));
   EXPECT_THAT(FrontierTable(v1::JobResult()), HasSubstr("no Pareto frontier"));
+
+  // A chosen point off the frontier (the uniform width, measured closer to
+  // float) gets a row of its own.
+  v1::JobResult off = r;
+  off.mutable_chosen()->clear_bits();
+  off.mutable_chosen()->add_bits(2);
+  off.mutable_chosen()->add_bits(6);
+  off.mutable_chosen()->set_sensitivity(0.75);
+  table = FrontierTable(off);
+  EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 6);
+  EXPECT_EQ(std::count(table.begin(), table.end(), '*'), 2);  // the row, the footer
+  EXPECT_THAT(table, HasSubstr("   -        0.98     4.000            0.75  *"));
 }
 
 TEST(TextTest, Tables) {

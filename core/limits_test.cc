@@ -116,7 +116,7 @@ TEST(LimitsTest, HelpTextsStateTheRangeAndDefault) {
           << field->name << ": " << help;
     }
   }
-  EXPECT_NE(std::string(kCandidateBits.help).find("default 2,4,8"),
+  EXPECT_NE(std::string(kCandidateBits.help).find("default 2,3,4,6,8"),
             std::string::npos);
   for (const RealField* field : kRealFields) {
     const std::string help = field->help;
@@ -137,7 +137,7 @@ TEST(LimitsTest, HelpTextsStateTheRangeAndDefault) {
   EXPECT_EQ(q.weight_bits, kWeightBits.def);
   EXPECT_EQ(q.activation_bits, kActivationBits.def);
   EXPECT_EQ(q.activation_percentile, kActivationPercentile.def);
-  EXPECT_EQ(s.bits, (std::vector<int>{2, 4, 8}));
+  EXPECT_EQ(s.bits, (std::vector<int>{2, 3, 4, 6, 8}));
 }
 
 TEST(LimitsTest, ServerAndCoreAgreeOnPercentileAndLearningRate) {

@@ -30,6 +30,17 @@ void SetUpProcess(int threads) {
   mallopt(M_TOP_PAD, 64 << 20);
 }
 
+int DefaultDistillIterations(const JobSpec& spec) {
+  auto wide = [](int bits) { return bits == 0 || bits >= 8; };
+  const QuantOptions& q = spec.quant;
+  bool eight = !spec.budget.has_value() && wide(q.weight_bits) &&
+               wide(q.activation_bits) &&
+               (spec.reconstruct.method == ReconstructMethod::kNone ||
+                spec.reconstruct.method == ReconstructMethod::kAuto);
+  for (const auto& [name, bits] : q.layer_bits) eight = eight && wide(bits);
+  return eight ? kEightBitIterations : static_cast<int>(kIterations.def);
+}
+
 absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec) {
   ZQ_RETURN_IF_ERROR(ValidateQuantOptions(model, spec.quant));
   ZQ_RETURN_IF_ERROR(ValidateDistillOptions(spec.distill));
@@ -37,6 +48,10 @@ absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec) {
   if (!kThreads.Contains(spec.threads)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "threads = ", spec.threads, ": must be ", kThreads.Describe()));
+  }
+  if (spec.measured_points < 0 || spec.measured_points > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "measured_points = ", spec.measured_points, ": must be 0..64"));
   }
   if (spec.budget.has_value()) {
     if (spec.sensitivity.bits.empty()) {

@@ -65,12 +65,25 @@ struct JobSpec {
   // width the table has.
   std::vector<int> replan_widths;
   PlanOptions plan;
+  // PARETO: the sensitivity sum is only a proxy, so the `measured_points`
+  // frontier points nearest the budget and the widest uniform width within
+  // it are each quantized and calibrated, and the one whose outputs on the
+  // calibration data are closest to the float model's (mean KL) is taken.
+  // 0: the lowest sensitivity sum, unmeasured.
+  int measured_points = 3;
   // Learned weight rounding after calibration (the RECONSTRUCT stage).
   ReconstructOptions reconstruct;
   std::string output_dir;            // must exist; artifacts go here
   int threads = 0;                   // intra-op threads; 0 = all cores
   std::string device = "cpu";        // "cpu", "cuda", "cuda:N"
 };
+
+// The distillation iterations of a job that did not set them (the service
+// and zeroq-quantize apply it; DistillOptions itself defaults to 500):
+// kEightBitIterations when every weight and activation width is 8 bits or
+// more or float, without a budget and without learned rounding asked for;
+// else kIterations.def.
+int DefaultDistillIterations(const JobSpec& spec);
 
 // Process-wide set-up for running jobs: LibTorch's intra-op thread count,
 // and glibc malloc kept from returning large blocks to the kernel. LibTorch's

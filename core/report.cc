@@ -54,6 +54,20 @@ std::string FormatSummary(const JobResult& r) {
                             chosen ? "  <- chosen" : "");
     }
   }
+  if (mp && !r.measured_points.empty()) {
+    const double params = static_cast<double>(r.quantizable_params);
+    absl::StrAppendFormat(&out,
+                          "measured end to end (output KL against float on "
+                          "the calibration data):\n  %12s %9s %14s %12s\n",
+                          "weight KiB", "avg bits", "sensitivity", "output KL");
+    for (const MeasuredPoint& m : r.measured_points) {
+      const bool chosen = r.chosen && m.point.bits == r.chosen->bits;
+      absl::StrAppendFormat(&out, "  %12.2f %9.3f %14.6g %12.6g%s%s\n",
+                            m.point.size_bits / 8192.0, m.point.size_bits / params,
+                            m.point.total_sensitivity, m.output_kl,
+                            m.uniform ? "  uniform" : "", chosen ? "  <- chosen" : "");
+    }
+  }
   int act_bits = r.activations.empty() ? 0 : r.activations.front().bits;
   absl::StrAppendFormat(&out, "activation quantizers: %d", r.activations.size());
   if (act_bits) {
@@ -138,6 +152,13 @@ std::string ResultJson(const JobResult& r) {
                                    {"units", units}};
   nlohmann::json frontier = nlohmann::json::array();
   for (const ParetoPoint& p : r.frontier) frontier.push_back(point(p));
+  nlohmann::json measured = nlohmann::json::array();
+  for (const MeasuredPoint& m : r.measured_points) {
+    nlohmann::json row = point(m.point);
+    row["output_kl"] = m.output_kl;
+    row["uniform"] = m.uniform;
+    measured.push_back(std::move(row));
+  }
   j = {{"layers", layers},
        {"activations", acts},
        {"bn_layers", r.bn_layers},
@@ -155,6 +176,7 @@ std::string ResultJson(const JobResult& r) {
        {"sensitivity", sens},
        {"frontier", frontier},
        {"chosen", r.chosen ? point(*r.chosen) : nlohmann::json()},
+       {"measured_points", measured},
        {"budget_bits", r.budget_bits},
        {"bound_bits", r.bound_bits},
        {"threads", r.threads},

@@ -46,6 +46,15 @@ struct ReconstructedUnit {
   double flipped = 0;    // share of its weights rounded the other way
 };
 
+// A mixed-precision configuration PARETO measured end to end: the mean
+// KL(softmax float || softmax quantized) of its outputs on the calibration
+// data, before any reconstruction.
+struct MeasuredPoint {
+  ParetoPoint point;
+  double output_kl = 0;
+  bool uniform = false;  // every unpinned layer at one width
+};
+
 struct JobResult {
   std::vector<LayerReport> layers;
   std::vector<ActivationReport> activations;
@@ -72,6 +81,7 @@ struct JobResult {
   std::vector<LayerSensitivity> sensitivity;
   std::vector<ParetoPoint> frontier;
   std::optional<ParetoPoint> chosen;
+  std::vector<MeasuredPoint> measured_points;  // empty: chosen by the sum
   int64_t budget_bits = 0;
   int64_t bound_bits = 0;            // Plan::bound_bits
   // The stages that ran, in order, with their wall time.

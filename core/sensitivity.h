@@ -1,6 +1,6 @@
 // sensitivity.h: ZeroQ's per-layer sensitivity sweep (ZEROQ.md section 3).
 //
-//   SensitivityOptions options;                    // widths {2, 4, 8}
+//   SensitivityOptions options;                    // widths {2, 3, 4, 6, 8}
 //   ZQ_ASSIGN_OR_RETURN(std::vector<LayerSensitivity> table,
 //       ComputeSensitivity(*model, distilled.batches, options, on_layer));
 //   // table[i].omega[j]: layer i with its weights at table[i].bits[j] bits

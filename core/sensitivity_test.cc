@@ -90,10 +90,10 @@ TEST(Sensitivity, FewerBitsHurtMore) {
   ASSERT_TRUE(table.ok()) << table.status();
   double sum2 = 0, sum8 = 0;
   for (const LayerSensitivity& row : *table) {
-    ASSERT_EQ(row.bits, (std::vector<int>{2, 4, 8}));
+    ASSERT_EQ(row.bits, (std::vector<int>{2, 3, 4, 6, 8}));
     sum2 += row.omega[0];
-    sum8 += row.omega[2];
-    EXPECT_GT(row.omega[0], row.omega[2]) << row.name;
+    sum8 += row.omega[4];
+    EXPECT_GT(row.omega[0], row.omega[4]) << row.name;
   }
   EXPECT_GT(sum2, 100 * sum8);
 }
@@ -108,10 +108,11 @@ TEST(Sensitivity, OthersAt8BitChangesTheBaseline) {
   auto a = ComputeSensitivity(**model, data, plain);
   auto b = ComputeSensitivity(**model, data, eight);
   ASSERT_TRUE(a.ok() && b.ok());
-  // At 8 bits, the whole model is then at 8 bits, whatever the layer.
-  const double all8 = (*b)[0].omega[2];
-  for (const LayerSensitivity& row : *b) EXPECT_NEAR(row.omega[2], all8, 1e-9);
-  EXPECT_NE((*a)[0].omega[2], (*b)[0].omega[2]);
+  // At 8 bits (the last width), the whole model is then at 8 bits,
+  // whatever the layer.
+  const double all8 = (*b)[0].omega.back();
+  for (const LayerSensitivity& row : *b) EXPECT_NEAR(row.omega.back(), all8, 1e-9);
+  EXPECT_NE((*a)[0].omega.back(), (*b)[0].omega.back());
 }
 
 TEST(Sensitivity, ProgressAndCancellation) {
@@ -122,10 +123,10 @@ TEST(Sensitivity, ProgressAndCancellation) {
   auto ok = ComputeSensitivity(**model, data, {}, [&](const SensitivityProgress& p) {
     ++calls;
     EXPECT_EQ(p.step, calls);
-    EXPECT_EQ(p.total, 18);
+    EXPECT_EQ(p.total, 30);
   });
   ASSERT_TRUE(ok.ok());
-  EXPECT_EQ(calls, 18);  // 6 layers x 3 widths
+  EXPECT_EQ(calls, 30);  // 6 layers x 5 widths
 
   CancellationToken cancel;
   auto cancelled = ComputeSensitivity(

@@ -233,9 +233,9 @@ circles = doc.getElementsByTagName("circle")
 by = lambda c: [e for e in circles if e.getAttribute("class") == c]
 assert len(by("frontier")) == len(job["result"]["frontier"]) > 1, len(by("frontier"))
 assert len(by("chosen")) == 1
-assert len(by("uniform")) == 3
+assert len(by("uniform")) == 5
 labels = {t.firstChild.data for t in doc.getElementsByTagName("text") if t.firstChild}
-assert {"W2", "W4", "W8", "weight size (KiB)"} <= labels, labels
+assert {"W2", "W3", "W4", "W6", "W8", "weight size (KiB)"} <= labels, labels
 assert any("total sensitivity" in l for l in labels), labels
 ' "$tmp/frontier.svg" "$tmp/get_json.out"
 run frontier_json --json frontier "$job"

@@ -641,7 +641,7 @@ TEST_F(ServiceTest, LateAndReconnectingWatchersMissNothing) {
     sensitivity += e.type() == v1::EVENT_SENSITIVITY;
     pareto += e.type() == v1::EVENT_PARETO;
   }
-  EXPECT_EQ(sensitivity, done.result().layers_size() * 3);  // widths {2, 4, 8}
+  EXPECT_EQ(sensitivity, done.result().layers_size() * 5);  // widths {2, 3, 4, 6, 8}
   EXPECT_GT(pareto, 0);
   EXPECT_GT(done.result().frontier_size(), 0);
   // Resuming from the middle gets exactly the rest.
@@ -713,7 +713,7 @@ TEST_F(ServiceTest, ReplanFromAFinishedJobSkipsTheSweep) {
   absl::Status refused = client_->SubmitJob(other_widths).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
   EXPECT_THAT(std::string(refused.message()), HasSubstr("config.candidate_bits"));
-  EXPECT_THAT(std::string(refused.message()), HasSubstr("2,4,8"));
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("2,3,4,6,8"));
   // Re-planning from a job of another model is refused.
   v1::Model other = UploadReady("fashion_cnn.pt", {1, 28, 28});
   EXPECT_EQ(other.id(), model.id());  // same bytes and shape: the same model

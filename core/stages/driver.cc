@@ -110,12 +110,12 @@ absl::Status RunSensitivity(JobState& s, const StageProgress& progress,
 }
 
 absl::Status RunPareto(JobState& s, const StageProgress& progress,
-                       const CancellationToken*) {
-  ZQ_ASSIGN_OR_RETURN(
-      PlannedWidths planned,
-      PlanStage(s.result.sensitivity, s.model->summary().quantizable_params,
-                s.spec, progress));
+                       const CancellationToken* cancel) {
+  ZQ_ASSIGN_OR_RETURN(PlannedWidths planned,
+                      PlanStage(*s.model, s.data.batches, s.result.sensitivity,
+                                s.spec, progress, cancel));
   s.quant = std::move(planned.quant);
+  s.result.measured_points = std::move(planned.measured);
   s.result.frontier = std::move(planned.plan.frontier);
   s.result.chosen = std::move(planned.plan.chosen);
   s.result.budget_bits = planned.plan.budget_bits;

@@ -1,10 +1,15 @@
 #include "core/stages/plan.h"
 
+#include <algorithm>
+#include <map>
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
+#include "core/quantized_model.h"
+#include "core/stages/export.h"
 
 namespace zeroq::core {
 namespace {
@@ -18,31 +23,102 @@ void ReportFrontier(const Plan& plan, const StageProgress& progress) {
     e.total = n;
     e.size_bits = p.size_bits;
     e.omega = p.total_sensitivity;
-    e.bits = p.size_bits == plan.chosen.size_bits ? 1 : 0;
+    e.bits = p.bits == plan.chosen.bits ? 1 : 0;
     progress(std::move(e));
   }
 }
 
-void ReportChoice(const Plan& plan, int64_t quantizable_params,
+void ReportChoice(const Plan& plan, int64_t quantizable_params, size_t measured,
                   const StageProgress& progress) {
   ProgressEvent e;
   e.step = 1;
   e.total = 1;
   e.message = absl::StrFormat(
-      "chose %.2f average bits (%.1f KiB of weights) within a budget of %.2f",
+      "chose %.2f average bits (%.1f KiB of weights) within a budget of %.2f%s",
       double(plan.chosen.size_bits) / quantizable_params,
       plan.chosen.size_bits / 8192.0,
-      double(plan.budget_bits) / quantizable_params);
+      double(plan.budget_bits) / quantizable_params,
+      measured > 0 ? absl::StrFormat(", the closest to float of %d measured",
+                                     measured)
+                   : std::string());
   e.size_bits = plan.chosen.size_bits;
   e.omega = plan.chosen.total_sensitivity;
   progress(std::move(e));
 }
 
+// Every layer at `width`, pinned layers at their pin: its size and
+// sensitivity sum, or nothing if a layer lacks that width.
+std::optional<ParetoPoint> UniformPoint(const std::vector<LayerCost>& costs,
+                                        int width) {
+  ParetoPoint p;
+  for (const LayerCost& c : costs) {
+    const int bits = c.pinned_bits.value_or(width);
+    auto it = std::find(c.bits.begin(), c.bits.end(), bits);
+    if (it == c.bits.end()) return std::nullopt;
+    p.bits.push_back(bits);
+    p.size_bits += c.params * bits;
+    p.total_sensitivity += c.sensitivity[it - c.bits.begin()];
+  }
+  return p;
+}
+
+// What PARETO measures: the `n` frontier points within the budget nearest
+// to it (the sensitivity sum's choice first), then the widest uniform
+// configuration within the budget if it is not one of them. The sum is
+// only a proxy: at equal size a uniform width can beat the mixed points,
+// and nearby frontier points differ by less than its error.
+std::vector<MeasuredPoint> Candidates(const Plan& plan,
+                                      const std::vector<LayerCost>& costs,
+                                      int n) {
+  std::vector<MeasuredPoint> out;
+  for (auto it = plan.frontier.rbegin();
+       it != plan.frontier.rend() && static_cast<int>(out.size()) < n; ++it) {
+    if (it->size_bits <= plan.budget_bits) out.push_back({*it, 0, false});
+  }
+  std::vector<int> widths = costs.empty() ? std::vector<int>() : costs[0].bits;
+  std::sort(widths.rbegin(), widths.rend());
+  for (int w : widths) {
+    std::optional<ParetoPoint> u = UniformPoint(costs, w);
+    if (!u || u->size_bits > plan.budget_bits) continue;
+    auto same = [&](const MeasuredPoint& m) { return m.point.bits == u->bits; };
+    auto found = std::find_if(out.begin(), out.end(), same);
+    if (found != out.end()) {
+      found->uniform = true;
+    } else {
+      out.push_back({*u, 0, true});
+    }
+    break;
+  }
+  return out;
+}
+
+// Mean KL of the model quantized at `bits` (one width per layer, in the
+// table's order), calibrated on `data`, against float on `data`.
+absl::StatusOr<double> OutputKl(const Model& model,
+                                const std::vector<torch::Tensor>& data,
+                                const std::vector<LayerSensitivity>& table,
+                                const std::vector<int>& bits,
+                                const JobSpec& spec,
+                                const CancellationToken* cancel) {
+  QuantOptions quant = spec.quant;
+  for (size_t i = 0; i < table.size(); ++i) quant.layer_bits[table[i].name] = bits[i];
+  ZQ_ASSIGN_OR_RETURN(std::unique_ptr<QuantizedModel> q,
+                      QuantizedModel::QuantizeWeights(model, quant));
+  ZQ_RETURN_IF_ERROR(q->CalibrateActivations(data, {}, cancel));
+  CalibrationData d;
+  d.batches = data;
+  for (const torch::Tensor& b : data) d.samples += b.size(0);
+  ZQ_ASSIGN_OR_RETURN(Agreement a, MeasureAgreement(model, *q, d));
+  return a.mean_kl;
+}
+
 }  // namespace
 
 absl::StatusOr<PlannedWidths> PlanStage(
-    const std::vector<LayerSensitivity>& table, int64_t quantizable_params,
-    const JobSpec& spec, const StageProgress& progress) {
+    const Model& model, const std::vector<torch::Tensor>& data,
+    const std::vector<LayerSensitivity>& table, const JobSpec& spec,
+    const StageProgress& progress, const CancellationToken* cancel) {
+  const int64_t params = model.summary().quantizable_params;
   PlannedWidths out;
   out.quant = spec.quant;
   std::vector<LayerCost> costs;
@@ -54,11 +130,39 @@ absl::StatusOr<PlannedWidths> PlanStage(
   }
   ZQ_ASSIGN_OR_RETURN(out.plan,
                       PlanMixedPrecision(costs, *spec.budget, spec.plan));
-  ReportFrontier(out.plan, progress);
+  if (spec.measured_points > 0 && !data.empty()) {
+    out.measured = Candidates(out.plan, costs, spec.measured_points);
+    const int64_t n = static_cast<int64_t>(out.measured.size());
+    for (int64_t i = 0; i < n; ++i) {
+      ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "planning"));
+      MeasuredPoint& m = out.measured[i];
+      ZQ_ASSIGN_OR_RETURN(m.output_kl, OutputKl(model, data, table,
+                                                m.point.bits, spec, cancel));
+      ProgressEvent e;
+      e.step = i + 1;
+      e.total = n;
+      e.size_bits = m.point.size_bits;
+      e.omega = m.point.total_sensitivity;
+      e.message = absl::StrFormat(
+          "measured %.3f average bits%s: output KL %.4g on the calibration "
+          "data",
+          double(m.point.size_bits) / params, m.uniform ? " (uniform)" : "",
+          m.output_kl);
+      progress(std::move(e));
+    }
+    auto best = std::min_element(
+        out.measured.begin(), out.measured.end(),
+        [](const MeasuredPoint& a, const MeasuredPoint& b) {
+          if (a.output_kl != b.output_kl) return a.output_kl < b.output_kl;
+          return a.point.total_sensitivity < b.point.total_sensitivity;
+        });
+    if (best != out.measured.end()) out.plan.chosen = best->point;
+  }
   for (size_t i = 0; i < costs.size(); ++i) {
     out.quant.layer_bits[costs[i].name] = out.plan.chosen.bits[i];
   }
-  ReportChoice(out.plan, quantizable_params, progress);
+  ReportFrontier(out.plan, progress);
+  ReportChoice(out.plan, params, out.measured.size(), progress);
   return out;
 }
 

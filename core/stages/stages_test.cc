@@ -1,9 +1,11 @@
 // Tests of the stage list and its driver: names and values against the
-// protocol's enum, which stages run for which spec, and QuantizedModel's two
-// steps that the CALIBRATE stage runs against Create().
+// protocol's enum, which stages run for which spec, QuantizedModel's two
+// steps that the CALIBRATE stage runs against Create(), and PARETO's choice
+// by measuring candidates end to end.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <set>
@@ -13,11 +15,15 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/model.h"
 #include "core/options.h"
 #include "core/pipeline.h"
 #include "core/quantized_model.h"
+#include "core/sensitivity.h"
+#include "core/stages/export.h"
+#include "core/stages/plan.h"
 #include "core/stages/stage.h"
 #include "core/test_util.h"
 #include "core/worker/convert.h"
@@ -282,6 +288,126 @@ TEST_F(TwoStepQuantizationTest, CalibrationChecksItsInputs) {
   bad.weight_bits = 9;
   EXPECT_EQ(QuantizedModel::QuantizeWeights(*model_, bad).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// PARETO on fashion_cnn's sensitivity table: without measuring it takes the
+// lowest sensitivity sum; measuring, it quantizes the candidates nearest the
+// budget and the uniform width, and takes the one closest to float.
+class PlanStageTest : public TwoStepQuantizationTest {
+ protected:
+  void SetUp() override {
+    TwoStepQuantizationTest::SetUp();
+    absl::StatusOr<std::vector<LayerSensitivity>> table =
+        ComputeSensitivity(*model_, calibration_, SensitivityOptions());
+    ASSERT_TRUE(table.ok()) << table.status();
+    table_ = *table;
+    spec_.budget = Budget{Budget::kAverageBits, 4};
+  }
+
+  absl::StatusOr<PlannedWidths> Plan(std::vector<ProgressEvent>* events) {
+    return PlanStage(*model_, calibration_, table_, spec_,
+                     StageProgress(Stage::kPareto,
+                                   [&](const ProgressEvent& e) {
+                                     events->push_back(e);
+                                   }),
+                     nullptr);
+  }
+
+  // The mean KL of the model at `bits`, built as CALIBRATE builds it.
+  double Kl(const std::vector<int>& bits) {
+    QuantOptions quant;
+    for (size_t i = 0; i < table_.size(); ++i) quant.layer_bits[table_[i].name] = bits[i];
+    absl::StatusOr<std::unique_ptr<QuantizedModel>> q =
+        QuantizedModel::Create(*model_, quant, calibration_);
+    EXPECT_TRUE(q.ok()) << q.status();
+    if (!q.ok()) return NAN;
+    CalibrationData data;
+    data.batches = calibration_;
+    data.samples = 16;
+    absl::StatusOr<Agreement> a = MeasureAgreement(*model_, **q, data);
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? a->mean_kl : NAN;
+  }
+
+  std::vector<LayerSensitivity> table_;
+  JobSpec spec_;
+};
+
+TEST_F(PlanStageTest, WithoutMeasuringTakesTheLowestSensitivitySum) {
+  spec_.measured_points = 0;
+  std::vector<ProgressEvent> events;
+  absl::StatusOr<PlannedWidths> p = Plan(&events);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_TRUE(p->measured.empty());
+  std::vector<LayerCost> costs;
+  for (const LayerSensitivity& row : table_) {
+    costs.push_back({row.name, row.params, row.bits, row.omega, std::nullopt});
+  }
+  absl::StatusOr<zeroq::core::Plan> plain = PlanMixedPrecision(costs, *spec_.budget);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(p->plan.chosen.bits, plain->chosen.bits);
+  for (size_t i = 0; i < table_.size(); ++i) {
+    EXPECT_EQ(p->quant.layer_bits.at(table_[i].name), plain->chosen.bits[i]);
+  }
+}
+
+TEST_F(PlanStageTest, MeasuresTheNearestPointsAndTheUniformWidth) {
+  spec_.measured_points = 3;
+  spec_.quant.layer_bits = {{"fc", 8}};  // a pin holds in every candidate
+  std::vector<ProgressEvent> events;
+  absl::StatusOr<PlannedWidths> p = Plan(&events);
+  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_GE(p->measured.size(), 2u);
+  ASSERT_LE(p->measured.size(), 4u);
+  const size_t fc = std::find_if(table_.begin(), table_.end(),
+                                 [](const LayerSensitivity& r) { return r.name == "fc"; }) -
+                    table_.begin();
+  ASSERT_LT(fc, table_.size());
+  int uniform = 0;
+  const MeasuredPoint* best = nullptr;
+  for (const MeasuredPoint& m : p->measured) {
+    EXPECT_LE(m.point.size_bits, p->plan.budget_bits);
+    EXPECT_EQ(m.point.bits[fc], 8);
+    EXPECT_GE(m.output_kl, 0);
+    if (m.uniform) {
+      ++uniform;
+      // Every other layer at one width, the widest candidate that fits.
+      const int width = m.point.bits[fc == 0 ? 1 : 0];
+      int64_t wider = 0;
+      const int next = table_[0].bits[std::find(table_[0].bits.begin(),
+                                                table_[0].bits.end(), width) -
+                                      table_[0].bits.begin() + 1];
+      for (size_t i = 0; i < table_.size(); ++i) {
+        if (i != fc) EXPECT_EQ(m.point.bits[i], width) << table_[i].name;
+        wider += table_[i].params * (i == fc ? 8 : next);
+      }
+      EXPECT_GT(wider, p->plan.budget_bits);
+    }
+    if (best == nullptr || m.output_kl < best->output_kl) best = &m;
+  }
+  EXPECT_EQ(uniform, 1);
+  ASSERT_NE(best, nullptr);
+  EXPECT_EQ(p->plan.chosen.bits, best->point.bits);
+  for (size_t i = 0; i < table_.size(); ++i) {
+    EXPECT_EQ(p->quant.layer_bits.at(table_[i].name), best->point.bits[i]);
+  }
+  // The KL is the calibrated model's, as EXPORT measures it.
+  EXPECT_NEAR(best->output_kl, Kl(best->point.bits), 1e-6 + 1e-4 * best->output_kl);
+
+  // Events: the measurements, then the frontier marking the choice where it
+  // lies on it, then the choice in words.
+  int measured = 0, marked = 0, on_frontier = 0;
+  for (const ProgressEvent& e : events) {
+    EXPECT_EQ(e.stage, Stage::kPareto);
+    measured += absl::StrContains(e.message, "output KL");
+    if (e.message.empty()) marked += e.bits;
+  }
+  for (const ParetoPoint& f : p->plan.frontier) on_frontier += f.bits == best->point.bits;
+  EXPECT_EQ(measured, static_cast<int>(p->measured.size()));
+  EXPECT_EQ(marked, on_frontier);
+  ASSERT_FALSE(events.empty());
+  EXPECT_THAT(events.back().message,
+              ::testing::HasSubstr(absl::StrCat("closest to float of ", p->measured.size())));
 }
 
 }  // namespace

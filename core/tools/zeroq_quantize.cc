@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,8 +47,13 @@ ABSL_FLAG(std::string, budget, "",
           "mixed precision within a weight budget: MP4 or 4 (average bits), "
           "8x (compression against float), 120KB / 1.5MiB / 30000B");
 ABSL_FLAG(std::string, candidate_bits, "",
-          "mixed-precision widths (default 2,4,8; with --sensitivity_from, "
+          "mixed-precision widths (default 2,3,4,6,8; with --sensitivity_from, "
           "the stored table's, or some of them)");
+ABSL_FLAG(int, measured_points, zeroq::core::JobSpec().measured_points,
+          "mixed precision: quantize this many frontier points nearest the "
+          "budget (and the widest uniform width within it) and take the one "
+          "whose outputs are closest to float's on the calibration data, "
+          "0..64 (0: the lowest sensitivity sum)");
 ABSL_FLAG(bool, sensitivity_others_8bit, false,
           "measure each layer's sensitivity with the others at 8 bits");
 ABSL_FLAG(std::string, sensitivity_from, "",
@@ -55,7 +61,8 @@ ABSL_FLAG(std::string, sensitivity_from, "",
           "(pass its distilled.pt as --calibration to reuse its data)");
 ABSL_FLAG(int, batch_size, zeroq::kBatchSize.def, zeroq::kBatchSize.help);
 ABSL_FLAG(int, num_batches, zeroq::kNumBatches.def, zeroq::kNumBatches.help);
-ABSL_FLAG(int, iterations, zeroq::kIterations.def, zeroq::kIterations.help);
+// Unset: the default for the job's widths (DefaultDistillIterations).
+ABSL_FLAG(std::optional<int>, iterations, std::nullopt, zeroq::kIterations.help);
 ABSL_FLAG(double, lr, zeroq::kLearningRate.def, zeroq::kLearningRate.help);
 ABSL_FLAG(int, early_stop_window, zeroq::kEarlyStopWindow.def,
           zeroq::kEarlyStopWindow.help);
@@ -241,6 +248,7 @@ int main(int argc, char** argv) {
       spec.sensitivity.bits.push_back(k);
     }
     spec.sensitivity.others_at_8bit = absl::GetFlag(FLAGS_sensitivity_others_8bit);
+    spec.measured_points = absl::GetFlag(FLAGS_measured_points);
     const std::string from = absl::GetFlag(FLAGS_sensitivity_from);
     if (!from.empty()) {
       std::ifstream in(from);
@@ -260,7 +268,6 @@ int main(int argc, char** argv) {
   zeroq::core::DistillOptions& d = spec.distill;
   d.batch_size = absl::GetFlag(FLAGS_batch_size);
   d.num_batches = absl::GetFlag(FLAGS_num_batches);
-  d.iterations = absl::GetFlag(FLAGS_iterations);
   d.lr = absl::GetFlag(FLAGS_lr);
   d.early_stop_window = absl::GetFlag(FLAGS_early_stop_window);
   d.early_stop_tolerance = absl::GetFlag(FLAGS_early_stop_tolerance);
@@ -301,6 +308,9 @@ int main(int argc, char** argv) {
   } else if (iterations != 0) {
     r.iterations = iterations;
   }
+  // After the widths, the budget and the method: the default depends on them.
+  d.iterations = absl::GetFlag(FLAGS_iterations).value_or(
+      zeroq::core::DefaultDistillIterations(spec));
   const std::string calibration = absl::GetFlag(FLAGS_calibration);
   if (calibration == "distilled") {
     spec.calibration = zeroq::core::CalibrationSource::kDistilled;

@@ -101,14 +101,13 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   if (!config.candidate_bits().empty()) {
     spec.sensitivity.bits.assign(config.candidate_bits().begin(),
                                  config.candidate_bits().end());
-  }  // else the core's default, {2, 4, 8}
+  }  // else the core's default, {2, 3, 4, 6, 8}
   spec.sensitivity.others_at_8bit = config.sensitivity_others_8bit();
 
   const v1::DistillationConfig& dc = config.distillation();
   core::DistillOptions& d = spec.distill;
   if (dc.has_batch_size()) d.batch_size = dc.batch_size();
   if (dc.has_num_batches()) d.num_batches = dc.num_batches();
-  if (dc.has_iterations()) d.iterations = dc.iterations();
   if (dc.has_lr()) d.lr = dc.lr();
   if (dc.has_seed()) d.seed = dc.seed();
   if (dc.has_early_stop_window()) d.early_stop_window = dc.early_stop_window();
@@ -141,6 +140,9 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   if (config.reconstruction().iterations() != 0) {
     rc.iterations = config.reconstruction().iterations();
   }
+  // After the widths, the budget and the method: the default depends on them.
+  d.iterations = dc.has_iterations() ? dc.iterations()
+                                     : core::DefaultDistillIterations(spec);
 
   switch (config.calibration()) {
     case v1::CALIBRATION_DISTILLED:

@@ -23,7 +23,7 @@ namespace v1 = ::zeroq::v1;
 // The job a RunRequest describes. Unset optional fields take the core's
 // defaults (core/options.h), as do an unset activation_range or reconstruct
 // and a reconstruction.iterations of 0; an empty candidate_bits is
-// {2, 4, 8}. A non-empty
+// {2, 3, 4, 6, 8}. A non-empty
 // sensitivity_report_path is read as a report.json and its sensitivity table
 // becomes precomputed_sensitivity (it needs a budget); a non-empty
 // calibration_data_path replaces the configured calibration with that tensor

@@ -94,6 +94,41 @@ TEST(ConvertTest, EarlyStopRoundTripsAndDefaultsToTheCores) {
   EXPECT_EQ(set->distill.early_stop_window, 0);
 }
 
+// Unset iterations take the default for the job's widths: 200 where every
+// width is 8 bits or more, 500 otherwise; a set value always holds.
+TEST(ConvertTest, UnsetIterationsDependOnTheWidths) {
+  auto iterations = [](const v1::RunRequest& r) {
+    absl::StatusOr<core::JobSpec> spec = JobSpecFromRunRequest(OverTheWire(r));
+    EXPECT_TRUE(spec.ok()) << spec.status();
+    return spec.ok() ? spec->distill.iterations : -1;
+  };
+  v1::RunRequest w8a8 = Request();
+  EXPECT_EQ(iterations(w8a8), kEightBitIterations);
+  v1::RunRequest w4 = Request();
+  w4.mutable_config()->set_weight_bits(4);
+  EXPECT_EQ(iterations(w4), kIterations.def);
+  v1::RunRequest a4 = Request();
+  a4.mutable_config()->set_activation_bits(4);
+  EXPECT_EQ(iterations(a4), kIterations.def);
+  v1::RunRequest a16 = Request();
+  a16.mutable_config()->set_activation_bits(16);
+  EXPECT_EQ(iterations(a16), kEightBitIterations);
+  v1::RunRequest layer = Request();
+  (*layer.mutable_config()->mutable_layer_bits())["fc"] = 2;
+  EXPECT_EQ(iterations(layer), kIterations.def);
+  v1::RunRequest mp = Request();
+  mp.mutable_config()->set_budget("MP8");
+  EXPECT_EQ(iterations(mp), kIterations.def);
+  v1::RunRequest block = Request();
+  block.mutable_config()->set_reconstruct(v1::RECONSTRUCT_BLOCK);
+  EXPECT_EQ(iterations(block), kIterations.def);
+  v1::RunRequest set = Request();
+  set.mutable_config()->mutable_distillation()->set_iterations(500);
+  EXPECT_EQ(iterations(set), 500);
+  set.mutable_config()->mutable_distillation()->set_iterations(0);
+  EXPECT_EQ(iterations(set), 0);
+}
+
 TEST(ConvertTest, ReconstructRoundTripsAndDefaultsToTheCores) {
   const struct {
     v1::ReconstructMethod proto;
