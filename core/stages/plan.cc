@@ -1,7 +1,6 @@
 #include "core/stages/plan.h"
 
 #include <algorithm>
-#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -92,16 +91,19 @@ std::vector<MeasuredPoint> Candidates(const Plan& plan,
   return out;
 }
 
-// Mean KL of the model quantized at `bits` (one width per layer, in the
-// table's order), calibrated on `data`, against float on `data`.
+// `quant` with layer i of `costs` at bits[i].
+QuantOptions WithWidths(QuantOptions quant, const std::vector<LayerCost>& costs,
+                        const std::vector<int>& bits) {
+  for (size_t i = 0; i < costs.size(); ++i) quant.layer_bits[costs[i].name] = bits[i];
+  return quant;
+}
+
+// Mean KL of the model quantized with `quant`, calibrated on `data`,
+// against float on `data`.
 absl::StatusOr<double> OutputKl(const Model& model,
                                 const std::vector<torch::Tensor>& data,
-                                const std::vector<LayerSensitivity>& table,
-                                const std::vector<int>& bits,
-                                const JobSpec& spec,
+                                const QuantOptions& quant,
                                 const CancellationToken* cancel) {
-  QuantOptions quant = spec.quant;
-  for (size_t i = 0; i < table.size(); ++i) quant.layer_bits[table[i].name] = bits[i];
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<QuantizedModel> q,
                       QuantizedModel::QuantizeWeights(model, quant));
   ZQ_RETURN_IF_ERROR(q->CalibrateActivations(data, {}, cancel));
@@ -120,7 +122,6 @@ absl::StatusOr<PlannedWidths> PlanStage(
     const StageProgress& progress, const CancellationToken* cancel) {
   const int64_t params = model.summary().quantizable_params;
   PlannedWidths out;
-  out.quant = spec.quant;
   std::vector<LayerCost> costs;
   for (const LayerSensitivity& row : table) {
     LayerCost c{row.name, row.params, row.bits, row.omega, std::nullopt};
@@ -136,8 +137,10 @@ absl::StatusOr<PlannedWidths> PlanStage(
     for (int64_t i = 0; i < n; ++i) {
       ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "planning"));
       MeasuredPoint& m = out.measured[i];
-      ZQ_ASSIGN_OR_RETURN(m.output_kl, OutputKl(model, data, table,
-                                                m.point.bits, spec, cancel));
+      ZQ_ASSIGN_OR_RETURN(
+          m.output_kl,
+          OutputKl(model, data, WithWidths(spec.quant, costs, m.point.bits),
+                   cancel));
       ProgressEvent e;
       e.step = i + 1;
       e.total = n;
@@ -158,9 +161,7 @@ absl::StatusOr<PlannedWidths> PlanStage(
         });
     if (best != out.measured.end()) out.plan.chosen = best->point;
   }
-  for (size_t i = 0; i < costs.size(); ++i) {
-    out.quant.layer_bits[costs[i].name] = out.plan.chosen.bits[i];
-  }
+  out.quant = WithWidths(spec.quant, costs, out.plan.chosen.bits);
   ReportFrontier(out.plan, progress);
   ReportChoice(out.plan, params, out.measured.size(), progress);
   return out;

@@ -41,8 +41,8 @@ struct PlannedWidths {
 // (ties: the lower sensitivity sum).
 // Events: one per measured candidate (its KL in the message), one per
 // frontier point (size_bits, omega = its total sensitivity, bits = 1 for
-// the chosen point, if it is on the frontier), then the choice in words with its size and
-// Omega. REQUIRES: spec.budget. CANCELLED via the token.
+// the chosen point, if it is on the frontier), then the choice in words
+// with its size and Omega. REQUIRES: spec.budget. CANCELLED via the token.
 absl::StatusOr<PlannedWidths> PlanStage(
     const Model& model, const std::vector<torch::Tensor>& data,
     const std::vector<LayerSensitivity>& table, const JobSpec& spec,
