@@ -718,9 +718,27 @@ std::string JobReport(const v1::Job& j) {
   }
   if (r.frontier_size() > 0) {
     absl::StrAppendFormat(
-        &out, "Pareto frontier: %d points; chosen %s, total sensitivity %.4g\n",
+        &out, "Pareto frontier: %d points; chosen %s, total sensitivity %.4g",
         r.frontier_size(), FormatBytes(r.chosen().size_bits() / 8.0),
         r.chosen().sensitivity());
+    if (r.measured_points_size() > 0) {
+      absl::StrAppendFormat(&out, ", the closest to float of %d measured",
+                            r.measured_points_size());
+    }
+    absl::StrAppend(&out, "\n");
+  }
+  const v1::ReconstructionResult& rec = r.reconstruction();
+  if (!rec.method().empty() && rec.method() != "none") {
+    double before = 0, after = 0;
+    for (const v1::ReconstructedUnit& u : rec.units()) {
+      before += u.error_before();
+      after += u.error_after();
+    }
+    absl::StrAppendFormat(&out,
+                          "learned rounding: %s, %d units x %d steps; output "
+                          "error summed over them %.4g -> %.4g\n",
+                          rec.method(), rec.units_size(), rec.iterations(),
+                          before, after);
   }
   absl::StrAppendFormat(&out,
                         "calibration: %s, %d samples; distillation loss %.4g "
@@ -789,6 +807,22 @@ std::string FrontierTable(const v1::JobResult& r) {
                         r.frontier_size(),
                         r.budget_bits() > 0 ? FormatBytes(r.budget_bits() / 8.0)
                                             : std::string("none"));
+  if (r.measured_points_size() > 0) {
+    absl::StrAppendFormat(&out,
+                          "\nmeasured end to end (output KL against float on "
+                          "the calibration data):\n%10s  %8s  %12s  %13s  %s\n",
+                          "size KiB", "avg bits", "output KL", "after rounding",
+                          "");
+    for (const v1::MeasuredPoint& m : r.measured_points()) {
+      const v1::ParetoPoint& p = m.point();
+      absl::StrAppendFormat(
+          &out, "%10.2f  %8.3f  %12.4g  %13s  %s\n", p.size_bits() / 8.0 / 1024,
+          p.size_bits() / params, m.output_kl(),
+          m.has_reconstructed_kl() ? absl::StrFormat("%.4g", m.reconstructed_kl())
+                                   : std::string("-"),
+          absl::StrCat(m.uniform() ? "uniform " : "", IsChosen(r, p) ? "*" : ""));
+    }
+  }
   return out;
 }
 

@@ -386,6 +386,38 @@ TEST(TextTest, ReportAndFrontier) {
   EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 6);
   EXPECT_EQ(std::count(table.begin(), table.end(), '*'), 2);  // the row, the footer
   EXPECT_THAT(table, HasSubstr("   -        0.98     4.000            0.75  *"));
+
+  // The measured configurations, and the learned rounding, when the job
+  // has them.
+  v1::JobResult measured = r;
+  v1::MeasuredPoint* m = measured.add_measured_points();
+  *m->mutable_point() = r.frontier(1);
+  m->set_output_kl(0.07);
+  m->set_reconstructed_kl(0.0036);
+  m = measured.add_measured_points();
+  *m->mutable_point() = r.frontier(2);
+  m->set_output_kl(0.12);
+  m->set_uniform(true);
+  table = FrontierTable(measured);
+  EXPECT_THAT(table, HasSubstr("measured end to end"));
+  EXPECT_THAT(table, HasSubstr("      0.98     4.000          0.07         0.0036  *\n"));
+  EXPECT_THAT(table, HasSubstr("      1.46     6.000          0.12              -  uniform \n"));
+  EXPECT_THAT(FrontierTable(r), ::testing::Not(HasSubstr("measured end to end")));
+  v1::Job rounded = job;
+  *rounded.mutable_result() = measured;
+  v1::ReconstructionResult* rec = rounded.mutable_result()->mutable_reconstruction();
+  rec->set_method("block");
+  rec->set_iterations(500);
+  for (double e : {0.5, 0.25}) {
+    v1::ReconstructedUnit* u = rec->add_units();
+    u->set_error_before(e);
+    u->set_error_after(e / 4);
+  }
+  report = JobReport(rounded);
+  EXPECT_THAT(report, HasSubstr("the closest to float of 2 measured"));
+  EXPECT_THAT(report, HasSubstr("learned rounding: block, 2 units x 500 steps; "
+                                "output error summed over them 0.75 -> 0.1875"));
+  EXPECT_THAT(JobReport(job), ::testing::Not(HasSubstr("learned rounding")));
 }
 
 TEST(TextTest, Tables) {

@@ -708,16 +708,25 @@ class Cli {
           "with --budget)"));
     }
     if (json_) {
-      // The points, each with "chosen" added.
-      for (const v1::ParetoPoint& point : r.frontier()) {
+      // The points, each with "chosen" added; a chosen point off the
+      // frontier (a uniform width measured closer to float) as a last line
+      // with "offFrontier" too.
+      auto line = [&](const v1::ParetoPoint& point, bool chosen,
+                      bool off_frontier) {
         std::string out;
         (void)google::protobuf::util::MessageToJsonString(point, &out);
         out.pop_back();  // the closing brace
         absl::StrAppend(&out, out.size() > 1 ? "," : "",
-                        "\"chosen\":", IsChosen(r, point) ? "true" : "false",
-                        "}");
+                        "\"chosen\":", chosen ? "true" : "false",
+                        off_frontier ? ",\"offFrontier\":true" : "", "}");
         Print(out + "\n");
+      };
+      bool marked = false;
+      for (const v1::ParetoPoint& point : r.frontier()) {
+        marked = marked || IsChosen(r, point);
+        line(point, IsChosen(r, point), false);
       }
+      if (!marked && r.has_chosen()) line(r.chosen(), true, true);
     } else {
       Print(FrontierTable(r));
     }

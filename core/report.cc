@@ -58,14 +58,18 @@ std::string FormatSummary(const JobResult& r) {
     const double params = static_cast<double>(r.quantizable_params);
     absl::StrAppendFormat(&out,
                           "measured end to end (output KL against float on "
-                          "the calibration data):\n  %12s %9s %14s %12s\n",
-                          "weight KiB", "avg bits", "sensitivity", "output KL");
+                          "the calibration data):\n  %12s %9s %14s %12s %14s\n",
+                          "weight KiB", "avg bits", "sensitivity", "output KL",
+                          "reconstructed");
     for (const MeasuredPoint& m : r.measured_points) {
       const bool chosen = r.chosen && m.point.bits == r.chosen->bits;
-      absl::StrAppendFormat(&out, "  %12.2f %9.3f %14.6g %12.6g%s%s\n",
-                            m.point.size_bits / 8192.0, m.point.size_bits / params,
-                            m.point.total_sensitivity, m.output_kl,
-                            m.uniform ? "  uniform" : "", chosen ? "  <- chosen" : "");
+      absl::StrAppendFormat(
+          &out, "  %12.2f %9.3f %14.6g %12.6g %14s%s%s\n",
+          m.point.size_bits / 8192.0, m.point.size_bits / params,
+          m.point.total_sensitivity, m.output_kl,
+          m.reconstructed_kl ? absl::StrFormat("%.6g", *m.reconstructed_kl)
+                             : std::string("-"),
+          m.uniform ? "  uniform" : "", chosen ? "  <- chosen" : "");
     }
   }
   int act_bits = r.activations.empty() ? 0 : r.activations.front().bits;
@@ -157,6 +161,8 @@ std::string ResultJson(const JobResult& r) {
     nlohmann::json row = point(m.point);
     row["output_kl"] = m.output_kl;
     row["uniform"] = m.uniform;
+    row["reconstructed_kl"] =
+        m.reconstructed_kl ? num(*m.reconstructed_kl) : nlohmann::json(nullptr);
     measured.push_back(std::move(row));
   }
   j = {{"layers", layers},

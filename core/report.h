@@ -48,11 +48,13 @@ struct ReconstructedUnit {
 
 // A mixed-precision configuration PARETO measured end to end: the mean
 // KL(softmax float || softmax quantized) of its outputs on the calibration
-// data, before any reconstruction.
+// data, before any reconstruction, and after it for the two RECONSTRUCT
+// compared (PARETO's choice and the uniform runner-up).
 struct MeasuredPoint {
   ParetoPoint point;
   double output_kl = 0;
   bool uniform = false;  // every unpinned layer at one width
+  std::optional<double> reconstructed_kl;
 };
 
 struct JobResult {

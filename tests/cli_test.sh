@@ -18,7 +18,7 @@ MODEL=tests/models/fashion_cnn.pt
 # The environment must not pick the server for us.
 unset ZEROQ_SERVER ZEROQ_API_KEY
 # Tiny jobs: a few seconds each on one thread.
-TINY=(--iterations 20 --batch_size 8 --threads 1 --seed 3)
+TINY=(--iterations 20 --batch_size 8 --reconstruct_iterations 20 --threads 1 --seed 3)
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/zeroq_cli_XXXXXX")
 server_pid=
@@ -247,7 +247,8 @@ assert len(pts) > 1 and sum(p["chosen"] for p in pts) == 1
 ' "$tmp/frontier_json.out"
 
 # --- Re-plan, uniform job, cancel -------------------------------------------
-run replan submit "$model" --budget MP3 --sensitivity_from "$job" --threads 1
+run replan submit "$model" --budget MP3 --sensitivity_from "$job" --threads 1 \
+  --reconstruct_iterations 20
 expect "submit --sensitivity_from" 0 "submitted job"
 replan=$(grep -o 'j-[0-9a-f]*' "$tmp/replan.out" | head -n 1)
 run replan_watch watch "$replan"

@@ -347,7 +347,8 @@ def run(args, tmp, out_dir):
 
         # The job to watch, submitted while the page is open: it appears by polling.
         config = {'budget': 'MP4', 'activationBits': 8, 'threads': 1,
-                  'distillation': {'iterations': args.iterations, 'batchSize': 16}}
+                  'distillation': {'iterations': args.iterations, 'batchSize': 16},
+                  'reconstruction': {'iterations': 20}}
         job_id = api.submit(model_id, config)
         log(f'submitted {job_id}: {json.dumps(config)}')
         wait_for(f'row of {job_id} in the list', lambda: browser.js(ROW_INFO, job_id), 10)

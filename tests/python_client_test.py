@@ -48,7 +48,8 @@ with tempfile.TemporaryDirectory() as tmp:
         check(len(model.summary.bn_layers) > 0, "no BN layers found")
 
         config = pb.QuantizationConfig(budget="MP4", distillation=pb.DistillationConfig(
-            batch_size=8, iterations=20, seed=3), threads=1)
+            batch_size=8, iterations=20, seed=3), threads=1,
+            reconstruction=pb.ReconstructionConfig(iterations=20))
         job = c.submit_job(model.id, config=config, request_id="py-1")
         again = c.submit_job(model.id, config=config, request_id="py-1")
         check(again.id == job.id, "request id not idempotent")

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -42,6 +43,10 @@ struct JobState {
   std::unique_ptr<Model> model;            // INSPECT
   CalibrationData data;                    // DISTILL, or INSPECT (ablations)
   QuantOptions quant;                      // spec.quant; PARETO's widths
+  // PARETO's uniform runner-up (an index in result.measured_points), which
+  // RECONSTRUCT compares with the choice after learning both.
+  std::optional<size_t> runner_up;
+  QuantOptions runner_up_quant;
   std::unique_ptr<QuantizedModel> qmodel;  // CALIBRATE
   JobResult result;                        // every stage adds to it
 };
@@ -115,6 +120,8 @@ absl::Status RunPareto(JobState& s, const StageProgress& progress,
                       PlanStage(*s.model, s.data.batches, s.result.sensitivity,
                                 s.spec, progress, cancel));
   s.quant = std::move(planned.quant);
+  s.runner_up = planned.runner_up;
+  s.runner_up_quant = std::move(planned.runner_up_quant);
   s.result.measured_points = std::move(planned.measured);
   s.result.frontier = std::move(planned.plan.frontier);
   s.result.chosen = std::move(planned.plan.chosen);
@@ -131,11 +138,44 @@ absl::Status RunCalibrate(JobState& s, const StageProgress& progress,
   return absl::OkStatus();
 }
 
+// With a runner-up, both finalists are learned and the one closer to float
+// after it replaces PARETO's choice (model, widths and result.chosen).
+absl::Status RunFinalists(JobState& s, const StageProgress& progress,
+                          const CancellationToken* cancel, Reconstruction* r) {
+  std::vector<MeasuredPoint>& measured = s.result.measured_points;
+  MeasuredPoint& other = measured[*s.runner_up];
+  auto chosen = std::find_if(measured.begin(), measured.end(),
+                             [&](const MeasuredPoint& m) {
+                               return m.point.bits == s.result.chosen->bits;
+                             });
+  const double params = static_cast<double>(s.result.quantizable_params);
+  ZQ_ASSIGN_OR_RETURN(
+      Finalists f,
+      ReconstructFinalists(*s.model, s.qmodel.get(), s.runner_up_quant,
+                           s.result.chosen->size_bits / params,
+                           other.point.size_bits / params, s.data.batches,
+                           s.spec.reconstruct, progress, cancel));
+  if (chosen != measured.end()) chosen->reconstructed_kl = f.chosen_kl;
+  other.reconstructed_kl = f.runner_up_kl;
+  if (f.runner_up_model != nullptr) {
+    s.qmodel = std::move(f.runner_up_model);
+    s.quant = s.runner_up_quant;
+    s.result.chosen = other.point;
+  }
+  *r = std::move(f.kept);
+  return absl::OkStatus();
+}
+
 absl::Status RunReconstruct(JobState& s, const StageProgress& progress,
                             const CancellationToken* cancel) {
-  ZQ_ASSIGN_OR_RETURN(Reconstruction r,
-                      ReconstructStage(*s.model, s.qmodel.get(), s.data.batches,
-                                       s.spec.reconstruct, progress, cancel));
+  Reconstruction r;
+  if (s.runner_up && s.result.chosen) {
+    ZQ_RETURN_IF_ERROR(RunFinalists(s, progress, cancel, &r));
+  } else {
+    ZQ_ASSIGN_OR_RETURN(r, ReconstructStage(*s.model, s.qmodel.get(),
+                                            s.data.batches, s.spec.reconstruct,
+                                            progress, cancel));
+  }
   s.result.reconstruction = std::move(r.method);
   s.result.reconstruction_iterations = s.spec.reconstruct.iterations;
   s.result.reconstructed = std::move(r.units);

@@ -28,18 +28,22 @@ void ReportFrontier(const Plan& plan, const StageProgress& progress) {
 }
 
 void ReportChoice(const Plan& plan, int64_t quantizable_params, size_t measured,
-                  const StageProgress& progress) {
+                  const MeasuredPoint* runner_up, const StageProgress& progress) {
   ProgressEvent e;
   e.step = 1;
   e.total = 1;
   e.message = absl::StrFormat(
-      "chose %.2f average bits (%.1f KiB of weights) within a budget of %.2f%s",
+      "chose %.2f average bits (%.1f KiB of weights) within a budget of %.2f%s%s",
       double(plan.chosen.size_bits) / quantizable_params,
       plan.chosen.size_bits / 8192.0,
       double(plan.budget_bits) / quantizable_params,
       measured > 0 ? absl::StrFormat(", the closest to float of %d measured",
                                      measured)
-                   : std::string());
+                   : std::string(),
+      runner_up != nullptr
+          ? absl::StrFormat("; the uniform %.2f bits is the runner-up",
+                            double(runner_up->point.size_bits) / quantizable_params)
+          : std::string());
   e.size_bits = plan.chosen.size_bits;
   e.omega = plan.chosen.total_sensitivity;
   progress(std::move(e));
@@ -160,10 +164,18 @@ absl::StatusOr<PlannedWidths> PlanStage(
           return a.point.total_sensitivity < b.point.total_sensitivity;
         });
     if (best != out.measured.end()) out.plan.chosen = best->point;
+    for (size_t i = 0; i < out.measured.size(); ++i) {
+      const MeasuredPoint& m = out.measured[i];
+      if (m.uniform && m.point.bits != out.plan.chosen.bits) {
+        out.runner_up = i;
+        out.runner_up_quant = WithWidths(spec.quant, costs, m.point.bits);
+      }
+    }
   }
   out.quant = WithWidths(spec.quant, costs, out.plan.chosen.bits);
   ReportFrontier(out.plan, progress);
-  ReportChoice(out.plan, params, out.measured.size(), progress);
+  ReportChoice(out.plan, params, out.measured.size(),
+               out.runner_up ? &out.measured[*out.runner_up] : nullptr, progress);
   return out;
 }
 

@@ -8,6 +8,7 @@
 #ifndef ZEROQ_CORE_STAGES_PLAN_H_
 #define ZEROQ_CORE_STAGES_PLAN_H_
 
+#include <optional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -29,6 +30,13 @@ struct PlannedWidths {
   std::vector<MeasuredPoint> measured;
   // spec.quant with every layer's chosen width in layer_bits.
   QuantOptions quant;
+  // The uniform candidate, when it was measured and not chosen: its index
+  // in `measured` and spec.quant with its widths. The choice is made before
+  // any reconstruction, which can recover more of one configuration's
+  // error than of another's; RECONSTRUCT, when it runs, learns this one's
+  // rounding too and keeps whichever ends closer to float.
+  std::optional<size_t> runner_up;
+  QuantOptions runner_up_quant;
 };
 
 // PlanMixedPrecision() of `table` (one row per layer, in the model's order)
@@ -42,7 +50,8 @@ struct PlannedWidths {
 // Events: one per measured candidate (its KL in the message), one per
 // frontier point (size_bits, omega = its total sensitivity, bits = 1 for
 // the chosen point, if it is on the frontier), then the choice in words
-// with its size and Omega. REQUIRES: spec.budget. CANCELLED via the token.
+// with its size and Omega (and the uniform runner-up, if any). REQUIRES:
+// spec.budget. CANCELLED via the token.
 absl::StatusOr<PlannedWidths> PlanStage(
     const Model& model, const std::vector<torch::Tensor>& data,
     const std::vector<LayerSensitivity>& table, const JobSpec& spec,

@@ -4,6 +4,8 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "core/reconstruct.h"
+#include "core/stages/calibrate.h"
+#include "core/stages/export.h"
 
 namespace zeroq::core {
 
@@ -57,6 +59,79 @@ absl::StatusOr<Reconstruction> ReconstructStage(
   out.method = result.method;
   for (const ReconstructProgress& p : result.layers) {
     out.units.push_back({p.name, p.loss_before, p.loss_after, p.flipped});
+  }
+  return out;
+}
+
+namespace {
+
+// Mean output KL of `qmodel` against float on `data` (its first forward).
+absl::StatusOr<double> OutputKl(const Model& model, QuantizedModel& qmodel,
+                                const std::vector<torch::Tensor>& data) {
+  CalibrationData d;
+  d.batches = data;
+  for (const torch::Tensor& b : data) d.samples += b.size(0);
+  ZQ_ASSIGN_OR_RETURN(Agreement a, MeasureAgreement(model, qmodel, d));
+  return a.mean_kl;
+}
+
+}  // namespace
+
+absl::StatusOr<Finalists> ReconstructFinalists(
+    const Model& model, QuantizedModel* qmodel, const QuantOptions& runner_up,
+    double chosen_bits, double runner_up_bits,
+    const std::vector<torch::Tensor>& data, const ReconstructOptions& options,
+    const StageProgress& progress, const CancellationToken* cancel) {
+  const ProgressFn discard;
+  ZQ_ASSIGN_OR_RETURN(
+      std::unique_ptr<QuantizedModel> other,
+      CalibrateStage(model, runner_up, data,
+                     StageProgress(Stage::kReconstruct, discard), cancel));
+  // Both reconstructions as one sequence of events: the second's steps
+  // follow the first's, and each message says which configuration it is.
+  auto relay = [&](int index, const std::string& name) {
+    return [&progress, index, name](const ProgressEvent& e) {
+      ProgressEvent out = e;
+      if (out.total > 0) {
+        out.step += index * out.total;
+        out.total *= 2;
+      }
+      out.message = absl::StrCat(name, ": ", out.message);
+      progress(std::move(out));
+    };
+  };
+  const std::string chosen_name = absl::StrFormat("chosen %.2f bits", chosen_bits);
+  const std::string other_name =
+      absl::StrFormat("uniform %.2f bits", runner_up_bits);
+  const ProgressFn first = relay(0, chosen_name), second = relay(1, other_name);
+
+  Finalists out;
+  ZQ_ASSIGN_OR_RETURN(out.kept,
+                      ReconstructStage(model, qmodel, data, options,
+                                       StageProgress(Stage::kReconstruct, first),
+                                       cancel));
+  // The runner-up's widths may not call for reconstruction (kAuto).
+  Reconstruction other_rec;
+  if (ResolvedReconstructMethod(options, *other) != ReconstructMethod::kNone) {
+    ZQ_ASSIGN_OR_RETURN(other_rec,
+                        ReconstructStage(model, other.get(), data, options,
+                                         StageProgress(Stage::kReconstruct, second),
+                                         cancel));
+  }
+  ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "reconstruction"));
+  ZQ_ASSIGN_OR_RETURN(out.chosen_kl, OutputKl(model, *qmodel, data));
+  ZQ_ASSIGN_OR_RETURN(out.runner_up_kl, OutputKl(model, *other, data));
+  const bool switch_to_other = out.runner_up_kl < out.chosen_kl;
+  progress.Step(0, 0,
+                absl::StrFormat("kept the %s: output KL %.4g against %.4g of the %s",
+                                switch_to_other ? other_name : chosen_name,
+                                switch_to_other ? out.runner_up_kl : out.chosen_kl,
+                                switch_to_other ? out.chosen_kl : out.runner_up_kl,
+                                switch_to_other ? chosen_name : other_name));
+  if (switch_to_other) {
+    out.kept = std::move(other_rec);
+    if (out.kept.method.empty()) out.kept.method = "none";
+    out.runner_up_model = std::move(other);
   }
   return out;
 }

@@ -9,6 +9,7 @@
 #ifndef ZEROQ_CORE_STAGES_RECONSTRUCT_H_
 #define ZEROQ_CORE_STAGES_RECONSTRUCT_H_
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,32 @@ struct Reconstruction {
 // block: step/total and a message with its output error before and after.
 absl::StatusOr<Reconstruction> ReconstructStage(
     const Model& model, QuantizedModel* qmodel,
+    const std::vector<torch::Tensor>& data, const ReconstructOptions& options,
+    const StageProgress& progress, const CancellationToken* cancel);
+
+// Two configurations reconstructed and compared: PARETO's choice and its
+// uniform runner-up.
+struct Finalists {
+  Reconstruction kept;  // of the model kept
+  // Each model's mean KL(softmax float || softmax quantized) on the data
+  // after its reconstruction.
+  double chosen_kl = 0, runner_up_kl = 0;
+  // The runner-up's model when it ended closer to float (it replaces the
+  // chosen one), else null.
+  std::unique_ptr<QuantizedModel> runner_up_model;
+};
+
+// ReconstructStage on `qmodel` (the chosen widths, calibrated), then on the
+// widths of `runner_up` (quantized and calibrated here as CALIBRATE does;
+// not reconstructed if they do not call for it), then each model's output
+// KL against float on `data`; the runner-up is kept only when strictly
+// closer. `chosen_bits` and `runner_up_bits` (average weight widths) name
+// them in the events: both reconstructions' as one sequence (steps 1..2n
+// of 2n), then the verdict in words. After it both models have run a
+// forward.
+absl::StatusOr<Finalists> ReconstructFinalists(
+    const Model& model, QuantizedModel* qmodel, const QuantOptions& runner_up,
+    double chosen_bits, double runner_up_bits,
     const std::vector<torch::Tensor>& data, const ReconstructOptions& options,
     const StageProgress& progress, const CancellationToken* cancel);
 

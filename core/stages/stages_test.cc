@@ -1,7 +1,8 @@
 // Tests of the stage list and its driver: names and values against the
 // protocol's enum, which stages run for which spec, QuantizedModel's two
-// steps that the CALIBRATE stage runs against Create(), and PARETO's choice
-// by measuring candidates end to end.
+// steps that the CALIBRATE stage runs against Create(), PARETO's choice by
+// measuring candidates end to end, and RECONSTRUCT's comparison of the
+// choice with its uniform runner-up.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +25,7 @@
 #include "core/sensitivity.h"
 #include "core/stages/export.h"
 #include "core/stages/plan.h"
+#include "core/stages/reconstruct.h"
 #include "core/stages/stage.h"
 #include "core/test_util.h"
 #include "core/worker/convert.h"
@@ -408,6 +410,162 @@ TEST_F(PlanStageTest, MeasuresTheNearestPointsAndTheUniformWidth) {
   ASSERT_FALSE(events.empty());
   EXPECT_THAT(events.back().message,
               ::testing::HasSubstr(absl::StrCat("closest to float of ", p->measured.size())));
+}
+
+TEST_F(PlanStageTest, TheUniformCandidateIsTheRunnerUpUnlessChosen) {
+  spec_.measured_points = 3;
+  std::vector<ProgressEvent> events;
+  absl::StatusOr<PlannedWidths> p = Plan(&events);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const auto uniform = std::find_if(p->measured.begin(), p->measured.end(),
+                                    [](const MeasuredPoint& m) { return m.uniform; });
+  ASSERT_NE(uniform, p->measured.end());
+  // On this data a mixed point is closer to float than uniform 4 bits.
+  ASSERT_NE(uniform->point.bits, p->plan.chosen.bits);
+  ASSERT_TRUE(p->runner_up.has_value());
+  EXPECT_EQ(*p->runner_up, static_cast<size_t>(uniform - p->measured.begin()));
+  for (size_t i = 0; i < table_.size(); ++i) {
+    EXPECT_EQ(p->runner_up_quant.layer_bits.at(table_[i].name), uniform->point.bits[i]);
+  }
+  EXPECT_THAT(events.back().message, ::testing::HasSubstr("runner-up"));
+
+  // Without a uniform candidate there is none: with the uniform width
+  // pinned as the budget's only fit, or with measuring off.
+  spec_.measured_points = 0;
+  p = Plan(&events);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_FALSE(p->runner_up.has_value());
+  spec_.measured_points = 3;
+  spec_.budget = Budget{Budget::kAverageBits, 2};  // only uniform 2 bits fits
+  events.clear();
+  p = Plan(&events);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_FALSE(p->runner_up.has_value());
+  EXPECT_THAT(events.back().message, ::testing::Not(::testing::HasSubstr("runner-up")));
+}
+
+// RECONSTRUCT with a runner-up: both configurations learned, the one whose
+// outputs end closer to float kept, whichever of the two it is.
+class FinalistsTest : public TwoStepQuantizationTest {
+ protected:
+  struct Run {
+    Finalists finalists;
+    std::unique_ptr<QuantizedModel> chosen;
+    std::vector<ProgressEvent> events;
+  };
+
+  Run Compare(int chosen_bits, int runner_up_bits) {
+    QuantOptions chosen, other;
+    chosen.weight_bits = chosen_bits;
+    other.weight_bits = runner_up_bits;
+    Run run;
+    absl::StatusOr<std::unique_ptr<QuantizedModel>> q =
+        QuantizedModel::QuantizeWeights(*model_, chosen);
+    EXPECT_TRUE(q.ok()) << q.status();
+    if (!q.ok()) return run;
+    run.chosen = std::move(*q);
+    EXPECT_TRUE(run.chosen->CalibrateActivations(calibration_).ok());
+    ReconstructOptions options;
+    options.method = ReconstructMethod::kBlock;
+    options.iterations = 20;
+    const ProgressFn sink = [&](const ProgressEvent& e) { run.events.push_back(e); };
+    absl::StatusOr<Finalists> f = ReconstructFinalists(
+        *model_, run.chosen.get(), other, chosen_bits, runner_up_bits,
+        calibration_, options, StageProgress(Stage::kReconstruct, sink), nullptr);
+    EXPECT_TRUE(f.ok()) << f.status();
+    if (f.ok()) run.finalists = std::move(*f);
+    return run;
+  }
+
+  double Kl(QuantizedModel& q) {
+    CalibrationData data;
+    data.batches = calibration_;
+    data.samples = 16;
+    absl::StatusOr<Agreement> a = MeasureAgreement(*model_, q, data);
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? a->mean_kl : NAN;
+  }
+};
+
+TEST_F(FinalistsTest, KeepsTheOneCloserToFloat) {
+  // 2-bit weights end farther from float than 4-bit ones, learned or not.
+  Run worse_chosen = Compare(2, 4);
+  ASSERT_NE(worse_chosen.finalists.runner_up_model, nullptr);
+  EXPECT_LT(worse_chosen.finalists.runner_up_kl, worse_chosen.finalists.chosen_kl);
+  for (const LayerQuantInfo& l : worse_chosen.finalists.runner_up_model->layers()) {
+    EXPECT_EQ(l.bits, 4) << l.name;
+    EXPECT_EQ(l.rounding, "block") << l.name;
+  }
+  // The KL it reports is the kept model's, as EXPORT will measure it.
+  EXPECT_NEAR(Kl(*worse_chosen.finalists.runner_up_model),
+              worse_chosen.finalists.runner_up_kl,
+              1e-6 + 1e-4 * worse_chosen.finalists.runner_up_kl);
+  EXPECT_EQ(worse_chosen.finalists.kept.method, "block");
+  EXPECT_FALSE(worse_chosen.finalists.kept.units.empty());
+
+  Run better_chosen = Compare(4, 2);
+  EXPECT_EQ(better_chosen.finalists.runner_up_model, nullptr);
+  EXPECT_LT(better_chosen.finalists.chosen_kl, better_chosen.finalists.runner_up_kl);
+  EXPECT_NEAR(Kl(*better_chosen.chosen), better_chosen.finalists.chosen_kl,
+              1e-6 + 1e-4 * better_chosen.finalists.chosen_kl);
+  // Both runs learned the same blocks, so their KLs are the same pair.
+  EXPECT_NEAR(better_chosen.finalists.chosen_kl, worse_chosen.finalists.runner_up_kl,
+              1e-6 + 1e-4 * better_chosen.finalists.chosen_kl);
+
+  // Events: one sequence over both reconstructions, each message naming
+  // its configuration, then the verdict.
+  std::vector<int64_t> steps;
+  int64_t total = 0;
+  for (const ProgressEvent& e : better_chosen.events) {
+    EXPECT_EQ(e.stage, Stage::kReconstruct);
+    if (e.total == 0) continue;
+    steps.push_back(e.step);
+    total = e.total;
+    EXPECT_TRUE(absl::StartsWith(e.message, e.step <= e.total / 2
+                                                ? "chosen 4.00 bits: "
+                                                : "uniform 2.00 bits: "))
+        << e.message;
+  }
+  ASSERT_GT(total, 0);
+  ASSERT_EQ(static_cast<int64_t>(steps.size()), total);
+  for (int64_t i = 0; i < total; ++i) EXPECT_EQ(steps[i], i + 1);
+  ASSERT_FALSE(better_chosen.events.empty());
+  EXPECT_THAT(better_chosen.events.back().message,
+              ::testing::HasSubstr("kept the chosen 4.00 bits"));
+}
+
+// A mixed-precision job end to end: the two finalists' KLs after learning
+// are recorded and the kept one is the job's choice and exported model.
+TEST_F(DriverTest, ReconstructionKeepsTheFinalistCloserToFloat) {
+  JobSpec spec = SmallSpec();
+  spec.budget = Budget{Budget::kAverageBits, 4};
+  spec.reconstruct.iterations = 5;
+  absl::StatusOr<JobResult> r = RunJob(spec, {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->chosen.has_value());
+  std::vector<const MeasuredPoint*> learned;
+  for (const MeasuredPoint& m : r->measured_points) {
+    if (m.reconstructed_kl) learned.push_back(&m);
+  }
+  // fashion_cnn's choice at 4 bits is mixed (the sensitivity sum's and the
+  // KL's agree on it), so the uniform 4 bits is the runner-up.
+  ASSERT_EQ(learned.size(), 2u);
+  EXPECT_TRUE(learned[0]->uniform != learned[1]->uniform);
+  const MeasuredPoint* kept =
+      *learned[0]->reconstructed_kl <= *learned[1]->reconstructed_kl ? learned[0]
+                                                                     : learned[1];
+  EXPECT_EQ(r->chosen->bits, kept->point.bits);
+  EXPECT_NEAR(r->mean_kl, *kept->reconstructed_kl, 1e-6 + 1e-4 * r->mean_kl);
+  int64_t size = 0;
+  for (size_t i = 0; i < r->layers.size(); ++i) {
+    EXPECT_EQ(r->layers[i].bits, kept->point.bits[i]) << r->layers[i].name;
+    size += r->layers[i].params * r->layers[i].bits;
+  }
+  EXPECT_EQ(size, kept->point.size_bits);
+  nlohmann::json report = nlohmann::json::parse(ResultJson(*r));
+  int with_kl = 0;
+  for (const auto& m : report["measured_points"]) with_kl += !m["reconstructed_kl"].is_null();
+  EXPECT_EQ(with_kl, 2);
 }
 
 }  // namespace

@@ -287,6 +287,23 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
   };
   for (const core::ParetoPoint& p : r.frontier) point(p, out.add_frontier());
   if (r.chosen.has_value()) point(*r.chosen, out.mutable_chosen());
+  for (const core::MeasuredPoint& m : r.measured_points) {
+    v1::MeasuredPoint* to = out.add_measured_points();
+    point(m.point, to->mutable_point());
+    to->set_output_kl(Finite(m.output_kl));
+    to->set_uniform(m.uniform);
+    if (m.reconstructed_kl) to->set_reconstructed_kl(Finite(*m.reconstructed_kl));
+  }
+  v1::ReconstructionResult* rec = out.mutable_reconstruction();
+  rec->set_method(r.reconstruction);
+  rec->set_iterations(r.reconstruction_iterations);
+  for (const core::ReconstructedUnit& u : r.reconstructed) {
+    v1::ReconstructedUnit* to = rec->add_units();
+    to->set_name(u.name);
+    to->set_error_before(Finite(u.error_before));
+    to->set_error_after(Finite(u.error_after));
+    to->set_flipped(Finite(u.flipped));
+  }
   out.set_budget_bits(r.budget_bits);
   out.set_bound_bits(r.bound_bits);
   for (const auto& [stage, seconds] : r.stage_seconds) {

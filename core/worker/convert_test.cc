@@ -3,10 +3,12 @@
 // options, and unset fields keep the core's defaults.
 #include "core/worker/convert.h"
 
+#include <optional>
 #include <string>
 
 #include "common/config_schema.h"
 #include "core/options.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace zeroq::worker {
@@ -193,6 +195,38 @@ TEST(ConvertTest, ResultCarriesIterationsRunAndRangeMethods) {
   EXPECT_EQ(proto.distill_iterations(), 253);
   ASSERT_EQ(proto.activations_size(), 1);
   EXPECT_EQ(proto.activations(0).range(), "mse");
+}
+
+TEST(ConvertTest, ResultCarriesMeasuredPointsAndReconstruction) {
+  core::JobResult result;
+  core::MeasuredPoint mixed{{640, 0.25, {2, 4}}, 0.07, false, 0.0036};
+  core::MeasuredPoint uniform{{800, 0.5, {4, 4}}, 0.12, true, std::nullopt};
+  result.measured_points = {mixed, uniform};
+  result.reconstruction = "block";
+  result.reconstruction_iterations = 500;
+  result.reconstructed.push_back({"stem.0 .. stem.3", 0.5, 0.125, 0.03});
+  v1::JobResult proto = ResultToProto(result);
+  ASSERT_EQ(proto.measured_points_size(), 2);
+  EXPECT_EQ(proto.measured_points(0).point().size_bits(), 640);
+  EXPECT_THAT(proto.measured_points(0).point().bits(), ::testing::ElementsAre(2, 4));
+  EXPECT_DOUBLE_EQ(proto.measured_points(0).output_kl(), 0.07);
+  EXPECT_FALSE(proto.measured_points(0).uniform());
+  ASSERT_TRUE(proto.measured_points(0).has_reconstructed_kl());
+  EXPECT_DOUBLE_EQ(proto.measured_points(0).reconstructed_kl(), 0.0036);
+  EXPECT_TRUE(proto.measured_points(1).uniform());
+  EXPECT_FALSE(proto.measured_points(1).has_reconstructed_kl());
+  EXPECT_EQ(proto.reconstruction().method(), "block");
+  EXPECT_EQ(proto.reconstruction().iterations(), 500);
+  ASSERT_EQ(proto.reconstruction().units_size(), 1);
+  EXPECT_EQ(proto.reconstruction().units(0).name(), "stem.0 .. stem.3");
+  EXPECT_DOUBLE_EQ(proto.reconstruction().units(0).error_after(), 0.125);
+  EXPECT_DOUBLE_EQ(proto.reconstruction().units(0).flipped(), 0.03);
+
+  // Without the stage: "none" and no units.
+  proto = ResultToProto(core::JobResult());
+  EXPECT_EQ(proto.reconstruction().method(), "none");
+  EXPECT_EQ(proto.reconstruction().units_size(), 0);
+  EXPECT_EQ(proto.measured_points_size(), 0);
 }
 
 }  // namespace
