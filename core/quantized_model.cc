@@ -36,8 +36,9 @@ std::string ShortOp(const Node& n) { return n.kind().toUnqualString(); }
 
 // Inserts x_hat = (clamp(round(x * s - z), -2^(k-1), 2^(k-1)-1) + z) / s
 // right after `v` is defined and routes v's selected uses through it.
-void InsertFakeQuant(torch::jit::Graph& g, Value* v, bool all_uses,
-                     const ActivationQuantization& q) {
+// Returns the quantizer's first node (the mul).
+Node* InsertFakeQuant(torch::jit::Graph& g, Value* v, bool all_uses,
+                      const ActivationQuantization& q) {
   Node* insert_before = v->node()->kind() == c10::prim::Param
                             ? *g.block()->nodes().begin()
                             : v->node()->next();
@@ -56,6 +57,7 @@ void InsertFakeQuant(torch::jit::Graph& g, Value* v, bool all_uses,
       u.user->replaceInput(u.offset, out);
     }
   }
+  return a->node();
 }
 
 }  // namespace
@@ -239,6 +241,7 @@ absl::Status QuantizedModel::CalibrateActivations(
     PendingSite& site = pending_sites_[i];
     ZQ_RETURN_IF_ERROR(CalibrateSite(i, site, calibration));
     sites_.push_back(site.info);
+    site_nodes_.push_back(site.quant_node);
     if (progress) {
       progress({static_cast<int>(i + 1),
                 static_cast<int>(pending_sites_.size()), site.info.name});
@@ -307,7 +310,8 @@ absl::Status QuantizedModel::CalibrateSite(
         if (!params.ok())
           throw std::runtime_error(std::string(params.status().message()));
         site.info.quant = *params;
-        InsertFakeQuant(g, site.value, site.all_uses, site.info.quant);
+        site.quant_node =
+            InsertFakeQuant(g, site.value, site.all_uses, site.info.quant);
       },
       absl::StatusCode::kInternal);
 }
@@ -398,6 +402,48 @@ absl::Status QuantizedModel::SetConstantInput(Node* node, size_t input,
                            node->owningGraph()->insertConstant(value.detach()));
         if (!before->hasUses() && before->node()->kind() == c10::prim::Constant)
           before->node()->destroy();
+      },
+      absl::StatusCode::kInternal);
+}
+
+absl::Status QuantizedModel::SetActivationScale(size_t site, double scale) {
+  if (ran_) {
+    return absl::FailedPreconditionError(
+        "constants can only be replaced before the first quantized forward");
+  }
+  if (site >= sites_.size() || site_nodes_[site] == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation site ", site, " has no quantizer"));
+  }
+  if (!(scale > 0) || !std::isfinite(scale)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation scale ", scale, " is not positive"));
+  }
+  return CallTorch(
+      absl::StrCat("rescaling ", sites_[site].name),
+      [&] {
+        // mul, sub, round, clamp, add, div: the scale is the mul's and the
+        // div's second input.
+        Node* mul = site_nodes_[site];
+        Node* div = mul;
+        for (int k = 0; k < 5; ++k) div = div->output()->uses().at(0).user;
+        if (mul->kind() != c10::aten::mul || div->kind() != c10::aten::div) {
+          throw std::runtime_error("the activation quantizer was rewritten");
+        }
+        torch::jit::Graph& g = *mul->owningGraph();
+        for (Node* n : {mul, div}) {
+          torch::jit::WithInsertPoint guard(n);
+          Value* before = n->input(1);
+          n->replaceInput(1, g.insertConstant(scale));
+          if (!before->hasUses() && before->node()->kind() == c10::prim::Constant)
+            before->node()->destroy();
+        }
+        // The same integer grid, stretched: the range it represents.
+        ActivationQuantization& q = sites_[site].quant;
+        const double half = std::ldexp(1.0, q.bits - 1);
+        q.scale = scale;
+        q.lo = (-half + q.zero_point) / scale;
+        q.hi = (half - 1.0 + q.zero_point) / scale;
       },
       absl::StatusCode::kInternal);
 }

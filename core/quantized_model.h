@@ -135,6 +135,14 @@ class QuantizedModel {
   // bias or its BatchNorm's shift) by a constant. Same preconditions.
   absl::Status SetConstantInput(torch::jit::Node* node, size_t input,
                                 const torch::Tensor& value);
+  // Site i's quantizer (sites() order): its first node (the mul) in
+  // graph(), nullptr when none was inserted.
+  torch::jit::Node* site_node(size_t i) const { return site_nodes_.at(i); }
+  // Gives site i's quantizer the scale `scale` (its zero point and integer
+  // range kept, so the range it represents stretches) in the graph and in
+  // sites(). Same preconditions as SetLearnedWeight; INVALID_ARGUMENT for a
+  // site without a quantizer or a scale that is not positive.
+  absl::Status SetActivationScale(size_t i, double scale);
 
  private:
   // An activation site found by QuantizeWeights, waiting for calibration.
@@ -142,6 +150,7 @@ class QuantizedModel {
     torch::jit::Value* value = nullptr;
     bool all_uses = true;  // false: only uses by conv/linear layers
     ActivationSiteInfo info;
+    torch::jit::Node* quant_node = nullptr;  // once inserted
   };
 
   QuantizedModel(torch::jit::Module module, torch::Device device,
@@ -170,6 +179,7 @@ class QuantizedModel {
   std::vector<torch::jit::Node*> layer_nodes_;
   std::vector<PendingSite> pending_sites_;  // until CalibrateActivations
   std::vector<ActivationSiteInfo> sites_;
+  std::vector<torch::jit::Node*> site_nodes_;  // parallel to sites_
   bool calibrated_ = false;
   bool ran_ = false;
 };

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "absl/container/flat_hash_map.h"
@@ -348,29 +349,42 @@ std::vector<Segment> Segments(torch::jit::Graph& g, const std::vector<FakeQuant>
   return out;
 }
 
+// What a quantized run of a segment uses instead of the graph's constants.
+struct Overrides {
+  absl::flat_hash_map<size_t, torch::Tensor> weights;  // by layer index
+  // Added to input 2 (bias or BatchNorm shift) of the node.
+  absl::flat_hash_map<Node*, torch::Tensor> bias_delta;
+  // An activation quantizer's scale, by its first node.
+  absl::flat_hash_map<Node*, torch::Tensor> act_scale;
+  double drop = 0;
+  at::Generator* gen = nullptr;
+};
+
 // Runs a segment node by node, eagerly, so autograd sees every op. In float
 // mode the activation quantizers are skipped and the layers get their float
 // weights; in quantized mode rounding passes gradients straight through and
 // each quantizer is dropped (left float) with probability `drop`.
+// `compare_quantized`: the segment's output is compared after its closing
+// quantizer instead of before it.
 class SegmentRunner {
  public:
   SegmentRunner(const Segment& seg, const std::vector<FakeQuant>& fqs,
-                const absl::flat_hash_map<Node*, size_t>& layer_of)
-      : seg_(seg), layer_of_(layer_of) {
+                const absl::flat_hash_map<Node*, size_t>& layer_of,
+                bool compare_quantized = false)
+      : seg_(seg), layer_of_(layer_of), compare_quantized_(compare_quantized) {
     for (const FakeQuant& f : fqs) {
       fq_by_first_[f.nodes.front()] = &f;
       for (Node* n : f.nodes) in_fq_.insert(n);
     }
   }
 
-  // weights/shift_owner inputs: by layer index; undefined entries keep the
-  // graph's constant. Returns the tensors compared against the float run
-  // (before the closing quantizer) and the segment's output value.
+  // Returns the tensors compared against the float run and the segment's
+  // output value.
   std::pair<std::vector<torch::Tensor>, c10::IValue> Run(
-      const torch::Tensor& x, bool quantized,
-      const absl::flat_hash_map<size_t, torch::Tensor>& weights,
-      const absl::flat_hash_map<Node*, torch::Tensor>& bias_delta, double drop,
-      at::Generator* gen) const {
+      const torch::Tensor& x, bool quantized, const Overrides& over = {}) const {
+    const auto& weights = over.weights;
+    const auto& bias_delta = over.bias_delta;
+    const double drop = over.drop;
     absl::flat_hash_map<Value*, c10::IValue> env;
     env[seg_.in] = x;
     auto get = [&](Value* v) -> c10::IValue {
@@ -387,10 +401,19 @@ class SegmentRunner {
           env[q.out] = v;
           continue;
         }
-        torch::Tensor b = v * q.scale - q.zero_point;
-        torch::Tensor r = b + (torch::round(b) - b).detach();
-        torch::Tensor fq = (torch::clamp(r, q.lo, q.hi) + q.zero_point) / q.scale;
-        env[q.out] = drop > 0 ? Drop(fq, v, drop, *gen) : fq;
+        torch::Tensor fq;
+        if (auto s = over.act_scale.find(n); s != over.act_scale.end()) {
+          // A learned scale: gradients reach it through both the scaling
+          // and the rounding error (LSQ).
+          torch::Tensor b = v * s->second - q.zero_point;
+          torch::Tensor r = b + (torch::round(b) - b).detach();
+          fq = (torch::clamp(r, q.lo, q.hi) + q.zero_point) / s->second;
+        } else {
+          torch::Tensor b = v * q.scale - q.zero_point;
+          torch::Tensor r = b + (torch::round(b) - b).detach();
+          fq = (torch::clamp(r, q.lo, q.hi) + q.zero_point) / q.scale;
+        }
+        env[q.out] = drop > 0 ? Drop(fq, v, drop, *over.gen) : fq;
         continue;
       }
       if (in_fq_.count(n) || (!n->blocks().empty() && n->outputs().empty())) continue;
@@ -417,7 +440,7 @@ class SegmentRunner {
     }
     Value* compared = seg_.out;
     for (const auto& [first, f] : fq_by_first_) {
-      if (f->out == seg_.out) compared = f->in;
+      if (f->out == seg_.out && !compare_quantized_) compared = f->in;
     }
     return {{get(compared).toTensor()}, get(seg_.out)};
   }
@@ -425,12 +448,21 @@ class SegmentRunner {
  private:
   const Segment& seg_;
   const absl::flat_hash_map<Node*, size_t>& layer_of_;
+  const bool compare_quantized_;
   absl::flat_hash_map<Node*, const FakeQuant*> fq_by_first_;
   absl::flat_hash_set<Node*> in_fq_;
 };
 
-torch::Tensor SegmentError(const std::vector<torch::Tensor>& y, const std::vector<torch::Tensor>& t) {
-  torch::Tensor loss = OutputError(y[0], t[0]);
+// `weight`, when defined, weighs the first output's squared error element
+// by element.
+torch::Tensor SegmentError(const std::vector<torch::Tensor>& y, const std::vector<torch::Tensor>& t,
+                           const torch::Tensor& weight = {}) {
+  torch::Tensor loss;
+  if (weight.defined() && y[0].dim() > 1) {
+    loss = ((y[0] - t[0]).pow(2) * weight).sum(1).mean();
+  } else {
+    loss = OutputError(y[0], t[0]);
+  }
   for (size_t k = 1; k < y.size(); ++k) loss = loss + OutputError(y[k], t[k]);
   return loss;
 }
@@ -451,7 +483,7 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
                                const ReconstructOptions& o, const ReconstructProgressFn& progress,
                                const CancellationToken* cancel, ReconstructResult* result) {
   torch::jit::Graph& g = qmodel->graph();
-  const std::vector<FakeQuant> fqs = FindFakeQuants(*g.block());
+  std::vector<FakeQuant> fqs = FindFakeQuants(*g.block());
   absl::flat_hash_map<Node*, size_t> layer_of;
   for (size_t i = 0; i < qmodel->layers().size(); ++i) layer_of[qmodel->layer_node(i)] = i;
   const std::vector<Segment> segs = Segments(g, fqs, layer_of);
@@ -490,14 +522,86 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
     for (const torch::Tensor& b : calibration) parts.push_back(b.to(model.device()));
     x_q = x_f = torch::cat(parts);
   }));
+  // Per segment output: the squared gradient of the float model's
+  // cross-entropy against its own predictions (BRECQ's Fisher weighting
+  // with pseudo-labels), each sample's scaled to mean 1 so that confident
+  // samples, whose gradients all but vanish, still count.
+  std::vector<torch::Tensor> fisher(segs.size());
+  bool any_fisher = false;
+  for (const Segment& seg : segs) {
+    for (size_t i : seg.layers) {
+      const int bits = qmodel->layers()[i].bits;
+      any_fisher |= bits > 0 && bits <= o.fisher_bits;
+    }
+  }
+  if (any_fisher) {
+    ZQ_RETURN_IF_ERROR(CallTorch("weighting the block outputs", [&] {
+      at::AutoGradMode grad_mode(true);
+      Overrides float_run;
+      float_run.weights = float_weights;
+      std::vector<torch::Tensor> outs, leaves;
+      torch::Tensor in = x_f, logits;
+      for (const Segment& seg : segs) {
+        SegmentRunner r(seg, fqs, layer_of);
+        auto res = r.Run(in, false, float_run);
+        if (seg.out == nullptr) {
+          logits = res.first[0];
+          break;
+        }
+        outs.push_back(res.second.toTensor());
+        in = outs.back().detach().requires_grad_(true);
+        leaves.push_back(in);
+      }
+      if (!logits.defined() || logits.dim() != 2 || leaves.empty()) return;
+      torch::Tensor loss = torch::nn::functional::cross_entropy(
+          logits, logits.detach().argmax(1),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+      loss.backward();
+      for (size_t k = leaves.size(); k-- > 0;) {
+        torch::Tensor g = leaves[k].grad();
+        if (!g.defined()) break;
+        torch::Tensor g2 = g.detach().pow(2);
+        std::vector<int64_t> rest;
+        for (int64_t d = 1; d < g2.dim(); ++d) rest.push_back(d);
+        fisher[k] = g2 / g2.mean(rest, /*keepdim=*/true).clamp_min(1e-20);
+        if (k > 0) outs[k].backward(g);
+      }
+    }, absl::StatusCode::kInternal));
+  }
+  // Each inserted activation quantizer's site, by the quantizer's first node.
+  absl::flat_hash_map<Node*, size_t> site_of;
+  for (size_t i = 0; i < qmodel->sites().size(); ++i) {
+    if (Node* n = qmodel->site_node(i); n != nullptr) site_of[n] = i;
+  }
   for (const Segment& seg : segs) {
     ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "reconstruction"));
-    SegmentRunner run(seg, fqs, layer_of);
     std::vector<size_t> learned;
     std::string name;
+    int narrowest = 0;
     for (size_t i : seg.layers) {
-      if (qmodel->layers()[i].bits > 0) learned.push_back(i);
+      const int bits = qmodel->layers()[i].bits;
+      if (bits > 0) {
+        learned.push_back(i);
+        narrowest = narrowest == 0 ? bits : std::min(narrowest, bits);
+      }
     }
+    ReconstructOptions bo = o;
+    if (narrowest > 0 && narrowest <= o.low_width_bits) {
+      if (o.low_width_lr > 0) bo.lr = o.low_width_lr;
+      if (o.low_width_iterations > 0) bo.iterations = o.low_width_iterations;
+    }
+    // The quantizers the block runs (their steps learned with activation_lr).
+    std::vector<FakeQuant*> block_fqs;
+    if (o.activation_lr > 0) {
+      const absl::flat_hash_set<Node*> in_seg(seg.nodes.begin(), seg.nodes.end());
+      for (FakeQuant& f : fqs) {
+        if (in_seg.count(f.nodes.front()) && site_of.count(f.nodes.front()) &&
+            (o.learn_closing_step || f.out != seg.out)) {
+          block_fqs.push_back(&f);
+        }
+      }
+    }
+    SegmentRunner run(seg, fqs, layer_of, o.activation_lr > 0 && o.learn_closing_step);
     if (!learned.empty()) {
       name = learned.size() == 1 ? qmodel->layers()[learned[0]].name
                                  : absl::StrCat(qmodel->layers()[learned.front()].name, " .. ",
@@ -506,6 +610,7 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
     ReconstructProgress p;
     absl::flat_hash_map<size_t, torch::Tensor> hard;
     absl::flat_hash_map<Node*, torch::Tensor> shifts;
+    absl::flat_hash_map<FakeQuant*, double> new_scales;
     absl::flat_hash_map<size_t, Rounding*> rounding_of;
     std::vector<std::unique_ptr<Rounding>> roundings;
     c10::IValue next_f;
@@ -515,7 +620,9 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
           std::vector<torch::Tensor> target;
           {
             torch::NoGradGuard no_grad;
-            auto f = run.Run(x_f, false, float_weights, {}, 0, nullptr);
+            Overrides float_run;
+            float_run.weights = float_weights;
+            auto f = run.Run(x_f, false, float_run);
             target = f.first;
             next_f = f.second;
           }
@@ -527,10 +634,10 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
             const LayerQuantInfo& info = qmodel->layers()[i];
             roundings.push_back(std::make_unique<Rounding>(float_weights[i], info.scale,
                                                            info.zero_point, info.bits,
-                                                           o.weight_range_mse));
+                                                           bo.weight_range_mse));
             rounding_of[i] = roundings.back().get();
             params.push_back(roundings.back()->v);
-            if (o.learn_shift) {
+            if (bo.learn_shift) {
               Node* qnode = qmodel->layer_node(i);
               Node* bn = ConsumingBatchNorm(qnode);
               Node* owner = bn ? bn : qnode;
@@ -540,47 +647,119 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
               params.push_back(d);
             }
           }
+          // Each quantizer's step as a multiple of its calibrated one.
+          absl::flat_hash_map<FakeQuant*, torch::Tensor> step_factor;
+          std::vector<torch::Tensor> act_params;
+          for (FakeQuant* f : block_fqs) {
+            step_factor[f] = torch::ones({}, float_weights[learned[0]].options())
+                                 .requires_grad_(true);
+            act_params.push_back(step_factor[f]);
+          }
+          auto scales = [&](bool detached) {
+            absl::flat_hash_map<Node*, torch::Tensor> out;
+            for (const auto& [f, a] : step_factor) {
+              out[f->nodes.front()] = f->scale / (detached ? a.detach() : a);
+            }
+            return out;
+          };
+          // Steps on the first n - holdout samples; the result is judged on
+          // the held-out rest (on all of them when none are held out).
+          const int64_t n = x_q.size(0);
+          const int64_t held = static_cast<int64_t>(std::floor(bo.holdout * n));
+          const int64_t n_train = n - held;
+          const torch::Tensor xq_train = x_q.narrow(0, 0, n_train);
+          const torch::Tensor xf_train = x_f.narrow(0, 0, n_train);
+          const torch::Tensor xq_eval = held > 0 ? x_q.narrow(0, n_train, held) : x_q;
+          const torch::Tensor weight =
+              narrowest <= bo.fisher_bits ? fisher[&seg - segs.data()] : torch::Tensor();
+          const torch::Tensor weight_train = weight.defined() ? weight.narrow(0, 0, n_train) : weight;
+          const torch::Tensor weight_eval =
+              weight.defined() && held > 0 ? weight.narrow(0, n_train, held) : weight;
+          std::vector<torch::Tensor> target_train, target_eval;
+          for (const torch::Tensor& t : target) {
+            target_train.push_back(t.narrow(0, 0, n_train));
+            target_eval.push_back(held > 0 ? t.narrow(0, n_train, held) : t);
+          }
           {
             torch::NoGradGuard no_grad;
-            p.loss_before = SegmentError(run.Run(x_q, true, {}, {}, 0, nullptr).first, target)
-                                .item<double>();
+            p.loss_before =
+                SegmentError(run.Run(xq_eval, true).first, target_eval, weight_eval).item<double>();
           }
-          torch::optim::Adam adam(params, torch::optim::AdamOptions(o.lr));
-          for (int step = 0; step < o.iterations; ++step) {
+          // A candidate result: the hard rounding, shifts and steps as they
+          // stand, and its error on the judging samples.
+          struct Candidate {
+            absl::flat_hash_map<size_t, torch::Tensor> q;
+            absl::flat_hash_map<Node*, torch::Tensor> shift;
+            absl::flat_hash_map<FakeQuant*, double> scale;
+            double loss = std::numeric_limits<double>::infinity();
+          };
+          auto candidate = [&] {
+            torch::NoGradGuard no_grad;
+            Candidate c;
+            Overrides hard_run;
+            for (size_t i : learned) {
+              c.q[i] = rounding_of[i]->HardQ();
+              hard_run.weights[i] = rounding_of[i]->Dequantize(c.q[i]);
+            }
+            for (auto& [owner, d] : delta) c.shift[owner] = d.detach().clone();
+            hard_run.bias_delta = c.shift;
+            for (const auto& [f, a] : step_factor) {
+              c.scale[f] = f->scale / a.item<double>();
+              hard_run.act_scale[f->nodes.front()] = torch::scalar_tensor(c.scale[f], a.options());
+            }
+            c.loss = SegmentError(run.Run(xq_eval, true, hard_run).first, target_eval, weight_eval)
+                         .item<double>();
+            return c;
+          };
+          Candidate best;
+          torch::optim::Adam adam(params, torch::optim::AdamOptions(bo.lr));
+          std::optional<torch::optim::Adam> act_adam;
+          if (!act_params.empty()) {
+            act_adam.emplace(act_params, torch::optim::AdamOptions(bo.activation_lr));
+          }
+          for (int step = 0; step < bo.iterations; ++step) {
             if (step % 32 == 0 && cancel != nullptr && cancel->IsCancelled()) break;
-            const torch::Tensor idx = SampleRows(x_q.size(0), o.batch_size, gen, x_q.device());
-            const torch::Tensor x = Drop(Rows(x_q, idx), Rows(x_f, idx), o.drop_probability, gen);
-            absl::flat_hash_map<size_t, torch::Tensor> soft;
-            for (size_t i : learned) soft[i] = rounding_of[i]->Soft();
-            torch::Tensor loss = SegmentError(
-                run.Run(x, true, soft, delta, o.drop_probability, &gen).first, RowsOf(target, idx));
-            if (const double beta = Beta(o, step); beta > 0) {
-              for (size_t i : learned) loss = loss + o.reg_weight * rounding_of[i]->Regulariser(beta);
+            const torch::Tensor idx = SampleRows(n_train, bo.batch_size, gen, x_q.device());
+            const torch::Tensor x =
+                Drop(Rows(xq_train, idx), Rows(xf_train, idx), bo.drop_probability, gen);
+            Overrides over;
+            for (size_t i : learned) over.weights[i] = rounding_of[i]->Soft();
+            over.bias_delta = delta;
+            over.act_scale = scales(false);
+            over.drop = bo.drop_probability;
+            over.gen = &gen;
+            torch::Tensor loss =
+                SegmentError(run.Run(x, true, over).first, RowsOf(target_train, idx),
+                             weight_train.defined() ? Rows(weight_train, idx) : weight_train);
+            if (const double beta = Beta(bo, step); beta > 0) {
+              for (size_t i : learned) loss = loss + bo.reg_weight * rounding_of[i]->Regulariser(beta);
             }
             adam.zero_grad();
+            if (act_adam) act_adam->zero_grad();
             loss.backward();
             adam.step();
+            if (act_adam) act_adam->step();
+            if (bo.check_every > 0 && (step + 1) % bo.check_every == 0 &&
+                step + 1 < bo.iterations) {
+              if (Candidate c = candidate(); c.loss < best.loss) best = std::move(c);
+            }
           }
+          if (Candidate c = candidate(); c.loss <= best.loss) best = std::move(c);
           torch::NoGradGuard no_grad;
+          p.loss_after = best.loss;
+          if (!(p.loss_after < p.loss_before)) {
+            p.loss_after = p.loss_before;
+            return;
+          }
           double flipped = 0, params_n = 0;
           for (size_t i : learned) {
-            torch::Tensor q = rounding_of[i]->HardQ();
-            hard[i] = q;
-            flipped += rounding_of[i]->Flipped(q) * q.numel();
-            params_n += q.numel();
+            flipped += rounding_of[i]->Flipped(best.q[i]) * best.q[i].numel();
+            params_n += best.q[i].numel();
           }
-          absl::flat_hash_map<size_t, torch::Tensor> deq;
-          for (size_t i : learned) deq[i] = rounding_of[i]->Dequantize(hard[i]);
-          for (auto& [owner, d] : delta) shifts[owner] = d.detach();
-          p.loss_after = SegmentError(run.Run(x_q, true, deq, shifts, 0, nullptr).first, target)
-                             .item<double>();
           p.flipped = params_n > 0 ? flipped / params_n : 0;
-          if (!(p.loss_after < p.loss_before)) {
-            hard.clear();
-            shifts.clear();
-            p.loss_after = p.loss_before;
-            p.flipped = 0;
-          }
+          hard = std::move(best.q);
+          shifts = std::move(best.shift);
+          new_scales = std::move(best.scale);
         },
         absl::StatusCode::kInternal);
     ZQ_RETURN_IF_ERROR(status);
@@ -594,10 +773,15 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
       ZQ_RETURN_IF_ERROR(qmodel->SetConstantInput(
           owner, 2, old.has_value() && old->isTensor() ? old->toTensor() + d : d));
     }
+    for (const auto& [f, scale] : new_scales) {
+      ZQ_RETURN_IF_ERROR(qmodel->SetActivationScale(site_of.at(f->nodes.front()), scale));
+      // The runners read the quantizer's scale from here, not the graph.
+      f->scale = scale;
+    }
     if (seg.out != nullptr) {
       ZQ_RETURN_IF_ERROR(CallTorch("running the quantized model", [&] {
         torch::NoGradGuard no_grad;
-        x_q = run.Run(x_q, true, {}, {}, 0, nullptr).second.toTensor();
+        x_q = run.Run(x_q, true).second.toTensor();
         x_f = next_f.toTensor();
       }, absl::StatusCode::kInternal));
     }
@@ -626,6 +810,15 @@ absl::Status ValidateReconstructOptions(const ReconstructOptions& o) {
   }
   if (o.batch_size < 1) {
     return absl::InvalidArgumentError("reconstruction batch size must be positive");
+  }
+  if (o.low_width_iterations < 0 || o.low_width_iterations > kReconstructIterations.hi) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "low-width reconstruction iterations = ", o.low_width_iterations, ": must be 0..",
+        kReconstructIterations.hi));
+  }
+  if (!(o.activation_lr >= 0) || !(o.low_width_lr >= 0) || o.low_width_bits < 0 ||
+      !(o.holdout >= 0 && o.holdout < 1) || o.check_every < 0 || o.fisher_bits < 0) {
+    return absl::InvalidArgumentError("reconstruction options out of range");
   }
   if (!(o.lr > 0) || !(o.reg_weight >= 0) || !(o.warmup >= 0 && o.warmup < 1) ||
       !(o.drop_probability >= 0 && o.drop_probability <= 1) ||
@@ -695,9 +888,14 @@ absl::StatusOr<ReconstructResult> Reconstruct(
           at::AutoGradMode grad(true);
           const int channel_dim =
               layers[i].kind == LayerKind::kLinear && fn.bn == nullptr ? -1 : 1;
+          ReconstructOptions lo = options;
+          if (info.bits <= options.low_width_bits) {
+            if (options.low_width_lr > 0) lo.lr = options.low_width_lr;
+            if (options.low_width_iterations > 0) lo.iterations = options.low_width_iterations;
+          }
           LayerOutcome o = LearnRounding(fn, w, info.scale, info.zero_point, info.bits,
-                                         channel_dim, w_nearest, x_q, f[0], f[1], options,
-                                         gen, cancel);
+                                         channel_dim, w_nearest, x_q, f[0], f[1], lo, gen,
+                                         cancel);
           if (o.shift.defined()) {
             // Folded into the BatchNorm's shift, else into the layer's bias.
             Node* owner = fn.bn ? fn.bn : qnode;

@@ -33,6 +33,15 @@
 // output of the one before. A graph that cannot be cut (control flow with
 // outputs at its top level) is reconstructed layer by layer instead.
 //
+// Options of the block method (ReconstructOptions): `fisher_bits` weighs a
+// narrow block's output error by the squared gradient of the float model's
+// cross-entropy against its own predictions, per sample scaled to mean 1
+// (BRECQ's Fisher weighting without labels), so that the errors that move
+// the model's outputs count most; `activation_lr` learns the activation
+// quantizers' steps with the rounding (LSQ); `holdout` and `check_every`
+// judge the rounding on held-out samples and keep the best judged one;
+// `low_width_*` give the narrowest widths their own rate and steps.
+//
 // Not thread-safe; runs on the model's device. The quantized model must not
 // have run a forward yet (QuantizedModel::SetLearnedWeight).
 #ifndef ZEROQ_CORE_RECONSTRUCT_H_

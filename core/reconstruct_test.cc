@@ -98,6 +98,142 @@ TEST_F(ReconstructTest, BlocksFollowTheResidualBlocksAndLowerTheirError) {
   EXPECT_GT(learned, 0);
 }
 
+// Learning the activation quantizers' steps with the rounding moves some of
+// them, the graph runs the new steps (sites() states them), and the blocks
+// reconstruct their (quantized) outputs better than with the steps held at
+// their calibrated values.
+TEST_F(ReconstructTest, BlocksLearnTheActivationSteps) {
+  std::unique_ptr<Model> model = LoadTestModel("mini_resnet.pt");
+  double after[2];
+  for (int learn : {0, 1}) {
+    std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 3, 32, 32}, 4, 3);
+    ASSERT_NE(q, nullptr);
+    const std::vector<ActivationSiteInfo> before = q->sites();
+    ReconstructOptions o = Options(ReconstructMethod::kBlock, 150);
+    // Both compare the blocks' outputs after their closing quantizers.
+    o.activation_lr = learn ? 1e-2 : 1e-12;
+    absl::StatusOr<ReconstructResult> r = Reconstruct(*model, q.get(), calibration_, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    after[learn] = Sum(*r, true);
+    int moved = 0;
+    ASSERT_EQ(q->sites().size(), before.size());
+    for (size_t i = 0; i < before.size(); ++i) {
+      const ActivationQuantization& a = before[i].quant;
+      const ActivationQuantization& b = q->sites()[i].quant;
+      EXPECT_EQ(a.zero_point, b.zero_point);
+      torch::jit::Node* mul = q->site_node(i);
+      ASSERT_NE(mul, nullptr);
+      EXPECT_DOUBLE_EQ(torch::jit::toIValue(mul->input(1))->toDouble(), b.scale);
+      if (std::abs(b.scale / a.scale - 1) < 1e-3) continue;
+      ++moved;
+      // The range stretches with the step: the same integer grid.
+      EXPECT_NEAR(b.hi - b.lo, (a.hi - a.lo) * a.scale / b.scale, 1e-4 * (a.hi - a.lo));
+    }
+    if (learn) {
+      EXPECT_GT(moved, 0);
+    } else {
+      EXPECT_EQ(moved, 0);
+    }
+  }
+  EXPECT_LT(after[1], after[0]);
+}
+
+// SetActivationScale changes what the model runs; the calibrated scale
+// restores it.
+TEST_F(ReconstructTest, ActivationScaleIsWhatTheGraphRuns) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  const torch::Tensor x = torch::randn({4, 1, 28, 28});
+  std::vector<torch::Tensor> out;
+  for (double factor : {1.0, 0.5}) {
+    std::unique_ptr<QuantizedModel> q = Quantized(*model, {8, 1, 28, 28}, 8, 4);
+    ASSERT_NE(q, nullptr);
+    ASSERT_FALSE(q->sites().empty());
+    const double scale = q->sites()[0].quant.scale;
+    EXPECT_EQ(q->SetActivationScale(0, -1).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(q->SetActivationScale(q->sites().size(), 1).code(),
+              absl::StatusCode::kInvalidArgument);
+    ASSERT_TRUE(q->SetActivationScale(0, scale * factor).ok());
+    EXPECT_DOUBLE_EQ(q->sites()[0].quant.scale, scale * factor);
+    absl::StatusOr<std::vector<torch::Tensor>> y = q->Forward(x);
+    ASSERT_TRUE(y.ok());
+    out.push_back((*y)[0]);
+    EXPECT_EQ(q->SetActivationScale(0, scale).code(), absl::StatusCode::kFailedPrecondition);
+  }
+  EXPECT_FALSE(torch::allclose(out[0], out[1]));
+}
+
+// Blocks whose narrowest weight width is at most low_width_bits take
+// low_width_iterations (here: as few as 1 step) instead of iterations.
+TEST_F(ReconstructTest, LowWidthsTakeTheirOwnSteps) {
+  std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
+  auto run = [&](int iterations, int low_bits) {
+    std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 1, 28, 28}, 3, 8);
+    EXPECT_NE(q, nullptr);
+    ReconstructOptions o = Options(ReconstructMethod::kBlock, iterations);
+    o.low_width_bits = low_bits;
+    o.low_width_iterations = 1;
+    o.low_width_lr = 1e-3;
+    absl::StatusOr<ReconstructResult> r = Reconstruct(*model, q.get(), calibration_, o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? Sum(*r, true) : 0.0;
+  };
+  const double long_run = run(100, 2);
+  EXPECT_EQ(run(100, 3), run(1, 3));
+  EXPECT_NE(run(100, 3), long_run);
+  EXPECT_LT(long_run, run(100, 3));
+}
+
+// Judged on held-out samples, and every check_every steps: the best judged
+// rounding is kept, so the first block (whose input does not depend on
+// earlier choices) ends no worse than with the last rounding.
+TEST_F(ReconstructTest, HeldOutSamplesJudgeTheRounding) {
+  std::unique_ptr<Model> model = LoadTestModel("mini_resnet.pt");
+  double first[2];
+  for (int check : {0, 1}) {
+    std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 3, 32, 32}, 2, 8);
+    ASSERT_NE(q, nullptr);
+    ReconstructOptions o = Options(ReconstructMethod::kBlock, 100);
+    o.holdout = 0.25;
+    o.check_every = check ? 10 : 0;
+    absl::StatusOr<ReconstructResult> r = Reconstruct(*model, q.get(), calibration_, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_FALSE(r->layers.empty());
+    for (const ReconstructProgress& p : r->layers) EXPECT_LE(p.loss_after, p.loss_before);
+    first[check] = r->layers[0].loss_after;
+  }
+  EXPECT_LE(first[1], first[0]);
+  ReconstructOptions bad = Options(ReconstructMethod::kBlock, 10);
+  for (double h : {-0.1, 1.0}) {
+    bad.holdout = h;
+    EXPECT_FALSE(ValidateReconstructOptions(bad).ok()) << h;
+  }
+}
+
+// Weighting the block outputs by the float model's loss gradient changes
+// what the blocks learn, and each still ends no worse than round to nearest
+// by the (weighted) error it is judged on.
+TEST_F(ReconstructTest, FisherWeightingChangesTheLearnedRounding) {
+  std::unique_ptr<Model> model = LoadTestModel("mini_resnet.pt");
+  std::vector<std::vector<torch::Tensor>> learned(2);
+  for (int fisher : {0, 1}) {
+    std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 3, 32, 32}, 2, 8);
+    ASSERT_NE(q, nullptr);
+    ReconstructOptions o = Options(ReconstructMethod::kBlock, 100);
+    o.fisher_bits = fisher ? 2 : 0;
+    absl::StatusOr<ReconstructResult> r = Reconstruct(*model, q.get(), calibration_, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (const ReconstructProgress& p : r->layers) EXPECT_LE(p.loss_after, p.loss_before);
+    for (const LayerQuantInfo& l : q->layers()) learned[fisher].push_back(l.learned_q);
+  }
+  int differ = 0;
+  for (size_t i = 0; i < learned[0].size(); ++i) {
+    const torch::Tensor& a = learned[0][i];
+    const torch::Tensor& b = learned[1][i];
+    differ += a.defined() != b.defined() || (a.defined() && !torch::equal(a, b));
+  }
+  EXPECT_GT(differ, 0);
+}
+
 TEST_F(ReconstructTest, AdaRoundLowersEachLayersError) {
   std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
   std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 1, 28, 28}, 3, 8);

@@ -73,6 +73,35 @@ ABSL_FLAG(std::string, reconstruct,
           zeroq::kReconstruct.help);
 ABSL_FLAG(int, reconstruct_iterations, zeroq::kReconstructIterations.def,
           zeroq::kReconstructIterations.help);
+ABSL_FLAG(double, reconstruct_lr, 0,
+          "Adam's learning rate on the rounding (0: the default, 0.01)");
+ABSL_FLAG(double, reconstruct_activation_lr, -1,
+          "block reconstruction: Adam's learning rate on the activation "
+          "quantizers' steps (0: kept as calibrated; negative: the default)");
+ABSL_FLAG(bool, reconstruct_learn_closing_step, true,
+          "with --reconstruct_activation_lr: also learn the step of the "
+          "quantizer that closes each block");
+ABSL_FLAG(int, reconstruct_low_width_bits, -1,
+          "blocks or layers with a weight width at most this learn with "
+          "--reconstruct_low_width_lr/_iterations (negative: the default)");
+ABSL_FLAG(double, reconstruct_low_width_lr, -1,
+          "learning rate at low widths (0: --reconstruct_lr; negative: the "
+          "default)");
+ABSL_FLAG(int, reconstruct_low_width_iterations, -1,
+          "steps at low widths (0: --reconstruct_iterations; negative: the "
+          "default)");
+ABSL_FLAG(double, reconstruct_holdout, -1,
+          "block reconstruction: share of the calibration samples held out "
+          "of the steps to judge each block's result on, 0..1 (negative: the "
+          "default, 0)");
+ABSL_FLAG(int, reconstruct_check_every, -1,
+          "block reconstruction: judge the rounding every this many steps "
+          "and keep the best (0: the last; negative: the default, 0)");
+ABSL_FLAG(int, reconstruct_fisher_bits, -1,
+          "block reconstruction: blocks with a weight width at most this "
+          "weigh their output error by the squared gradient of the float "
+          "model's loss on its own predictions (0: none; negative: the "
+          "default, 2)");
 ABSL_FLAG(bool, plateau, true, "ReduceLROnPlateau on the distillation loss");
 ABSL_FLAG(std::string, init, "reference",
           "distillation start: reference (tiny uniform noise) or gaussian");
@@ -274,6 +303,7 @@ int main(int argc, char** argv) {
   d.plateau_scheduler = absl::GetFlag(FLAGS_plateau);
   d.eps = absl::GetFlag(FLAGS_eps);
   d.seed = absl::GetFlag(FLAGS_seed);
+  spec.reconstruct.seed = d.seed;
   const std::string init = absl::GetFlag(FLAGS_init);
   if (init == "reference") {
     d.init = zeroq::core::DistillInit::kReference;
@@ -307,6 +337,27 @@ int main(int argc, char** argv) {
                               zeroq::kReconstructIterations.Describe()));
   } else if (iterations != 0) {
     r.iterations = iterations;
+  }
+  if (const double lr = absl::GetFlag(FLAGS_reconstruct_lr); lr > 0) r.lr = lr;
+  if (const double lr = absl::GetFlag(FLAGS_reconstruct_activation_lr); lr >= 0) {
+    r.activation_lr = lr;
+  }
+  r.learn_closing_step = absl::GetFlag(FLAGS_reconstruct_learn_closing_step);
+  if (const int bits = absl::GetFlag(FLAGS_reconstruct_low_width_bits); bits >= 0) {
+    r.low_width_bits = bits;
+  }
+  if (const double lr = absl::GetFlag(FLAGS_reconstruct_low_width_lr); lr >= 0) {
+    r.low_width_lr = lr;
+  }
+  if (const int n = absl::GetFlag(FLAGS_reconstruct_low_width_iterations); n >= 0) {
+    r.low_width_iterations = n;
+  }
+  if (const double h = absl::GetFlag(FLAGS_reconstruct_holdout); h >= 0) r.holdout = h;
+  if (const int bits = absl::GetFlag(FLAGS_reconstruct_fisher_bits); bits >= 0) {
+    r.fisher_bits = bits;
+  }
+  if (const int n = absl::GetFlag(FLAGS_reconstruct_check_every); n >= 0) {
+    r.check_every = n;
   }
   // After the widths, the budget and the method: the default depends on them.
   d.iterations = absl::GetFlag(FLAGS_iterations).value_or(
