@@ -173,14 +173,16 @@ struct ReconstructOptions {
   // Block method: every check_every steps the hard rounding as it stands is
   // judged too, and the best judged result is kept (0: the last one).
   int check_every = 0;
-  // Block method: a block whose narrowest weight width is at most
-  // fisher_bits has its output error weighted element by element by the
+  // Block method: a block whose every weight width is at most fisher_bits
+  // has its output error weighted element by element by the
   // squared gradient of the float model's cross-entropy against its own
   // predictions (per sample scaled to mean 1) instead of uniformly; 0:
   // never. Measured (README, "Learned rounding"): at W2A8 fashion_resnet
   // 82.04 top-1 against 74.32, fashion_mobilenet_v2 78.03 against 75.06,
   // fashion_cnn 88.53 against 87.92; at W4A4 fashion_mobilenet_v2 87.23
-  // against 88.13, hence only at 2 bits.
+  // against 88.13, hence only at 2 bits; and only where the whole block is
+  // that narrow: under MP4 a block with one 2-bit layer among wider ones,
+  // weighted, cost fashion_mobilenet_v2 its mixed point's lead.
   int fisher_bits = 2;
   uint64_t seed = 0;
 };

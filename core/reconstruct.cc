@@ -529,10 +529,9 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
   std::vector<torch::Tensor> fisher(segs.size());
   bool any_fisher = false;
   for (const Segment& seg : segs) {
-    for (size_t i : seg.layers) {
-      const int bits = qmodel->layers()[i].bits;
-      any_fisher |= bits > 0 && bits <= o.fisher_bits;
-    }
+    int widest = 0;
+    for (size_t i : seg.layers) widest = std::max(widest, qmodel->layers()[i].bits);
+    any_fisher |= widest > 0 && widest <= o.fisher_bits;
   }
   if (any_fisher) {
     ZQ_RETURN_IF_ERROR(CallTorch("weighting the block outputs", [&] {
@@ -577,12 +576,13 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
     ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "reconstruction"));
     std::vector<size_t> learned;
     std::string name;
-    int narrowest = 0;
+    int narrowest = 0, widest = 0;
     for (size_t i : seg.layers) {
       const int bits = qmodel->layers()[i].bits;
       if (bits > 0) {
         learned.push_back(i);
         narrowest = narrowest == 0 ? bits : std::min(narrowest, bits);
+        widest = std::max(widest, bits);
       }
     }
     ReconstructOptions bo = o;
@@ -671,7 +671,7 @@ absl::Status ReconstructBlocks(const Model& model, QuantizedModel* qmodel,
           const torch::Tensor xf_train = x_f.narrow(0, 0, n_train);
           const torch::Tensor xq_eval = held > 0 ? x_q.narrow(0, n_train, held) : x_q;
           const torch::Tensor weight =
-              narrowest <= bo.fisher_bits ? fisher[&seg - segs.data()] : torch::Tensor();
+              widest <= bo.fisher_bits ? fisher[&seg - segs.data()] : torch::Tensor();
           const torch::Tensor weight_train = weight.defined() ? weight.narrow(0, 0, n_train) : weight;
           const torch::Tensor weight_eval =
               weight.defined() && held > 0 ? weight.narrow(0, n_train, held) : weight;

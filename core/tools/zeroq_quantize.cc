@@ -98,7 +98,7 @@ ABSL_FLAG(int, reconstruct_check_every, -1,
           "block reconstruction: judge the rounding every this many steps "
           "and keep the best (0: the last; negative: the default, 0)");
 ABSL_FLAG(int, reconstruct_fisher_bits, -1,
-          "block reconstruction: blocks with a weight width at most this "
+          "block reconstruction: blocks whose weight widths are all at most this "
           "weigh their output error by the squared gradient of the float "
           "model's loss on its own predictions (0: none; negative: the "
           "default, 2)");
