@@ -66,6 +66,15 @@ absl::StatusOr<Agreement> MeasureAgreement(const Model& model,
   return out;
 }
 
+absl::StatusOr<double> MeanOutputKl(const Model& model, QuantizedModel& qmodel,
+                                    const std::vector<torch::Tensor>& batches) {
+  CalibrationData data;
+  data.batches = batches;
+  for (const torch::Tensor& b : batches) data.samples += b.size(0);
+  ZQ_ASSIGN_OR_RETURN(Agreement a, MeasureAgreement(model, qmodel, data));
+  return a.mean_kl;
+}
+
 absl::StatusOr<ExportOutput> ExportStage(const JobSpec& spec,
                                          const Model& model,
                                          QuantizedModel& qmodel,

@@ -37,6 +37,9 @@ struct Agreement {
 absl::StatusOr<Agreement> MeasureAgreement(const Model& model,
                                            QuantizedModel& qmodel,
                                            const CalibrationData& data);
+// MeasureAgreement() on `batches`: its mean KL.
+absl::StatusOr<double> MeanOutputKl(const Model& model, QuantizedModel& qmodel,
+                                    const std::vector<torch::Tensor>& batches);
 
 struct ExportOutput {
   Agreement agreement;

@@ -111,11 +111,7 @@ absl::StatusOr<double> OutputKl(const Model& model,
   ZQ_ASSIGN_OR_RETURN(std::unique_ptr<QuantizedModel> q,
                       QuantizedModel::QuantizeWeights(model, quant));
   ZQ_RETURN_IF_ERROR(q->CalibrateActivations(data, {}, cancel));
-  CalibrationData d;
-  d.batches = data;
-  for (const torch::Tensor& b : data) d.samples += b.size(0);
-  ZQ_ASSIGN_OR_RETURN(Agreement a, MeasureAgreement(model, *q, d));
-  return a.mean_kl;
+  return MeanOutputKl(model, *q, data);
 }
 
 }  // namespace

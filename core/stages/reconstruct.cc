@@ -63,20 +63,6 @@ absl::StatusOr<Reconstruction> ReconstructStage(
   return out;
 }
 
-namespace {
-
-// Mean output KL of `qmodel` against float on `data` (its first forward).
-absl::StatusOr<double> OutputKl(const Model& model, QuantizedModel& qmodel,
-                                const std::vector<torch::Tensor>& data) {
-  CalibrationData d;
-  d.batches = data;
-  for (const torch::Tensor& b : data) d.samples += b.size(0);
-  ZQ_ASSIGN_OR_RETURN(Agreement a, MeasureAgreement(model, qmodel, d));
-  return a.mean_kl;
-}
-
-}  // namespace
-
 absl::StatusOr<Finalists> ReconstructFinalists(
     const Model& model, QuantizedModel* qmodel, const QuantOptions& runner_up,
     double chosen_bits, double runner_up_bits,
@@ -119,8 +105,8 @@ absl::StatusOr<Finalists> ReconstructFinalists(
                                          cancel));
   }
   ZQ_RETURN_IF_ERROR(CheckCancelled(cancel, "reconstruction"));
-  ZQ_ASSIGN_OR_RETURN(out.chosen_kl, OutputKl(model, *qmodel, data));
-  ZQ_ASSIGN_OR_RETURN(out.runner_up_kl, OutputKl(model, *other, data));
+  ZQ_ASSIGN_OR_RETURN(out.chosen_kl, MeanOutputKl(model, *qmodel, data));
+  ZQ_ASSIGN_OR_RETURN(out.runner_up_kl, MeanOutputKl(model, *other, data));
   const bool switch_to_other = out.runner_up_kl < out.chosen_kl;
   progress.Step(0, 0,
                 absl::StrFormat("kept the %s: output KL %.4g against %.4g of the %s",
