@@ -234,6 +234,46 @@ TEST_F(ReconstructTest, FisherWeightingChangesTheLearnedRounding) {
   EXPECT_GT(differ, 0);
 }
 
+// The weighting is for blocks whose every layer is that narrow: one residual
+// block quantized (the layers before it float, so it is the first block
+// learned) learns the same rounding with and without it when one of its
+// layers is at 4 bits, and not when all are at 2.
+TEST_F(ReconstructTest, OnlyBlocksNarrowThroughoutAreFisherWeighted) {
+  std::unique_ptr<Model> model = LoadTestModel("mini_resnet.pt");
+  for (int shortcut_bits : {4, 2}) {
+    std::vector<std::vector<torch::Tensor>> learned(2);
+    for (int fisher : {0, 1}) {
+      torch::manual_seed(0);
+      calibration_ = {torch::randn({16, 3, 32, 32})};
+      QuantOptions qo;
+      qo.weight_bits = 0;
+      qo.activation_bits = 8;
+      qo.layer_bits = {{"layer2.0.conv1", 2},
+                       {"layer2.0.conv2", 2},
+                       {"layer2.0.downsample.0", shortcut_bits}};
+      absl::StatusOr<std::unique_ptr<QuantizedModel>> q =
+          QuantizedModel::Create(*model, qo, calibration_);
+      ASSERT_TRUE(q.ok()) << q.status();
+      ReconstructOptions o = Options(ReconstructMethod::kBlock, 100);
+      o.fisher_bits = fisher ? 2 : 0;
+      absl::StatusOr<ReconstructResult> r = Reconstruct(*model, q->get(), calibration_, o);
+      ASSERT_TRUE(r.ok()) << r.status();
+      ASSERT_EQ(r->layers.size(), 1u);
+      for (const LayerQuantInfo& l : (*q)->layers()) {
+        if (l.bits > 0) {
+          ASSERT_TRUE(l.learned_q.defined()) << l.name;
+          learned[fisher].push_back(l.learned_q);
+        }
+      }
+    }
+    ASSERT_EQ(learned[0].size(), 3u);
+    ASSERT_EQ(learned[1].size(), 3u);
+    bool same = true;
+    for (size_t i = 0; i < 3; ++i) same &= torch::equal(learned[0][i], learned[1][i]);
+    EXPECT_EQ(same, shortcut_bits == 4) << "shortcut at " << shortcut_bits << " bits";
+  }
+}
+
 TEST_F(ReconstructTest, AdaRoundLowersEachLayersError) {
   std::unique_ptr<Model> model = LoadTestModel("fashion_cnn.pt");
   std::unique_ptr<QuantizedModel> q = Quantized(*model, {16, 1, 28, 28}, 3, 8);
