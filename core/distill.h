@@ -96,9 +96,11 @@ class BnStatisticsLoss {
   absl::StatusOr<double> Evaluate(const torch::Tensor& batch);
 
   // The loss value (no autograd history), with its gradient accumulated into
-  // batch.grad(): what Loss(batch).backward() gives, computed in closed form
-  // for the statistics (one elementwise pass per BN input). `batch` must
-  // require grad. May throw c10::Error.
+  // batch.grad(): what Loss(batch).backward() gives (to float rounding),
+  // with the statistics and their gradient in closed form, taken where the
+  // BNs read their inputs and pass their gradient back (about the cost of
+  // the model's own forward and backward). `batch` must require grad. May
+  // throw c10::Error.
   torch::Tensor LossAndBackward(const torch::Tensor& batch);
 
   // Per BN layer (Model::summary() order): the batch's per-channel mean and

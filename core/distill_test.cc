@@ -10,6 +10,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -177,7 +178,38 @@ TEST_F(DistillTest, PerBatchLossByHand) {
 }
 
 // LossAndBackward computes the gradient in closed form; it must be what
-// autograd gives for Loss().
+// autograd gives for Loss(): the value, the gradient (on a leaf with
+// `base`'s layout), and that a second call accumulates.
+void ExpectClosedFormMatchesAutograd(const Model& model,
+                                     const DistillOptions& options,
+                                     const torch::Tensor& base) {
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(model, options);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+
+  torch::Tensor a = base.contiguous().clone().set_requires_grad(true);
+  torch::Tensor value = (*loss)->Loss(a);
+  value.backward();
+  torch::Tensor want = a.grad().clone();
+
+  torch::Tensor b = base.clone().set_requires_grad(true);  // same strides
+  torch::Tensor value2 = (*loss)->LossAndBackward(b);
+  ASSERT_TRUE(b.grad().defined());
+  EXPECT_NEAR(value2.item<double>(), value.item<double>(),
+              1e-4 * std::abs(value.item<double>()));
+  EXPECT_FALSE(value2.requires_grad());
+  const double scale = want.abs().max().item<double>();
+  EXPECT_GT(scale, 0);
+  EXPECT_TRUE(torch::allclose(b.grad(), want, 1e-3, 1e-4 * scale))
+      << "max diff " << (b.grad() - want).abs().max().item<double>()
+      << " of max " << scale;
+  // Accumulates, like backward().
+  (*loss)->LossAndBackward(b);
+  EXPECT_TRUE(torch::allclose(b.grad(), 2 * want, 1e-3, 2e-4 * scale));
+}
+
+// fashion_cnn: every BN input but the last is read by its BN, which
+// LossAndBackward replaces by one that also takes the statistics.
 TEST_F(DistillTest, ClosedFormGradientMatchesAutograd) {
   std::unique_ptr<Model> model = Load("fashion_cnn.pt");
   ASSERT_NE(model, nullptr);
@@ -190,33 +222,129 @@ TEST_F(DistillTest, ClosedFormGradientMatchesAutograd) {
       DistillOptions options;
       options.stats = stats;
       options.match_input_stats = input_term;
-      absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
-          BnStatisticsLoss::Create(*model, options);
-      ASSERT_TRUE(loss.ok()) << loss.status();
       torch::manual_seed(23);
-      torch::Tensor base = torch::randn({4, 1, 28, 28}) * 0.5;
-
-      torch::Tensor a = base.clone().set_requires_grad(true);
-      torch::Tensor value = (*loss)->Loss(a);
-      value.backward();
-      torch::Tensor want = a.grad().clone();
-
-      torch::Tensor b = base.clone().set_requires_grad(true);
-      torch::Tensor value2 = (*loss)->LossAndBackward(b);
-      ASSERT_TRUE(b.grad().defined());
-      EXPECT_NEAR(value2.item<double>(), value.item<double>(),
-                  1e-4 * std::abs(value.item<double>()));
-      EXPECT_FALSE(value2.requires_grad());
-      const double scale = want.abs().max().item<double>();
-      EXPECT_GT(scale, 0);
-      EXPECT_TRUE(torch::allclose(b.grad(), want, 1e-3, 1e-4 * scale))
-          << "max diff " << (b.grad() - want).abs().max().item<double>()
-          << " of max " << scale;
-      // Accumulates, like backward().
-      (*loss)->LossAndBackward(b);
-      EXPECT_TRUE(torch::allclose(b.grad(), 2 * want, 1e-3, 2e-4 * scale));
+      ExpectClosedFormMatchesAutograd(*model, options,
+                                      torch::randn({4, 1, 28, 28}) * 0.5);
     }
   }
+}
+
+// With two threads the kernels split the rows of the larger BN inputs
+// ([8, 16, 28, 28] here) between them.
+TEST_F(DistillTest, ClosedFormGradientOnTwoThreads) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  at::set_num_threads(2);
+  torch::manual_seed(29);
+  ExpectClosedFormMatchesAutograd(*model, DistillOptions(),
+                                  torch::randn({8, 1, 28, 28}) * 0.5);
+  at::set_num_threads(1);
+}
+
+TEST_F(DistillTest, ClosedFormGradientOfANonContiguousBatch) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  torch::manual_seed(25);
+  torch::Tensor base = torch::randn({28, 28, 1, 4}).permute({3, 2, 0, 1});
+  ASSERT_FALSE(base.is_contiguous());
+  ExpectClosedFormMatchesAutograd(*model, DistillOptions(), base * 0.5);
+}
+
+// In double the kernels do not apply: the BNs stay tensor ops, the moments
+// and gradients too, and the terms go in through autograd hooks.
+TEST_F(DistillTest, ClosedFormGradientOfADoubleModel) {
+  if (TestDevice() != "cpu") GTEST_SKIP() << "a CPU model";
+  torch::jit::Module m = torch::jit::load(ModelPath("tiny_nobn_after_conv.pt"));
+  m.to(torch::kDouble);
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      Model::FromModule(m, torch::kCPU);
+  ASSERT_TRUE(model.ok()) << model.status();
+  for (DistillStats stats :
+       {DistillStats::kPerSample, DistillStats::kPerBatch}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "per_batch=" << (stats == DistillStats::kPerBatch));
+    DistillOptions options;
+    options.stats = stats;
+    torch::manual_seed(26);
+    ExpectClosedFormMatchesAutograd(
+        **model, options,
+        torch::randn({3, 3, 16, 16}, torch::kDouble) * 0.7 + 0.2);
+  }
+}
+
+// A value read by two BNs keeps them (its terms go in through hooks on its
+// grad_fn); the third BN is replaced; the last BN input has no spatial
+// extent ([N, C]: statistics over the batch).
+TEST_F(DistillTest, ClosedFormGradientWhenAValueFeedsTwoBatchNorms) {
+  if (TestDevice() != "cpu") GTEST_SKIP() << "a CPU model";
+  torch::manual_seed(27);
+  torch::jit::Module m("TwoBatchNormsOnOneValue");
+  m.register_buffer("w1", torch::randn({6, 3, 3, 3}) * 0.3);
+  m.register_buffer("w2", torch::randn({4, 6, 3, 3}) * 0.3);
+  for (const auto& [bn, c] : std::vector<std::pair<std::string, int64_t>>{
+           {"a", 6}, {"b", 6}, {"c", 4}, {"d", 4}}) {
+    m.register_buffer("g" + bn, torch::rand({c}) + 0.5);
+    m.register_buffer("b" + bn, torch::randn({c}) * 0.1);
+    m.register_buffer("m" + bn, torch::randn({c}) * 0.2);
+    m.register_buffer("v" + bn, torch::rand({c}) + 0.5);
+  }
+  m.define(R"JIT(
+    def forward(self, x):
+        v = torch.conv2d(x, self.w1, None, [1, 1], [1, 1])
+        a = torch.batch_norm(v, self.ga, self.ba, self.ma, self.va,
+                             False, 0.1, 1e-5, False)
+        b = torch.batch_norm(v, None, None, self.mb, self.vb,
+                             False, 0.1, 1e-5, False)
+        w = torch.conv2d(torch.relu(a) + b, self.w2, None, [2, 2], [1, 1])
+        c = torch.batch_norm(w, self.gc, self.bc, self.mc, self.vc,
+                             False, 0.1, 1e-5, False)
+        p = torch.relu(c).mean([2, 3])
+        return torch.batch_norm(p, self.gd, self.bd, self.md, self.vd,
+                                False, 0.1, 1e-5, False)
+  )JIT");
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      Model::FromModule(m, torch::kCPU);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_EQ((*model)->summary().bn_layers.size(), 4u);
+  for (DistillStats stats :
+       {DistillStats::kPerSample, DistillStats::kPerBatch}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "per_batch=" << (stats == DistillStats::kPerBatch));
+    DistillOptions options;
+    options.stats = stats;
+    torch::manual_seed(28);
+    ExpectClosedFormMatchesAutograd(**model, options,
+                                    torch::randn({5, 3, 12, 12}));
+  }
+}
+
+// Distill's optimiser is torch::optim::Adam, step for step.
+TEST_F(DistillTest, DistillStepsAreTorchAdamSteps) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  DistillOptions options = FastOptions(0, 8);
+  options.plateau_scheduler = false;
+  absl::StatusOr<DistilledData> noise = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(noise.ok()) << noise.status();
+  options.iterations = 5;
+  absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
+  ASSERT_TRUE(data.ok()) << data.status();
+
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  torch::Tensor x = noise->batches[0].clone().set_requires_grad(true);
+  torch::optim::Adam adam({x}, torch::optim::AdamOptions(options.lr));
+  for (int it = 0; it < options.iterations; ++it) {
+    adam.zero_grad();
+    (*loss)->LossAndBackward(x);
+    adam.step();
+  }
+  const double scale = x.abs().max().item<double>();
+  EXPECT_TRUE(torch::allclose(data->batches[0], x.detach(), 1e-4, 1e-5 * scale))
+      << "max diff "
+      << (data->batches[0] - x.detach()).abs().max().item<double>()
+      << " of max " << scale;
 }
 
 TEST_F(DistillTest, DistilledFashionDataMatchesBatchNormStatistics) {
