@@ -318,6 +318,63 @@ TEST_F(DistillTest, ClosedFormGradientWhenAValueFeedsTwoBatchNorms) {
   }
 }
 
+// On the trained models, at the reference's starting noise and along the
+// path Adam takes from it on autograd's gradient of Loss() (the default
+// rate: the first steps are the large ones), LossAndBackward gives Loss()
+// and its gradient at every point: every BN input's term included once and
+// at its scale, whether its BN reads it (MobileNetV2's residual adds and
+// ReLU6s behind the fused BatchNorms) or it starts the backward. The
+// gradients are compared by the norm of their difference: the fused
+// BatchNorm need not round its output as ATen's does, so now and then a
+// ReLU or ReLU6 input within rounding of its kink goes the other way and
+// changes the gradient of a few pixels (by up to about 1% of the norm); a
+// term missing or off by 10% changes it at every point. Distill's own
+// steps (its Adam, its learning rate) end where this path does.
+TEST_F(DistillTest, ClosedFormGradientAlongADistillationOfTrainedModels) {
+  constexpr int kSteps = 12;
+  for (const char* file : {"fashion_mobilenet_v2.pt", "fashion_resnet.pt"}) {
+    SCOPED_TRACE(file);
+    std::unique_ptr<Model> model = Load(file);
+    ASSERT_NE(model, nullptr);
+    DistillOptions options = FastOptions(0, 8);
+    absl::StatusOr<DistilledData> noise = Distill(*model, {1, 28, 28}, options);
+    ASSERT_TRUE(noise.ok()) << noise.status();
+    options.iterations = kSteps;
+    absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
+    ASSERT_TRUE(data.ok()) << data.status();
+    absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
+        BnStatisticsLoss::Create(*model, options);
+    ASSERT_TRUE(loss.ok()) << loss.status();
+
+    torch::Tensor x = noise->batches[0].clone().set_requires_grad(true);
+    torch::optim::Adam adam({x}, torch::optim::AdamOptions(options.lr));
+    int rough = 0;  // points where a kink may have gone the other way
+    for (int it = 0; it < kSteps; ++it) {
+      SCOPED_TRACE(::testing::Message() << "step " << it);
+      adam.zero_grad();
+      torch::Tensor value = (*loss)->Loss(x);
+      value.backward();
+      const torch::Tensor want = x.grad();
+
+      torch::Tensor b = x.detach().clone().set_requires_grad(true);
+      const double got = (*loss)->LossAndBackward(b).item<double>();
+      ASSERT_TRUE(b.grad().defined());
+      const double expected = value.item<double>();
+      EXPECT_NEAR(got, expected, 1e-5 * expected);
+      const double error =
+          ((b.grad() - want).norm() / want.norm()).item<double>();
+      EXPECT_LT(error, 2e-2);
+      if (error > 1e-4) ++rough;
+      adam.step();
+    }
+    EXPECT_LE(rough, kSteps / 4);
+    absl::StatusOr<double> reached = (*loss)->Evaluate(x.detach());
+    ASSERT_TRUE(reached.ok()) << reached.status();
+    EXPECT_LT(*reached, data->initial_loss[0] / 2);
+    EXPECT_NEAR(data->final_loss[0], *reached, 2e-3 * *reached);
+  }
+}
+
 // Distill's optimiser is torch::optim::Adam, step for step.
 TEST_F(DistillTest, DistillStepsAreTorchAdamSteps) {
   std::unique_ptr<Model> model = Load("fashion_cnn.pt");
