@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/status_macros.h"
 #include "core/cancellation.h"
 #include "core/model.h"
 #include "core/options.h"
@@ -25,7 +26,6 @@ namespace zeroq::core {
 namespace {
 
 using ::testing::ElementsAre;
-
 
 // Small, fast settings; the reference's lr and scheduler.
 DistillOptions FastOptions(int iterations, int batch_size) {
@@ -64,6 +64,28 @@ class DistillTest : public ::testing::Test {
     return LoadTestModel(file);
   }
 };
+
+// What a test needs to replay a distillation step by step: the starting
+// noise (Distill after 0 iterations) as a leaf that wants its gradient,
+// Distill's own result after `steps` iterations from that noise, and the
+// loss to replay them with.
+struct Replay {
+  torch::Tensor start;
+  DistilledData data;
+  std::unique_ptr<BnStatisticsLoss> loss;
+};
+absl::StatusOr<Replay> DistillForReplay(const Model& model,
+                                        DistillOptions options, int steps) {
+  Replay r;
+  options.iterations = 0;
+  ZQ_ASSIGN_OR_RETURN(DistilledData noise,
+                      Distill(model, {1, 28, 28}, options));
+  r.start = noise.batches[0].clone().set_requires_grad(true);
+  options.iterations = steps;
+  ZQ_ASSIGN_OR_RETURN(r.data, Distill(model, {1, 28, 28}, options));
+  ZQ_ASSIGN_OR_RETURN(r.loss, BnStatisticsLoss::Create(model, options));
+  return r;
+}
 
 // The per-sample loss of ZEROQ.md section 1 for one value:
 // (||mu - m||^2 + ||sigma - s||^2) / batch, with m, s over H*W per sample.
@@ -208,6 +230,19 @@ void ExpectClosedFormMatchesAutograd(const Model& model,
   EXPECT_TRUE(torch::allclose(b.grad(), 2 * want, 1e-3, 2e-4 * scale));
 }
 
+// The same with per-sample and with per-batch statistics.
+void ExpectClosedFormMatchesAutogradForBothStats(const Model& model,
+                                                 const torch::Tensor& base) {
+  for (DistillStats stats :
+       {DistillStats::kPerSample, DistillStats::kPerBatch}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "per_batch=" << (stats == DistillStats::kPerBatch));
+    DistillOptions options;
+    options.stats = stats;
+    ExpectClosedFormMatchesAutograd(model, options, base);
+  }
+}
+
 // fashion_cnn: every BN input but the last is read by its BN, which
 // LossAndBackward replaces by one that also takes the statistics.
 TEST_F(DistillTest, ClosedFormGradientMatchesAutograd) {
@@ -259,17 +294,9 @@ TEST_F(DistillTest, ClosedFormGradientOfADoubleModel) {
   absl::StatusOr<std::unique_ptr<Model>> model =
       Model::FromModule(m, torch::kCPU);
   ASSERT_TRUE(model.ok()) << model.status();
-  for (DistillStats stats :
-       {DistillStats::kPerSample, DistillStats::kPerBatch}) {
-    SCOPED_TRACE(::testing::Message()
-                 << "per_batch=" << (stats == DistillStats::kPerBatch));
-    DistillOptions options;
-    options.stats = stats;
-    torch::manual_seed(26);
-    ExpectClosedFormMatchesAutograd(
-        **model, options,
-        torch::randn({3, 3, 16, 16}, torch::kDouble) * 0.7 + 0.2);
-  }
+  torch::manual_seed(26);
+  ExpectClosedFormMatchesAutogradForBothStats(
+      **model, torch::randn({3, 3, 16, 16}, torch::kDouble) * 0.7 + 0.2);
 }
 
 // A value read by two BNs keeps them (its terms go in through hooks on its
@@ -306,16 +333,9 @@ TEST_F(DistillTest, ClosedFormGradientWhenAValueFeedsTwoBatchNorms) {
       Model::FromModule(m, torch::kCPU);
   ASSERT_TRUE(model.ok()) << model.status();
   ASSERT_EQ((*model)->summary().bn_layers.size(), 4u);
-  for (DistillStats stats :
-       {DistillStats::kPerSample, DistillStats::kPerBatch}) {
-    SCOPED_TRACE(::testing::Message()
-                 << "per_batch=" << (stats == DistillStats::kPerBatch));
-    DistillOptions options;
-    options.stats = stats;
-    torch::manual_seed(28);
-    ExpectClosedFormMatchesAutograd(**model, options,
-                                    torch::randn({5, 3, 12, 12}));
-  }
+  torch::manual_seed(28);
+  ExpectClosedFormMatchesAutogradForBothStats(**model,
+                                              torch::randn({5, 3, 12, 12}));
 }
 
 // On the trained models, at the reference's starting noise and along the
@@ -336,28 +356,21 @@ TEST_F(DistillTest, ClosedFormGradientAlongADistillationOfTrainedModels) {
     SCOPED_TRACE(file);
     std::unique_ptr<Model> model = Load(file);
     ASSERT_NE(model, nullptr);
-    DistillOptions options = FastOptions(0, 8);
-    absl::StatusOr<DistilledData> noise = Distill(*model, {1, 28, 28}, options);
-    ASSERT_TRUE(noise.ok()) << noise.status();
-    options.iterations = kSteps;
-    absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
-    ASSERT_TRUE(data.ok()) << data.status();
-    absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
-        BnStatisticsLoss::Create(*model, options);
-    ASSERT_TRUE(loss.ok()) << loss.status();
-
-    torch::Tensor x = noise->batches[0].clone().set_requires_grad(true);
+    const DistillOptions options = FastOptions(0, 8);
+    absl::StatusOr<Replay> r = DistillForReplay(*model, options, kSteps);
+    ASSERT_TRUE(r.ok()) << r.status();
+    torch::Tensor x = r->start;
     torch::optim::Adam adam({x}, torch::optim::AdamOptions(options.lr));
     int rough = 0;  // points where a kink may have gone the other way
     for (int it = 0; it < kSteps; ++it) {
       SCOPED_TRACE(::testing::Message() << "step " << it);
       adam.zero_grad();
-      torch::Tensor value = (*loss)->Loss(x);
+      torch::Tensor value = r->loss->Loss(x);
       value.backward();
       const torch::Tensor want = x.grad();
 
       torch::Tensor b = x.detach().clone().set_requires_grad(true);
-      const double got = (*loss)->LossAndBackward(b).item<double>();
+      const double got = r->loss->LossAndBackward(b).item<double>();
       ASSERT_TRUE(b.grad().defined());
       const double expected = value.item<double>();
       EXPECT_NEAR(got, expected, 1e-5 * expected);
@@ -368,10 +381,10 @@ TEST_F(DistillTest, ClosedFormGradientAlongADistillationOfTrainedModels) {
       adam.step();
     }
     EXPECT_LE(rough, kSteps / 4);
-    absl::StatusOr<double> reached = (*loss)->Evaluate(x.detach());
+    absl::StatusOr<double> reached = r->loss->Evaluate(x.detach());
     ASSERT_TRUE(reached.ok()) << reached.status();
-    EXPECT_LT(*reached, data->initial_loss[0] / 2);
-    EXPECT_NEAR(data->final_loss[0], *reached, 2e-3 * *reached);
+    EXPECT_LT(*reached, r->data.initial_loss[0] / 2);
+    EXPECT_NEAR(r->data.final_loss[0], *reached, 2e-3 * *reached);
   }
 }
 
@@ -379,28 +392,23 @@ TEST_F(DistillTest, ClosedFormGradientAlongADistillationOfTrainedModels) {
 TEST_F(DistillTest, DistillStepsAreTorchAdamSteps) {
   std::unique_ptr<Model> model = Load("fashion_cnn.pt");
   ASSERT_NE(model, nullptr);
+  constexpr int kSteps = 5;
   DistillOptions options = FastOptions(0, 8);
   options.plateau_scheduler = false;
-  absl::StatusOr<DistilledData> noise = Distill(*model, {1, 28, 28}, options);
-  ASSERT_TRUE(noise.ok()) << noise.status();
-  options.iterations = 5;
-  absl::StatusOr<DistilledData> data = Distill(*model, {1, 28, 28}, options);
-  ASSERT_TRUE(data.ok()) << data.status();
-
-  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
-      BnStatisticsLoss::Create(*model, options);
-  ASSERT_TRUE(loss.ok()) << loss.status();
-  torch::Tensor x = noise->batches[0].clone().set_requires_grad(true);
+  absl::StatusOr<Replay> r = DistillForReplay(*model, options, kSteps);
+  ASSERT_TRUE(r.ok()) << r.status();
+  torch::Tensor x = r->start;
   torch::optim::Adam adam({x}, torch::optim::AdamOptions(options.lr));
-  for (int it = 0; it < options.iterations; ++it) {
+  for (int it = 0; it < kSteps; ++it) {
     adam.zero_grad();
-    (*loss)->LossAndBackward(x);
+    r->loss->LossAndBackward(x);
     adam.step();
   }
   const double scale = x.abs().max().item<double>();
-  EXPECT_TRUE(torch::allclose(data->batches[0], x.detach(), 1e-4, 1e-5 * scale))
+  EXPECT_TRUE(
+      torch::allclose(r->data.batches[0], x.detach(), 1e-4, 1e-5 * scale))
       << "max diff "
-      << (data->batches[0] - x.detach()).abs().max().item<double>()
+      << (r->data.batches[0] - x.detach()).abs().max().item<double>()
       << " of max " << scale;
 }
 
