@@ -7,7 +7,8 @@
 //             (loss = sum of the logits), executed like the distillation
 //             probe (LibTorch's simple executor, i.e. op by op);
 //   distill:  one ZeroQ distillation iteration (probe forward to every BN
-//             input, statistics loss, backward, Adam step, scheduler),
+//             input, statistics loss, backward, the image prior at
+//             --tv_weight (default: the job's), Adam step, scheduler),
 //             timed from inside Distill() between iteration 1 and the last.
 // Prints per-iteration times and the ratio distill / baseline for each run,
 // then the medians.
@@ -22,6 +23,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/config_schema.h"
 #include "core/distill.h"
 #include "core/graph_util.h"
 #include "bench/bench_util.h"
@@ -35,6 +37,7 @@ ABSL_FLAG(int, iterations, 50, "timed iterations per run and side");
 ABSL_FLAG(int, runs, 5, "runs (medians are reported)");
 ABSL_FLAG(int, threads, 2, "intra-op threads");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
+ABSL_FLAG(double, tv_weight, zeroq::kTvWeight.def, zeroq::kTvWeight.help);
 
 namespace {
 using zeroq::bench::Median;
@@ -91,6 +94,7 @@ int main(int argc, char** argv) {
     options.batch_size = batch;
     options.iterations = iters + 4;  // the first 3 are warm-up
     options.seed = run;
+    options.tv_weight = absl::GetFlag(FLAGS_tv_weight);
     Clock::time_point start, end;
     auto status = Distill(**model, sample, options, [&](const DistillProgress& p) {
       if (p.iteration == 4) start = Clock::now();  // loss.item() synchronised

@@ -475,6 +475,11 @@ absl::StatusOr<v1::SubmitJobRequest> BuildSubmitRequest(
                         c->mutable_distillation()->set_early_stop_tolerance(v);
                       }))
            .ok() ||
+      !(s = real_flag("tv_weight",
+                      [&](double v) {
+                        c->mutable_distillation()->set_tv_weight(v);
+                      }))
+           .ok() ||
       !(s = choice_flag("reconstruct", kReconstruct,
                         [&](int v) {
                           c->set_reconstruct(

@@ -53,6 +53,7 @@ CommandSpec Submit() {
            {"activation_percentile", "P", ""},
            {"early_stop_window", "N", ""},
            {"early_stop_tolerance", "T", ""},
+           {"tv_weight", "W", ""},
            {"reconstruct", "METHOD", ""},
            {"reconstruct_iterations", "N", ""}},
           1,
@@ -193,7 +194,8 @@ TEST(BuildSubmitRequestTest, MethodsEarlyStopAndReconstruction) {
       Submit(), Globals(),
       {"m-1", "--activation_range", "percentile", "--activation_percentile",
        "99.9", "--early_stop_window", "150", "--early_stop_tolerance", "0.02",
-       "--reconstruct", "ADAROUND", "--reconstruct_iterations", "200"});
+       "--tv_weight", "2.5", "--reconstruct", "ADAROUND",
+       "--reconstruct_iterations", "200"});
   ASSERT_TRUE(p.ok()) << p.status();
   absl::StatusOr<v1::SubmitJobRequest> r = BuildSubmitRequest(*p, "m-1");
   ASSERT_TRUE(r.ok()) << r.status();
@@ -202,6 +204,7 @@ TEST(BuildSubmitRequestTest, MethodsEarlyStopAndReconstruction) {
   EXPECT_EQ(c.activation_percentile(), 99.9);
   EXPECT_EQ(c.distillation().early_stop_window(), 150);
   EXPECT_EQ(c.distillation().early_stop_tolerance(), 0.02);
+  EXPECT_EQ(c.distillation().tv_weight(), 2.5);
   EXPECT_EQ(c.reconstruct(), v1::RECONSTRUCT_ADAROUND);
   EXPECT_TRUE(c.reconstruction().has_iterations());
   EXPECT_EQ(c.reconstruction().iterations(), 200);
@@ -223,13 +226,16 @@ TEST(BuildSubmitRequestTest, MethodsEarlyStopAndReconstruction) {
     EXPECT_EQ(v1::ReconstructMethod_Name(r->config().reconstruct()),
               "RECONSTRUCT_" + absl::AsciiStrToUpper(word));
   }
-  // 0: the defaults (off, 500 steps), sent as set.
+  // 0: off, or the default (500 steps), sent as set.
   p = ParseArgs(Submit(), Globals(),
-                {"m-1", "--early_stop_window=0", "--reconstruct_iterations=0"});
+                {"m-1", "--early_stop_window=0", "--reconstruct_iterations=0",
+                 "--tv_weight=0"});
   ASSERT_TRUE(p.ok()) << p.status();
   r = BuildSubmitRequest(*p, "m-1");
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(r->config().distillation().has_early_stop_window());
+  EXPECT_TRUE(r->config().distillation().has_tv_weight());
+  EXPECT_EQ(r->config().distillation().tv_weight(), 0);
   EXPECT_TRUE(r->config().reconstruction().has_iterations());
 }
 

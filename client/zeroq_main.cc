@@ -83,6 +83,7 @@ std::vector<FlagSpec> SubmitFlags() {
       {"batch_size", "N", kBatchSize.help},
       {"early_stop_window", "N", kEarlyStopWindow.help},
       {"early_stop_tolerance", "T", kEarlyStopTolerance.help},
+      {"tv_weight", "W", kTvWeight.help},
       {"reconstruct", "METHOD", kReconstruct.help},
       {"reconstruct_iterations", "N", kReconstructIterations.help},
       {"seed", "N", "random seed (default 0)"},

@@ -91,6 +91,19 @@ torch::Tensor StatsTerm(const torch::Tensor& v, const torch::Tensor& mu,
   return (dm.pow(2).sum() + ds.pow(2).sum()) * norm;
 }
 
+// The image prior: the input's total variation, over each spatial dimension
+// (2 and up) the mean absolute difference between neighbours, times
+// `weight`. Differentiable (for Loss()).
+torch::Tensor TotalVariation(const torch::Tensor& x, double weight) {
+  torch::Tensor tv = torch::zeros({}, x.options());
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    const int64_t len = x.size(d);
+    if (len < 2) continue;
+    tv = tv + (x.narrow(d, 1, len - 1) - x.narrow(d, 0, len - 1)).abs().mean();
+  }
+  return tv * weight;
+}
+
 // LossAndBackward's kernels work on one term's data as a contiguous float
 // [rows, len] matrix (row = one sample's channel, channel = row % channels);
 // a parallel chunk gets at least ATen's grain of elements.
@@ -235,7 +248,106 @@ void RowMomentsKernel(const float* x, int64_t begin, int64_t end, int64_t len,
     s2[r] = t2;
   }
 }
+
+// The image prior over pairs (e, e + stride), e in [0, count), of a
+// contiguous float tensor: returns sum |x[e + stride] - x[e]| and adds
+// scale * sign(x[e + stride] - x[e]) to g[e + stride], subtracts it from
+// g[e] (0 where the two are equal). Eight pairs at a time; with a stride
+// under 8 a block's two updates overlap, so they are stored one after the
+// other, the later elements' first: each element then gets its two steps in
+// the order tensor ops give them (+ from its earlier neighbour, then -), and
+// the same gradient to the bit. Lane sums are flushed to double every 64
+// blocks.
+ZQ_CLONE_FOR_AVX2
+double TotalVariationPairs(const float* x, float* g, int64_t count,
+                           int64_t stride, float scale) {
+  using Int8 = int32_t __attribute__((vector_size(32)));
+  Float8 sv;
+  Splat8(scale, &sv);
+  const Int8 sign_bit = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN,
+                         INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
+  const Float8 zero = {};
+  double total = 0;
+  Float8 acc = {};
+  int blocks = 0;
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {
+    Float8 a, b, ga, gb;
+    Load8(x + e, &a);
+    Load8(x + e + stride, &b);
+    const Float8 d = b - a;
+    const Int8 bits = reinterpret_cast<const Int8&>(d);
+    const Int8 abs_bits = bits & ~sign_bit;
+    acc += reinterpret_cast<const Float8&>(abs_bits);
+    // copysign(scale, d) where d != 0, else 0.
+    const Int8 scale_bits = reinterpret_cast<const Int8&>(sv);
+    const Int8 step_bits = (scale_bits | (bits & sign_bit)) & (d != zero);
+    const Float8 step = reinterpret_cast<const Float8&>(step_bits);
+    Load8(g + e + stride, &gb);
+    Store8(gb + step, g + e + stride);
+    Load8(g + e, &ga);
+    Store8(ga - step, g + e);
+    if (++blocks == 64) {
+      total += Sum8(__builtin_convertvector(acc, Double8));
+      acc = Float8{};
+      blocks = 0;
+    }
+  }
+  total += Sum8(__builtin_convertvector(acc, Double8));
+  for (; e < count; ++e) {
+    const float d = x[e + stride] - x[e];
+    total += std::abs(d);
+    const float step = scale * static_cast<float>((d > 0) - (d < 0));
+    g[e + stride] += step;
+    g[e] -= step;
+  }
+  return total;
+}
 #undef ZQ_CLONE_FOR_AVX2
+
+// TotalVariation's value, with its gradient added to grad in place (no
+// autograd): each difference's sign over its count, into the later element
+// and out of the earlier one (0 where neighbours are equal, as abs's
+// gradient). A contiguous float batch on the CPU takes one pass per spatial
+// dimension (TotalVariationPairs over each block of `len` along it, or over
+// each row when it is the last); elsewhere tensor ops do the same.
+double AddTotalVariationGradient(const torch::Tensor& x, double weight,
+                                 torch::Tensor& grad) {
+  torch::NoGradGuard no_grad;
+  const bool fused = x.is_cpu() && x.scalar_type() == torch::kFloat &&
+                     x.is_contiguous() && grad.is_contiguous() &&
+                     grad.scalar_type() == torch::kFloat;
+  double tv = 0;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    const int64_t len = x.size(d);
+    if (len < 2) continue;
+    const double count =
+        static_cast<double>(x.numel() / len) * static_cast<double>(len - 1);
+    const double scale = weight / count;
+    if (fused) {
+      const int64_t inner = x.stride(d);
+      const int64_t block = len * inner;
+      // Pairs along d: within each block, the first (len - 1) * inner
+      // elements with their neighbour `inner` further on.
+      const int64_t pairs = (len - 1) * inner;
+      const float* px = x.data_ptr<float>();
+      float* pg = grad.data_ptr<float>();
+      double sum = 0;
+      for (int64_t o = 0; o < x.numel() / block; ++o) {
+        sum += TotalVariationPairs(px + o * block, pg + o * block, pairs,
+                                   inner, static_cast<float>(scale));
+      }
+      tv += scale * sum;
+      continue;
+    }
+    torch::Tensor diff = x.narrow(d, 1, len - 1) - x.narrow(d, 0, len - 1);
+    tv += diff.abs().sum().item<double>() * scale;
+    torch::Tensor step = diff.sign_().mul_(scale);
+    grad.narrow(d, 1, len - 1).add_(step);
+    grad.narrow(d, 0, len - 1).sub_(step);
+  }
+  return tv;
+}
 
 // out = in * scale[channel] + (a[r] + b[r] * x) row by row, in one pass:
 // a term's gradient added to the one flowing back (scale null: 1; through
@@ -608,6 +720,8 @@ absl::Status ValidateDistillOptions(const DistillOptions& o) {
     return bad("early_stop_tolerance", o.early_stop_tolerance,
                kEarlyStopTolerance.Describe());
   }
+  if (!kTvWeight.Contains(o.tv_weight))
+    return bad("tv_weight", o.tv_weight, kTvWeight.Describe());
   if (!(o.plateau_factor > 0 && o.plateau_factor < 1))
     return bad("plateau_factor", o.plateau_factor, "in (0, 1)");
   if (o.plateau_patience < 0)
@@ -972,6 +1086,13 @@ torch::Tensor BnStatisticsLoss::LossAndBackward(const torch::Tensor& batch) {
                                              /*in_place=*/true);
   }
   m.terms.clear();
+  if (o.tv_weight > 0) {
+    if (!batch.grad().defined()) {
+      batch.mutable_grad() = torch::zeros_like(batch);
+    }
+    loss += AddTotalVariationGradient(batch.detach(), o.tv_weight,
+                                      batch.mutable_grad());
+  }
   return torch::scalar_tensor(loss, batch.options());
 }
 
@@ -986,6 +1107,9 @@ torch::Tensor BnStatisticsLoss::Loss(const torch::Tensor& batch) {
     const int64_t c = batch.size(1);
     loss = loss + StatsTerm(batch, torch::zeros({c}, batch.options()),
                             torch::ones({c}, batch.options()), impl_->options);
+  }
+  if (impl_->options.tv_weight > 0) {
+    loss = loss + TotalVariation(batch, impl_->options.tv_weight);
   }
   return loss;
 }

@@ -11,6 +11,10 @@
 //   ||mu_i - m_i(x)||^2 + ||sigma_i - s_i(x)||^2   (/ batch, per-sample stats)
 // plus the same terms for the input against mean 0 / std 1. The BN inputs are
 // found by data flow (Model), so convs without a BN are handled correctly.
+// Beyond the reference, DistillOptions::tv_weight adds an image prior: that
+// weight times the input's total variation, the mean |x[j+1] - x[j]| between
+// neighbours along each spatial dimension, summed over those dimensions
+// (tv_weight 0 is the reference's loss).
 //
 // With an early stop (DistillOptions::early_stop_window), a batch ends once
 // its loss has converged: the data is exactly what a run with that many
@@ -83,7 +87,8 @@ absl::StatusOr<DistilledData> Distill(const Model& model,
                                       const CancellationToken* cancel = nullptr);
 
 // Computes the BN-statistics loss of ZeroQ for any batch (e.g. to compare
-// distilled data with noise or real images). Reusable across batches.
+// distilled data with noise or real images), with the options' image prior.
+// Reusable across batches.
 class BnStatisticsLoss {
  public:
   static absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> Create(

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/config_schema.h"
 #include "common/status_macros.h"
 #include "core/cancellation.h"
 #include "core/model.h"
@@ -129,6 +130,7 @@ TEST_F(DistillTest, LossFollowsTheRealBatchNormInputs) {
   torch::Tensor sd2 = torch::sqrt(buffer("bn2", "running_var") + eps);
 
   DistillOptions options;  // per-sample statistics, input term on
+  options.tv_weight = 0;   // the reference's loss
   absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
       BnStatisticsLoss::Create(*model, options);
   ASSERT_TRUE(loss.ok()) << loss.status();
@@ -170,6 +172,20 @@ TEST_F(DistillTest, LossFollowsTheRealBatchNormInputs) {
       (PerSampleTerm(c1, mu1, sd1, eps) + PerSampleTerm(c2, mu2, sd2, eps))
           .item<double>();
   EXPECT_NEAR(*got2, want2, 1e-4 * std::abs(want2));
+
+  // With the image prior: plus the weight times the mean absolute difference
+  // between neighbours along W, plus the same along H.
+  options.tv_weight = 3.5;
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> with_prior =
+      BnStatisticsLoss::Create(*model, options);
+  ASSERT_TRUE(with_prior.ok());
+  absl::StatusOr<double> got3 = (*with_prior)->Evaluate(x);
+  ASSERT_TRUE(got3.ok());
+  const double tv = (torch::diff(x, 1, 3).abs().sum() / (4 * 3 * 16 * 15) +
+                     torch::diff(x, 1, 2).abs().sum() / (4 * 3 * 15 * 16))
+                        .item<double>();
+  EXPECT_GT(tv, 0.5);
+  EXPECT_NEAR(*got3, want2 + 3.5 * tv, 1e-4 * (want2 + 3.5 * tv));
 }
 
 TEST_F(DistillTest, PerBatchLossByHand) {
@@ -178,6 +194,7 @@ TEST_F(DistillTest, PerBatchLossByHand) {
   DistillOptions options;
   options.stats = DistillStats::kPerBatch;
   options.match_input_stats = false;
+  options.tv_weight = 0;
   absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> loss =
       BnStatisticsLoss::Create(*model, options);
   ASSERT_TRUE(loss.ok()) << loss.status();
@@ -244,24 +261,113 @@ void ExpectClosedFormMatchesAutogradForBothStats(const Model& model,
 }
 
 // fashion_cnn: every BN input but the last is read by its BN, which
-// LossAndBackward replaces by one that also takes the statistics.
+// LossAndBackward replaces by one that also takes the statistics. With and
+// without the input's statistics term and the image prior.
 TEST_F(DistillTest, ClosedFormGradientMatchesAutograd) {
   std::unique_ptr<Model> model = Load("fashion_cnn.pt");
   ASSERT_NE(model, nullptr);
   for (DistillStats stats :
        {DistillStats::kPerSample, DistillStats::kPerBatch}) {
     for (bool input_term : {true, false}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "per_batch=" << (stats == DistillStats::kPerBatch)
-                   << " input_term=" << input_term);
-      DistillOptions options;
-      options.stats = stats;
-      options.match_input_stats = input_term;
-      torch::manual_seed(23);
-      ExpectClosedFormMatchesAutograd(*model, options,
-                                      torch::randn({4, 1, 28, 28}) * 0.5);
+      for (double tv_weight : {0.0, kTvWeight.def}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "per_batch=" << (stats == DistillStats::kPerBatch)
+                     << " input_term=" << input_term
+                     << " tv_weight=" << tv_weight);
+        DistillOptions options;
+        options.stats = stats;
+        options.match_input_stats = input_term;
+        options.tv_weight = tv_weight;
+        torch::manual_seed(23);
+        ExpectClosedFormMatchesAutograd(*model, options,
+                                        torch::randn({4, 1, 28, 28}) * 0.5);
+      }
     }
   }
+}
+
+// The same options without the image prior and with it at `weight`.
+std::pair<DistillOptions, DistillOptions> WithoutAndWithPrior(
+    DistillOptions options, double weight) {
+  options.tv_weight = 0;
+  DistillOptions with = options;
+  with.tv_weight = weight;
+  return {options, with};
+}
+
+// The image prior's gradient alone (the difference between the losses with
+// and without it): each difference's sign times the weight over the count of
+// differences, into the later element and out of the earlier one, with 0
+// where neighbours are equal (a flat row here).
+TEST_F(DistillTest, ImagePriorGradientIsTheSignOfEachDifference) {
+  std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
+  ASSERT_NE(model, nullptr);
+  const auto [without, with] = WithoutAndWithPrior(FastOptions(0, 2), 2.0);
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> a =
+      BnStatisticsLoss::Create(*model, without);
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> b =
+      BnStatisticsLoss::Create(*model, with);
+  ASSERT_TRUE(a.ok() && b.ok());
+  torch::manual_seed(24);
+  torch::Tensor base = torch::randn({2, 3, 16, 16});
+  base.index_put_({0, 0, 5}, 0.25);  // a flat row: equal neighbours along W
+
+  torch::Tensor xa = base.clone().set_requires_grad(true);
+  torch::Tensor xb = base.clone().set_requires_grad(true);
+  const double la = (*a)->LossAndBackward(xa).item<double>();
+  const double lb = (*b)->LossAndBackward(xb).item<double>();
+  torch::Tensor got = xb.grad() - xa.grad();
+
+  torch::Tensor want = torch::zeros_like(base);
+  double tv = 0;
+  for (int64_t d : {2, 3}) {
+    torch::Tensor diff = torch::diff(base, 1, d);
+    const double count = static_cast<double>(diff.numel());
+    tv += diff.abs().sum().item<double>() / count;
+    torch::Tensor s = diff.sign() * (2.0 / count);
+    want.narrow(d, 1, 15) += s;
+    want.narrow(d, 0, 15) -= s;
+  }
+  EXPECT_NEAR(lb - la, 2.0 * tv, 1e-4 * tv);
+  const double scale = want.abs().max().item<double>();
+  EXPECT_TRUE(torch::allclose(got, want, 1e-3, 1e-3 * scale))
+      << "max diff " << (got - want).abs().max().item<double>();
+  // The flat row's W differences are exactly 0: their sign adds nothing.
+  EXPECT_EQ(torch::diff(base[0][0][5], 1, 0).abs().max().item<double>(), 0.0);
+}
+
+// The prior gives flatter images that still match the BatchNorm statistics:
+// fashion_cnn distilled with and without it from the same noise.
+TEST_F(DistillTest, ImagePriorFlattensTheDistilledImages) {
+  std::unique_ptr<Model> model = Load("fashion_cnn.pt");
+  ASSERT_NE(model, nullptr);
+  const auto [reference, prior] =
+      WithoutAndWithPrior(FastOptions(100, 16), kTvWeight.def);
+  absl::StatusOr<DistilledData> plain = Distill(*model, {1, 28, 28}, reference);
+  absl::StatusOr<DistilledData> flat = Distill(*model, {1, 28, 28}, prior);
+  ASSERT_TRUE(plain.ok() && flat.ok());
+  auto tv = [](const torch::Tensor& x) {
+    return (torch::diff(x, 1, 3).abs().mean() +
+            torch::diff(x, 1, 2).abs().mean())
+        .item<double>();
+  };
+  const double tv_plain = tv(plain->batches[0]);
+  const double tv_flat = tv(flat->batches[0]);
+  RecordProperty("tv_ratio", std::to_string(tv_flat / tv_plain));
+  EXPECT_LT(tv_flat, 0.75 * tv_plain) << tv_plain << " -> " << tv_flat;
+  // Both losses report the objective they minimised: the prior's includes
+  // the weighted total variation.
+  absl::StatusOr<std::unique_ptr<BnStatisticsLoss>> bn =
+      BnStatisticsLoss::Create(*model, reference);
+  ASSERT_TRUE(bn.ok());
+  absl::StatusOr<double> bn_flat = (*bn)->Evaluate(flat->batches[0]);
+  ASSERT_TRUE(bn_flat.ok());
+  EXPECT_NEAR(flat->final_loss[0], *bn_flat + prior.tv_weight * tv_flat,
+              1e-3 * flat->final_loss[0]);
+  // The statistics are still matched: the BN loss fell by an order of
+  // magnitude from the noise's.
+  EXPECT_LT(*bn_flat, flat->initial_loss[0] / 10)
+      << flat->initial_loss[0] << " -> " << *bn_flat;
 }
 
 // With two threads the kernels split the rows of the larger BN inputs
@@ -460,6 +566,10 @@ TEST_F(DistillTest, DistilledTinyModelMatchesBatchNormStatistics) {
   std::unique_ptr<Model> model = Load("tiny_nobn_after_conv.pt");
   ASSERT_NE(model, nullptr);
   DistillOptions options = FastOptions(60, 8);
+  // The reference's loss: this model's statistics loss is small against the
+  // image prior at its default weight, and 60 steps at the full learning rate
+  // would leave the prior's term far from converged.
+  options.tv_weight = 0;
   absl::StatusOr<DistilledData> data = Distill(*model, {3, 16, 16}, options);
   ASSERT_TRUE(data.ok()) << data.status();
   RecordProperty("loss_ratio",
@@ -791,6 +901,14 @@ TEST_F(DistillTest, BadOptionsAreInvalidArgument) {
   o = good;
   o.plateau_factor = 1.0;
   EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument);
+  for (double w : {-1.0, 1000.5, std::nan("")}) {
+    o = good;
+    o.tv_weight = w;
+    EXPECT_EQ(code(o), absl::StatusCode::kInvalidArgument) << w;
+  }
+  o = good;
+  o.tv_weight = 0;  // off
+  EXPECT_EQ(code(o), absl::StatusCode::kOk);
   // BnStatisticsLoss checks the same options.
   o = good;
   o.batch_size = 0;

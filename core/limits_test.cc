@@ -3,6 +3,7 @@
 // (which zeroq-quantize goes through) give the same verdict, and it is the
 // verdict of common/config_schema.h. A config the server accepts is never
 // refused later for a range reason.
+#include <cmath>
 #include <functional>
 #include <map>
 #include <string>
@@ -198,6 +199,30 @@ TEST(LimitsTest, ServerAndCoreAgreeOnEarlyStop) {
           << server;
     }
   }
+}
+
+// The image prior's weight: 0 is off, else (0, 1000].
+TEST(LimitsTest, ServerAndCoreAgreeOnTheImagePrior) {
+  EXPECT_EQ(kTvWeight.Describe(), "0 (off) or (0, 1000]");
+  for (double w : {-1.0, -1e-9, 0.0, 1e-9, 10.0, 1000.0, 1000.001,
+                   std::nan("")}) {
+    v1::QuantizationConfig config;
+    config.mutable_distillation()->set_tv_weight(w);
+    DistillOptions o;
+    o.tv_weight = w;
+    const bool want = kTvWeight.Contains(w);
+    EXPECT_EQ(want, w == 0 || (w > 0 && w <= 1000)) << w;
+    absl::Status server = ValidateQuantizationConfig(config);
+    EXPECT_EQ(server.ok(), want) << w << ": " << server;
+    EXPECT_EQ(ValidateDistillOptions(o).ok(), want) << w;
+    if (!want) {
+      EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(server.message().find("config.distillation.tv_weight"),
+                std::string::npos)
+          << server;
+    }
+  }
+  EXPECT_EQ(DistillOptions().tv_weight, kTvWeight.def);
 }
 
 TEST(LimitsTest, ServerAndCoreAgreeOnActivationRange) {

@@ -59,6 +59,9 @@ struct DistillOptions {
   // `iterations` steps (the reference). Never stops before window + 1.
   int early_stop_window = static_cast<int>(kEarlyStopWindow.def);
   double early_stop_tolerance = kEarlyStopTolerance.def;
+  // Weight of the input's total variation (see BnStatisticsLoss), added to the
+  // loss: a prior toward flat regions, as natural images have. 0: off.
+  double tv_weight = kTvWeight.def;
   uint64_t seed = 0;           // same seed + thread count = same data
 };
 

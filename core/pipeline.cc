@@ -30,7 +30,7 @@ void SetUpProcess(int threads) {
   mallopt(M_TOP_PAD, 64 << 20);
 }
 
-int DefaultDistillIterations(const JobSpec& spec) {
+bool IsEightBitJob(const JobSpec& spec) {
   auto wide = [](int bits) { return bits == 0 || bits >= 8; };
   const QuantOptions& q = spec.quant;
   bool eight = !spec.budget.has_value() && wide(q.weight_bits) &&
@@ -38,7 +38,16 @@ int DefaultDistillIterations(const JobSpec& spec) {
                (spec.reconstruct.method == ReconstructMethod::kNone ||
                 spec.reconstruct.method == ReconstructMethod::kAuto);
   for (const auto& [name, bits] : q.layer_bits) eight = eight && wide(bits);
-  return eight ? kEightBitIterations : static_cast<int>(kIterations.def);
+  return eight;
+}
+
+int DefaultDistillIterations(const JobSpec& spec) {
+  return IsEightBitJob(spec) ? kEightBitIterations
+                             : static_cast<int>(kIterations.def);
+}
+
+double DefaultTvWeight(const JobSpec& spec) {
+  return IsEightBitJob(spec) ? 0.0 : kTvWeight.def;
 }
 
 absl::Status ValidateJobSpec(const Model& model, const JobSpec& spec) {

@@ -78,12 +78,21 @@ struct JobSpec {
   std::string device = "cpu";        // "cpu", "cuda", "cuda:N"
 };
 
+// Every weight and activation width is 8 bits or more or float, without a
+// budget and without learned rounding asked for: there the distilled data
+// only sets the activation ranges.
+bool IsEightBitJob(const JobSpec& spec);
+
 // The distillation iterations of a job that did not set them (the service
 // and zeroq-quantize apply it; DistillOptions itself defaults to 500):
-// kEightBitIterations when every weight and activation width is 8 bits or
-// more or float, without a budget and without learned rounding asked for;
-// else kIterations.def.
+// kEightBitIterations for an eight-bit job, else kIterations.def.
 int DefaultDistillIterations(const JobSpec& spec);
+
+// The image prior's weight of a job that did not set it (applied like
+// DefaultDistillIterations; DistillOptions itself defaults to 10): 0 (the
+// reference's loss) for an eight-bit job, where the prior changed nothing
+// measurable, else kTvWeight.def.
+double DefaultTvWeight(const JobSpec& spec);
 
 // Process-wide set-up for running jobs: LibTorch's intra-op thread count,
 // and glibc malloc kept from returning large blocks to the kernel. LibTorch's

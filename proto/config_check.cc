@@ -94,6 +94,7 @@ absl::Status ValidateQuantizationConfig(const v1::QuantizationConfig& c) {
     ZQ_RETURN_IF_ERROR(Check(d.early_stop_window(), kEarlyStopWindow));
   if (d.has_early_stop_tolerance())
     ZQ_RETURN_IF_ERROR(Check(d.early_stop_tolerance(), kEarlyStopTolerance));
+  if (d.has_tv_weight()) ZQ_RETURN_IF_ERROR(Check(d.tv_weight(), kTvWeight));
   if (!v1::CalibrationSource_IsValid(c.calibration())) {
     return Invalid(
         "config.calibration",

@@ -115,6 +115,11 @@ std::map<std::string, Route> Routes() {
           c.mutable_distillation()->set_early_stop_tolerance(std::stod(v));
         },
         flag("early_stop_tolerance")}},
+      {"distillation.tv_weight",
+       {[](auto& c, const std::string& v) {
+          c.mutable_distillation()->set_tv_weight(std::stod(v));
+        },
+        flag("tv_weight")}},
       {"reconstruction.iterations",
        {[](auto& c, const std::string& v) {
           c.mutable_reconstruction()->set_iterations(ToInt(v));

@@ -68,6 +68,9 @@ ABSL_FLAG(int, early_stop_window, zeroq::kEarlyStopWindow.def,
           zeroq::kEarlyStopWindow.help);
 ABSL_FLAG(double, early_stop_tolerance, zeroq::kEarlyStopTolerance.def,
           zeroq::kEarlyStopTolerance.help);
+// Unset: the default for the job's widths (DefaultTvWeight).
+ABSL_FLAG(std::optional<double>, tv_weight, std::nullopt,
+          zeroq::kTvWeight.help);
 ABSL_FLAG(std::string, reconstruct,
           zeroq::kReconstruct.choices[zeroq::kReconstruct.def],
           zeroq::kReconstruct.help);
@@ -362,6 +365,8 @@ int main(int argc, char** argv) {
   // After the widths, the budget and the method: the default depends on them.
   d.iterations = absl::GetFlag(FLAGS_iterations).value_or(
       zeroq::core::DefaultDistillIterations(spec));
+  d.tv_weight = absl::GetFlag(FLAGS_tv_weight).value_or(
+      zeroq::core::DefaultTvWeight(spec));
   const std::string calibration = absl::GetFlag(FLAGS_calibration);
   if (calibration == "distilled") {
     spec.calibration = zeroq::core::CalibrationSource::kDistilled;

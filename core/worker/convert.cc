@@ -143,6 +143,8 @@ absl::StatusOr<core::JobSpec> JobSpecFromRunRequest(
   // After the widths, the budget and the method: the default depends on them.
   d.iterations = dc.has_iterations() ? dc.iterations()
                                      : core::DefaultDistillIterations(spec);
+  d.tv_weight = dc.has_tv_weight() ? dc.tv_weight()
+                                   : core::DefaultTvWeight(spec);
 
   switch (config.calibration()) {
     case v1::CALIBRATION_DISTILLED:

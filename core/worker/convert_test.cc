@@ -82,53 +82,77 @@ TEST(ConvertTest, EarlyStopRoundTripsAndDefaultsToTheCores) {
   const core::DistillOptions defaults;
   EXPECT_EQ(unset->distill.early_stop_window, defaults.early_stop_window);
   EXPECT_EQ(unset->distill.early_stop_tolerance, defaults.early_stop_tolerance);
+  EXPECT_EQ(unset->distill.tv_weight, 0.0);  // an eight-bit job
 
   r.mutable_config()->mutable_distillation()->set_early_stop_window(150);
   r.mutable_config()->mutable_distillation()->set_early_stop_tolerance(0.02);
+  r.mutable_config()->mutable_distillation()->set_tv_weight(2.5);
   absl::StatusOr<core::JobSpec> set = JobSpecFromRunRequest(OverTheWire(r));
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(set->distill.early_stop_window, 150);
   EXPECT_EQ(set->distill.early_stop_tolerance, 0.02);
+  EXPECT_EQ(set->distill.tv_weight, 2.5);
 
   r.mutable_config()->mutable_distillation()->set_early_stop_window(0);  // off
+  r.mutable_config()->mutable_distillation()->set_tv_weight(0);          // off
   set = JobSpecFromRunRequest(OverTheWire(r));
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(set->distill.early_stop_window, 0);
+  EXPECT_EQ(set->distill.tv_weight, 0);
 }
 
-// Unset iterations take the default for the job's widths: 200 where every
-// width is 8 bits or more, 500 otherwise; a set value always holds.
+// Unset iterations and image prior take the default for the job's widths:
+// 200 and 0 (off) where every width is 8 bits or more, 500 and 10
+// otherwise; a set value always holds.
 TEST(ConvertTest, UnsetIterationsDependOnTheWidths) {
   auto iterations = [](const v1::RunRequest& r) {
     absl::StatusOr<core::JobSpec> spec = JobSpecFromRunRequest(OverTheWire(r));
     EXPECT_TRUE(spec.ok()) << spec.status();
     return spec.ok() ? spec->distill.iterations : -1;
   };
+  auto tv = [](const v1::RunRequest& r) {
+    absl::StatusOr<core::JobSpec> spec = JobSpecFromRunRequest(OverTheWire(r));
+    EXPECT_TRUE(spec.ok()) << spec.status();
+    return spec.ok() ? spec->distill.tv_weight : -1.0;
+  };
   v1::RunRequest w8a8 = Request();
   EXPECT_EQ(iterations(w8a8), kEightBitIterations);
+  EXPECT_EQ(tv(w8a8), 0.0);
   v1::RunRequest w4 = Request();
   w4.mutable_config()->set_weight_bits(4);
   EXPECT_EQ(iterations(w4), kIterations.def);
+  EXPECT_EQ(tv(w4), kTvWeight.def);
   v1::RunRequest a4 = Request();
   a4.mutable_config()->set_activation_bits(4);
   EXPECT_EQ(iterations(a4), kIterations.def);
+  EXPECT_EQ(tv(a4), kTvWeight.def);
   v1::RunRequest a16 = Request();
   a16.mutable_config()->set_activation_bits(16);
   EXPECT_EQ(iterations(a16), kEightBitIterations);
+  EXPECT_EQ(tv(a16), 0.0);
   v1::RunRequest layer = Request();
   (*layer.mutable_config()->mutable_layer_bits())["fc"] = 2;
   EXPECT_EQ(iterations(layer), kIterations.def);
+  EXPECT_EQ(tv(layer), kTvWeight.def);
   v1::RunRequest mp = Request();
   mp.mutable_config()->set_budget("MP8");
   EXPECT_EQ(iterations(mp), kIterations.def);
+  EXPECT_EQ(tv(mp), kTvWeight.def);
   v1::RunRequest block = Request();
   block.mutable_config()->set_reconstruct(v1::RECONSTRUCT_BLOCK);
   EXPECT_EQ(iterations(block), kIterations.def);
+  EXPECT_EQ(tv(block), kTvWeight.def);
   v1::RunRequest set = Request();
   set.mutable_config()->mutable_distillation()->set_iterations(500);
   EXPECT_EQ(iterations(set), 500);
   set.mutable_config()->mutable_distillation()->set_iterations(0);
   EXPECT_EQ(iterations(set), 0);
+  set.mutable_config()->mutable_distillation()->set_tv_weight(2.5);
+  EXPECT_EQ(tv(set), 2.5);  // an eight-bit job
+  v1::RunRequest off = Request();
+  off.mutable_config()->set_weight_bits(4);
+  off.mutable_config()->mutable_distillation()->set_tv_weight(0);
+  EXPECT_EQ(tv(off), 0.0);
 }
 
 TEST(ConvertTest, ReconstructRoundTripsAndDefaultsToTheCores) {
