@@ -254,10 +254,9 @@ void RowMomentsKernel(const float* x, int64_t begin, int64_t end, int64_t len,
 // scale * sign(x[e + stride] - x[e]) to g[e + stride], subtracts it from
 // g[e] (0 where the two are equal). Eight pairs at a time; with a stride
 // under 8 a block's two updates overlap, so they are stored one after the
-// other, the later elements' first: each element then gets its two steps in
-// the order tensor ops give them (+ from its earlier neighbour, then -), and
-// the same gradient to the bit. Lane sums are flushed to double every 64
-// blocks.
+// other, the later elements' first, so each element gets the step from its
+// earlier neighbour before the one toward its later neighbour, as one pair
+// at a time would. Lane sums are flushed to double every 64 blocks.
 ZQ_CLONE_FOR_AVX2
 double TotalVariationPairs(const float* x, float* g, int64_t count,
                            int64_t stride, float scale) {
@@ -310,13 +309,24 @@ double TotalVariationPairs(const float* x, float* g, int64_t count,
 // and out of the earlier one (0 where neighbours are equal, as abs's
 // gradient). A contiguous float batch on the CPU takes one pass per spatial
 // dimension (TotalVariationPairs over each block of `len` along it, or over
-// each row when it is the last); elsewhere tensor ops do the same.
+// each row when it is the last); anything else (another device or type, a
+// strided batch) takes autograd's gradient of TotalVariation.
 double AddTotalVariationGradient(const torch::Tensor& x, double weight,
                                  torch::Tensor& grad) {
-  torch::NoGradGuard no_grad;
   const bool fused = x.is_cpu() && x.scalar_type() == torch::kFloat &&
                      x.is_contiguous() && grad.is_contiguous() &&
                      grad.scalar_type() == torch::kFloat;
+  if (!fused) {
+    torch::AutoGradMode enable(true);
+    torch::Tensor leaf = x.detach().requires_grad_(true);
+    torch::Tensor value = TotalVariation(leaf, weight);
+    value.backward();
+    torch::NoGradGuard no_grad;
+    grad.add_(leaf.grad());
+    return value.item<double>();
+  }
+  const float* px = x.data_ptr<float>();
+  float* pg = grad.data_ptr<float>();
   double tv = 0;
   for (int64_t d = 2; d < x.dim(); ++d) {
     const int64_t len = x.size(d);
@@ -324,27 +334,17 @@ double AddTotalVariationGradient(const torch::Tensor& x, double weight,
     const double count =
         static_cast<double>(x.numel() / len) * static_cast<double>(len - 1);
     const double scale = weight / count;
-    if (fused) {
-      const int64_t inner = x.stride(d);
-      const int64_t block = len * inner;
-      // Pairs along d: within each block, the first (len - 1) * inner
-      // elements with their neighbour `inner` further on.
-      const int64_t pairs = (len - 1) * inner;
-      const float* px = x.data_ptr<float>();
-      float* pg = grad.data_ptr<float>();
-      double sum = 0;
-      for (int64_t o = 0; o < x.numel() / block; ++o) {
-        sum += TotalVariationPairs(px + o * block, pg + o * block, pairs,
-                                   inner, static_cast<float>(scale));
-      }
-      tv += scale * sum;
-      continue;
+    // Pairs along d: within each block of len * inner elements, the first
+    // (len - 1) * inner with their neighbour `inner` further on.
+    const int64_t inner = x.stride(d);
+    const int64_t block = len * inner;
+    double sum = 0;
+    for (int64_t o = 0; o < x.numel() / block; ++o) {
+      sum += TotalVariationPairs(px + o * block, pg + o * block,
+                                 (len - 1) * inner, inner,
+                                 static_cast<float>(scale));
     }
-    torch::Tensor diff = x.narrow(d, 1, len - 1) - x.narrow(d, 0, len - 1);
-    tv += diff.abs().sum().item<double>() * scale;
-    torch::Tensor step = diff.sign_().mul_(scale);
-    grad.narrow(d, 1, len - 1).add_(step);
-    grad.narrow(d, 0, len - 1).sub_(step);
+    tv += scale * sum;
   }
   return tv;
 }

@@ -30,6 +30,11 @@ void SetUpProcess(int threads) {
   mallopt(M_TOP_PAD, 64 << 20);
 }
 
+namespace {
+
+// Every weight and activation width is 8 bits or more or float, without a
+// budget and without learned rounding asked for: there the distilled data
+// only sets the activation ranges.
 bool IsEightBitJob(const JobSpec& spec) {
   auto wide = [](int bits) { return bits == 0 || bits >= 8; };
   const QuantOptions& q = spec.quant;
@@ -40,6 +45,8 @@ bool IsEightBitJob(const JobSpec& spec) {
   for (const auto& [name, bits] : q.layer_bits) eight = eight && wide(bits);
   return eight;
 }
+
+}  // namespace
 
 int DefaultDistillIterations(const JobSpec& spec) {
   return IsEightBitJob(spec) ? kEightBitIterations

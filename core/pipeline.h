@@ -78,14 +78,11 @@ struct JobSpec {
   std::string device = "cpu";        // "cpu", "cuda", "cuda:N"
 };
 
-// Every weight and activation width is 8 bits or more or float, without a
-// budget and without learned rounding asked for: there the distilled data
-// only sets the activation ranges.
-bool IsEightBitJob(const JobSpec& spec);
-
 // The distillation iterations of a job that did not set them (the service
 // and zeroq-quantize apply it; DistillOptions itself defaults to 500):
-// kEightBitIterations for an eight-bit job, else kIterations.def.
+// kEightBitIterations for an eight-bit job (every weight and activation
+// width 8 bits or more or float, without a budget and without learned
+// rounding asked for), else kIterations.def.
 int DefaultDistillIterations(const JobSpec& spec);
 
 // The image prior's weight of a job that did not set it (applied like
