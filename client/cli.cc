@@ -747,9 +747,9 @@ std::string JobReport(const v1::Job& j) {
   }
   absl::StrAppendFormat(&out,
                         "calibration: %s, %d samples; distillation loss %.4g "
-                        "-> %.4g\n",
+                        "-> %.4g, image prior weight %g\n",
                         r.calibration(), r.samples(), r.distill_initial_loss(),
-                        r.distill_final_loss());
+                        r.distill_final_loss(), r.distill_tv_weight());
   absl::StrAppendFormat(&out,
                         "quantized vs float on the calibration data: top-1 "
                         "agreement %.1f%%, mean KL %.4g\n",

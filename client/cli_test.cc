@@ -347,6 +347,8 @@ v1::Job SucceededJob() {
   r->set_quantizable_params(2000);
   r->set_weight_bytes(1000);
   r->set_float_weight_bytes(8000);
+  r->set_calibration("distilled");
+  r->set_distill_tv_weight(2.5);
   for (int i = 0; i < 3; ++i) {
     v1::ParetoPoint* p = r->add_frontier();
     p->set_size_bits(4000 * (i + 1));
@@ -369,6 +371,7 @@ TEST(TextTest, ReportAndFrontier) {
   EXPECT_THAT(report, HasSubstr("4.00 bits average"));
   EXPECT_THAT(report, HasSubstr("Pareto frontier: 3 points"));
   EXPECT_THAT(report, HasSubstr("model.zeroq.pt (2.0 KiB)"));
+  EXPECT_THAT(report, HasSubstr("image prior weight 2.5"));
   EXPECT_THAT(DescribeJob(job), HasSubstr("state     SUCCEEDED"));
 
   const v1::JobResult& r = job.result();

@@ -105,6 +105,7 @@ TEST_F(PipelineTest, FashionEndToEnd) {
     EXPECT_LE(a.min, a.max);
   }
   EXPECT_LT(r->distill_final_loss, r->distill_initial_loss);
+  EXPECT_EQ(r->distill_tv_weight, DistillOptions().tv_weight);
   EXPECT_EQ(r->samples, 16);
   RecordProperty("top1_agreement", std::to_string(r->top1_agreement));
   EXPECT_GE(r->top1_agreement, 0.8);
@@ -323,6 +324,7 @@ TEST_F(PipelineTest, GaussianCalibration) {
       nlohmann::json::parse(ReadFile(r->report_artifact), nullptr, false);
   ASSERT_FALSE(report.is_discarded());
   EXPECT_TRUE(report["distill_final_loss"].is_null());
+  EXPECT_TRUE(report["distill_tv_weight"].is_null());
 }
 
 TEST_F(PipelineTest, FileCalibration) {
@@ -433,11 +435,14 @@ TEST_F(PipelineTest, SeveralDistilledBatches) {
 // With an early stop, a converged batch jumps its step to the end of its
 // share: the steps never go back and the last one is the total, which stays
 // iterations x num_batches (the most the distillation could have taken).
+// The report has the steps taken and the image prior's weight (set off its
+// default here).
 TEST_F(PipelineTest, EarlyStopProgressEndsAtTheTotal) {
   JobSpec spec = FashionSpec();
   spec.distill.iterations = 200;
   spec.distill.batch_size = 8;
   spec.distill.num_batches = 2;
+  spec.distill.tv_weight = 2.5;
   spec.distill.early_stop_window = 5;
   spec.distill.early_stop_tolerance = 0.5;
   std::vector<int64_t> steps;
@@ -459,9 +464,10 @@ TEST_F(PipelineTest, EarlyStopProgressEndsAtTheTotal) {
   EXPECT_THAT(messages[0], HasSubstr("converged after"));
   nlohmann::json report = nlohmann::json::parse(ReadFile(r->report_artifact));
   EXPECT_EQ(report["distill_iterations"], r->distill_iterations);
-  EXPECT_THAT(
-      FormatSummary(*r),
-      HasSubstr(absl::StrCat("(", r->distill_iterations, " iterations)")));
+  EXPECT_EQ(report["distill_tv_weight"], 2.5);
+  EXPECT_THAT(FormatSummary(*r),
+              HasSubstr(absl::StrCat("(", r->distill_iterations,
+                                     " iterations), image prior weight 2.5")));
 }
 
 TEST_F(PipelineTest, StageNames) {

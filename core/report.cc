@@ -86,8 +86,11 @@ std::string FormatSummary(const JobResult& r) {
       r.quantizable_params ? r.weight_bytes * 8 / r.quantizable_params : 0.0);
   if (!std::isnan(r.distill_final_loss)) {
     absl::StrAppendFormat(
-        &out, "distillation loss: %.4g -> %.4g (%d iterations)\n",
-        r.distill_initial_loss, r.distill_final_loss, r.distill_iterations);
+        &out,
+        "distillation loss: %.4g -> %.4g (%d iterations), image prior "
+        "weight %g\n",
+        r.distill_initial_loss, r.distill_final_loss, r.distill_iterations,
+        r.distill_tv_weight);
   }
   absl::StrAppendFormat(
       &out,
@@ -174,6 +177,7 @@ std::string ResultJson(const JobResult& r) {
        {"distill_initial_loss", num(r.distill_initial_loss)},
        {"distill_final_loss", num(r.distill_final_loss)},
        {"distill_iterations", r.distill_iterations},
+       {"distill_tv_weight", num(r.distill_tv_weight)},
        {"top1_agreement", r.top1_agreement},
        {"mean_kl", r.mean_kl},
        {"samples", r.samples},

@@ -69,6 +69,9 @@ struct JobResult {
   // Adam steps run over all distilled batches: iterations x num_batches, or
   // fewer after an early stop; 0 without distillation.
   int64_t distill_iterations = 0;
+  // The image prior's weight the distillation ran with (the options' value,
+  // after the job's default was resolved); NaN without distillation.
+  double distill_tv_weight = std::numeric_limits<double>::quiet_NaN();
   // Quantized vs float on the calibration data: share of samples with the
   // same top-1 class, and mean KL(softmax float || softmax quantized).
   double top1_agreement = 0;

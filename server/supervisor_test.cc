@@ -321,6 +321,8 @@ TEST(WorkerSupervisor, RunsASmallJob) {
   EXPECT_EQ(r.device(), "cpu");
   EXPECT_EQ(r.calibration(), "distilled");
   EXPECT_GT(r.distill_initial_loss(), r.distill_final_loss());
+  // Unset in an all-8-bit job: the image prior is off.
+  EXPECT_EQ(r.distill_tv_weight(), 0);
   std::set<v1::Stage> stages;
   for (const v1::StageTime& t : r.stage_seconds()) stages.insert(t.stage());
   EXPECT_THAT(stages,
@@ -642,6 +644,8 @@ TEST(Worker, MixedPrecisionThenReplan) {
   ASSERT_TRUE(o.result.has_value());
   const v1::JobResult& r = *o.result;
   EXPECT_EQ(pareto, r.frontier_size());
+  // Unset with a budget: the image prior at its default weight.
+  EXPECT_EQ(r.distill_tv_weight(), 10);
   // The choice is measured end to end among the points nearest the budget
   // and the uniform width: the frontier events mark PARETO's choice where it
   // is a frontier point. When RECONSTRUCT compared that choice with the

@@ -298,6 +298,7 @@ return {
   stages: all('#stages tbody tr').length,
   lossPoints: line ? line.getAttribute('points').trim().split(/\\s+/).length : 0,
   artifacts: all('#artifacts button.artifact').map((b) => b.dataset.name),
+  summary: Object.fromEntries(all('#result-summary dt').map((dt) => [dt.textContent, dt.nextElementSibling.textContent])),
   error: document.querySelector('#detail-error').hidden ? '' : document.querySelector('#detail-error').textContent,
 };
 '''
@@ -446,6 +447,10 @@ def check_detail(browser, api, job_id):
               f'layer row {cells} does not match the API: {layer["name"]} at {want} bits')
     check(detail['stages'] >= 1, 'the stage timings table is empty')
     check(detail['lossPoints'] >= 2, 'the distillation loss chart has no line')
+    # An MP4 job leaves the prior's weight unset: the service's default, 10.
+    prior = detail['summary'].get('Image prior')
+    check(result.get('distillTvWeight') == 10 and prior == 'weight 10',
+          f'the image prior shows {prior!r}, the API {result.get("distillTvWeight")!r}, not 10')
     names = [a['name'] for a in result.get('artifacts', [])]
     check(detail['artifacts'] == names, f'artifact buttons {detail["artifacts"]}, the API has {names}')
     check(not detail['error'], f'a succeeded job shows an error: {detail["error"]}')

@@ -103,6 +103,7 @@ absl::Status RunDistill(JobState& s, const StageProgress& progress,
                         const CancellationToken* cancel) {
   ZQ_ASSIGN_OR_RETURN(s.data, DistillStage(*s.model, s.spec, progress, cancel));
   RecordData(s.data, &s.result);
+  s.result.distill_tv_weight = s.spec.distill.tv_weight;
   return absl::OkStatus();
 }
 

@@ -279,6 +279,7 @@ v1::JobResult ResultToProto(const core::JobResult& r) {
   out.set_distill_initial_loss(Finite(r.distill_initial_loss));
   out.set_distill_final_loss(Finite(r.distill_final_loss));
   out.set_distill_iterations(r.distill_iterations);
+  out.set_distill_tv_weight(Finite(r.distill_tv_weight));
   out.set_top1_agreement(Finite(r.top1_agreement));
   out.set_mean_kl(Finite(r.mean_kl));
   out.set_samples(r.samples);

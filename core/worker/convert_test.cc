@@ -213,10 +213,14 @@ TEST(ConvertTest, BadReconstructIsInvalidArgument) {
 
 TEST(ConvertTest, ResultCarriesIterationsRunAndRangeMethods) {
   core::JobResult result;
+  // Without distillation the prior's weight is NaN in the core, 0 here.
+  EXPECT_EQ(ResultToProto(result).distill_tv_weight(), 0);
   result.distill_iterations = 253;
+  result.distill_tv_weight = 2.5;
   result.activations.push_back({"stem/relu", 4, 0.0, 2.5, "mse"});
   v1::JobResult proto = ResultToProto(result);
   EXPECT_EQ(proto.distill_iterations(), 253);
+  EXPECT_EQ(proto.distill_tv_weight(), 2.5);
   ASSERT_EQ(proto.activations_size(), 1);
   EXPECT_EQ(proto.activations(0).range(), "mse");
 }

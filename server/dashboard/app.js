@@ -528,6 +528,9 @@ function renderSummary(result) {
     ['Mean KL', result.meanKl !== undefined ? fmt(result.meanKl) : ''],
     ['Distillation loss', result.distillInitialLoss !== undefined
       ? `${fmt(result.distillInitialLoss)} → ${fmt(result.distillFinalLoss ?? 0)}` : ''],
+    // JSON leaves out a 0 weight: the prior was off.
+    ['Image prior', result.distillInitialLoss !== undefined
+      ? (num(result.distillTvWeight) ? `weight ${fmt(num(result.distillTvWeight))}` : 'off') : ''],
     ['Ran on', [result.device, result.threads && `${result.threads} thread${result.threads > 1 ? 's' : ''}`]
       .filter(Boolean).join(', ')],
   ]);
