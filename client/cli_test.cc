@@ -226,7 +226,7 @@ TEST(BuildSubmitRequestTest, MethodsEarlyStopAndReconstruction) {
     EXPECT_EQ(v1::ReconstructMethod_Name(r->config().reconstruct()),
               "RECONSTRUCT_" + absl::AsciiStrToUpper(word));
   }
-  // 0: off, or the default (500 steps), sent as set.
+  // 0: off, or the default (1000 steps), sent as set.
   p = ParseArgs(Submit(), Globals(),
                 {"m-1", "--early_stop_window=0", "--reconstruct_iterations=0",
                  "--tv_weight=0"});

@@ -206,9 +206,9 @@ inline constexpr ChoiceField kReconstruct{
     "weight or activation width is under 5 bits, else none) (default auto)"};
 
 inline constexpr IntField kReconstructIterations{
-    "reconstruction.iterations", 1, 100000, "the default", 500,
+    "reconstruction.iterations", 1, 100000, "the default", 1000,
     "Adam steps per layer or block of the reconstruction, 1..100000 (0: the "
-    "default, 500)"};
+    "default, 1000)"};
 
 }  // namespace zeroq
 

@@ -2,7 +2,7 @@
 // widths are chosen and the activation ranges calibrated (beyond plain
 // ZeroQ, which rounds every weight to nearest).
 //
-//   ReconstructOptions r;            // AdaRound, 500 Adam steps per layer
+//   ReconstructOptions r;            // AdaRound, 1000 Adam steps per layer
 //   ZQ_ASSIGN_OR_RETURN(ReconstructResult out,
 //       Reconstruct(*model, qmodel.get(), distilled.batches, r, on_layer));
 //

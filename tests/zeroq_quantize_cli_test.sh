@@ -150,6 +150,10 @@ run_cli "$tmp/reconiter" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 
   --check_config --reconstruct_iterations=100001
 expect_exit "--reconstruct_iterations=100001" 2 "$tmp/reconiter" \
   "reconstruction.iterations"
+run_cli "$tmp/recondrop" --model="$MODELS/fashion_cnn.pt" --input_shape=1,28,28 \
+  --check_config --reconstruct_drop_probability=2
+expect_exit "--reconstruct_drop_probability=2" 2 "$tmp/recondrop" \
+  "reconstruction options out of range"
 
 # --- Job errors: exit 1 -----------------------------------------------------
 run_cli "$tmp/nobn" --model="$MODELS/no_batchnorm.pt" --input_shape=3,8,8 \

@@ -97,6 +97,11 @@ ABSL_FLAG(double, reconstruct_holdout, -1,
           "block reconstruction: share of the calibration samples held out "
           "of the steps to judge each block's result on, 0..1 (negative: the "
           "default, 0)");
+ABSL_FLAG(double, reconstruct_drop_probability, -1,
+          "reconstruction: per step and element, the float model's input to "
+          "a layer or block (and to each quantizer inside a block) instead of "
+          "the quantized one with this probability, 0..1 (QDrop; negative: "
+          "the default, 0)");
 ABSL_FLAG(int, reconstruct_check_every, -1,
           "block reconstruction: judge the rounding every this many steps "
           "and keep the best (0: the last; negative: the default, 0)");
@@ -356,6 +361,9 @@ int main(int argc, char** argv) {
     r.low_width_iterations = n;
   }
   if (const double h = absl::GetFlag(FLAGS_reconstruct_holdout); h >= 0) r.holdout = h;
+  if (const double p = absl::GetFlag(FLAGS_reconstruct_drop_probability); p >= 0) {
+    r.drop_probability = p;
+  }
   if (const int bits = absl::GetFlag(FLAGS_reconstruct_fisher_bits); bits >= 0) {
     r.fisher_bits = bits;
   }
