@@ -8,7 +8,8 @@
 //             probe (LibTorch's simple executor, i.e. op by op);
 //   distill:  one ZeroQ distillation iteration (probe forward to every BN
 //             input, statistics loss, backward, the image prior at
-//             --tv_weight (default: the job's), Adam step, scheduler),
+//             --tv_weight (default 10, a job's below 8 bits), Adam step,
+//             scheduler),
 //             timed from inside Distill() between iteration 1 and the last.
 // Prints per-iteration times and the ratio distill / baseline for each run,
 // then the medians.

@@ -155,7 +155,7 @@ inline constexpr const RealField* kRealFields[] = {
     &kActivationPercentile, &kLearningRate, &kEarlyStopTolerance, &kTvWeight};
 // kReconstructIterations is not in kIntFields: the core's ValidateJobSpec
 // (zeroq-quantize --check_config) does not check it, and its help does not
-// say "default 500". tests/config_schema_test.cc and core's LimitsTest walk
+// say "default 1000". tests/config_schema_test.cc and core's LimitsTest walk
 // its edges, and kActivationRange's and kReconstruct's words, separately.
 
 // A field that names one of a few methods (a proto enum, a flag's word).

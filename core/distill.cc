@@ -263,6 +263,7 @@ double TotalVariationPairs(const float* x, float* g, int64_t count,
   using Int8 = int32_t __attribute__((vector_size(32)));
   Float8 sv;
   Splat8(scale, &sv);
+  const Int8 scale_bits = reinterpret_cast<const Int8&>(sv);
   const Int8 sign_bit = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN,
                          INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
   const Float8 zero = {};
@@ -279,7 +280,6 @@ double TotalVariationPairs(const float* x, float* g, int64_t count,
     const Int8 abs_bits = bits & ~sign_bit;
     acc += reinterpret_cast<const Float8&>(abs_bits);
     // copysign(scale, d) where d != 0, else 0.
-    const Int8 scale_bits = reinterpret_cast<const Int8&>(sv);
     const Int8 step_bits = (scale_bits | (bits & sign_bit)) & (d != zero);
     const Float8 step = reinterpret_cast<const Float8&>(step_bits);
     Load8(g + e + stride, &gb);

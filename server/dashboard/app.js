@@ -522,15 +522,15 @@ function renderSummary(result) {
   }
   const weights = num(result.weightBytes);
   const float = num(result.floatWeightBytes);
+  const prior = num(result.distillTvWeight);  // JSON leaves out a 0 weight: off
   fillList($('#result-summary'), [
     ['Weights', float ? `${fmtBytes(weights)} of ${fmtBytes(float)} in float (${fmt(float / weights)}× smaller)` : ''],
     ['Top-1 agreement', result.top1Agreement !== undefined ? `${(result.top1Agreement * 100).toFixed(2)} %` : ''],
     ['Mean KL', result.meanKl !== undefined ? fmt(result.meanKl) : ''],
     ['Distillation loss', result.distillInitialLoss !== undefined
       ? `${fmt(result.distillInitialLoss)} → ${fmt(result.distillFinalLoss ?? 0)}` : ''],
-    // JSON leaves out a 0 weight: the prior was off.
     ['Image prior', result.distillInitialLoss !== undefined
-      ? (num(result.distillTvWeight) ? `weight ${fmt(num(result.distillTvWeight))}` : 'off') : ''],
+      ? (prior ? `weight ${fmt(prior)}` : 'off') : ''],
     ['Ran on', [result.device, result.threads && `${result.threads} thread${result.threads > 1 ? 's' : ''}`]
       .filter(Boolean).join(', ')],
   ]);
